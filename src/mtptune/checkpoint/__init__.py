@@ -1,0 +1,1 @@
+"""Safetensors checkpoint I/O and the mtptune head checkpoint format."""

@@ -1,0 +1,127 @@
+"""Lazy, key-level access to (possibly sharded) safetensors checkpoints.
+
+Never loads a whole checkpoint: a 20 GB verifier is opened shard by shard and only the requested
+tensors are read, so `convert` and the trainer's frozen embed/lm_head loading stay cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mtptune.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as-is; otherwise a hub id resolved from the local HF cache (never downloads in tests/CI).
+
+    Set MTPTUNE_ALLOW_DOWNLOAD=1 to let huggingface_hub fetch a missing repo.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; expected a model folder holding config.json and safetensors.")
+    name = str(name_or_path)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise CheckpointError(f"model folder {name!r} does not exist (and is not a hub id like 'Qwen/Qwen3.5-9B').")
+    from huggingface_hub import snapshot_download
+
+    allow = os.environ.get("MTPTUNE_ALLOW_DOWNLOAD") == "1"
+    try:
+        return Path(snapshot_download(name, local_files_only=not allow))
+    except Exception as exc:  # huggingface_hub raises several types here
+        hint = "" if allow else " (not in the local HF cache; set MTPTUNE_ALLOW_DOWNLOAD=1 to download it)"
+        raise CheckpointError(f"cannot resolve model {name!r}{hint}: {exc}") from exc
+
+
+def read_config_dict(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: a model folder needs config.json.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+@dataclass
+class SafetensorsCheckpoint:
+    """The tensors of one model folder, addressed by name, read on demand."""
+
+    root: Path
+    weight_map: dict[str, str]  # tensor name -> shard file name (relative to root)
+    index: dict | None = None  # parsed index json when sharded
+    _handles: dict[str, object] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> SafetensorsCheckpoint:
+        root = Path(root)
+        index_path = root / INDEX_NAME
+        if index_path.is_file():
+            try:
+                index = json.loads(index_path.read_text())
+                weight_map = dict(index["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index_path} is malformed (need a 'weight_map' object): {exc}") from exc
+            for shard in sorted(set(weight_map.values())):
+                if not (root / shard).is_file():
+                    raise CheckpointError(f"{index_path} names shard {shard!r}, which is missing from {root}.")
+            return cls(root=root, weight_map=weight_map, index=index)
+        single = root / SINGLE_NAME
+        if single.is_file():
+            with safe_open(single, framework="pt") as f:
+                weight_map = dict.fromkeys(f.keys(), SINGLE_NAME)
+            return cls(root=root, weight_map=weight_map)
+        raise CheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME} in {root}: not a safetensors model folder.")
+
+    @property
+    def sharded(self) -> bool:
+        return self.index is not None
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shards(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+    def _handle(self, shard: str):
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = safe_open(self.root / shard, framework="pt")
+            except Exception as exc:
+                raise CheckpointError(f"cannot open {self.root / shard}: {exc}") from exc
+        return self._handles[shard]
+
+    def get(self, key: str) -> torch.Tensor:
+        shard = self.weight_map.get(key)
+        if shard is None:
+            raise CheckpointError(f"tensor {key!r} not found in {self.root}.")
+        return self._handle(shard).get_tensor(key)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        return {k: self.get(k) for k in keys}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        shard = self.weight_map.get(key)
+        if shard is None:
+            raise CheckpointError(f"tensor {key!r} not found in {self.root}.")
+        return tuple(self._handle(shard).get_slice(key).get_shape())
+
+    def find_suffix(self, suffix: str) -> str | None:
+        """The unique key ending in `suffix` (e.g. 'embed_tokens.weight'), preferring the shortest."""
+        hits = sorted((k for k in self.weight_map if k == suffix or k.endswith("." + suffix)), key=len)
+        hits = [k for k in hits if not k.startswith("mtp.") and ".mtp" not in k]
+        return hits[0] if hits else None
+
+    def shard_metadata(self, shard: str) -> dict[str, str] | None:
+        return self._handle(shard).metadata()

@@ -1,0 +1,72 @@
+"""Reading what the head needs from a verifier folder: its config, family, shared tensors and native head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from mtptune.checkpoint.safetensors_io import SafetensorsCheckpoint, read_config_dict, resolve_model_dir
+from mtptune.errors import CheckpointError
+from mtptune.families import MtpFamily, SharedTensorNames, family_for_model_type
+from mtptune.modeling.head import SharedWeights
+
+
+@dataclass
+class Verifier:
+    name_or_path: str
+    root: Path
+    config: PretrainedConfig
+    config_dict: dict
+    family: MtpFamily
+    checkpoint: SafetensorsCheckpoint
+
+    @classmethod
+    def open(cls, name_or_path: str) -> Verifier:
+        root = resolve_model_dir(name_or_path)
+        config_dict = read_config_dict(root)
+        model_type = config_dict.get("model_type")
+        if not model_type:
+            raise CheckpointError(f"{root / 'config.json'} has no model_type.")
+        family = family_for_model_type(model_type)
+        try:
+            config = AutoConfig.from_pretrained(root)
+        except Exception as exc:
+            raise CheckpointError(f"transformers cannot read {root / 'config.json'}: {exc}") from exc
+        return cls(str(name_or_path), root, config, config_dict, family, SafetensorsCheckpoint.open(root))
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        return self.family.text_config(self.config)
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(self.config_dict.get("architectures") or [])
+
+    def head_keys(self) -> list[str]:
+        return [k for k in self.checkpoint.keys() if self.family.is_head_key(k)]
+
+    def shared_names(self) -> SharedTensorNames:
+        return self.family.shared_tensor_names(self.checkpoint, self.text_config)
+
+    def shared_weights(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> SharedWeights:
+        names = self.shared_names()
+
+        def load(key: str) -> torch.Tensor:
+            t = self.checkpoint.get(key)
+            return t.to(device=device, dtype=dtype or t.dtype)
+
+        embed = load(names.embed)
+        lm_head = embed if names.lm_head == names.embed else load(names.lm_head)
+        return SharedWeights(embed=embed, lm_head=lm_head, final_norm=load(names.final_norm).float())
+
+    def native_head_state(self) -> dict[str, torch.Tensor]:
+        keys = self.head_keys()
+        if not keys:
+            raise CheckpointError(
+                f"{self.root}: no tensor starts with 'mtp.' — this verifier has no native MTP head. "
+                "Use `mtptune convert --init fresh` to attach a new one."
+            )
+        return self.family.native_to_head(self.checkpoint.get_many(keys))

@@ -1,0 +1,16 @@
+"""`mtptune evaluate` (not implemented yet)."""
+
+from __future__ import annotations
+
+import argparse
+
+from mtptune.errors import MtpTuneError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("evaluate", help="(not implemented yet)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    raise MtpTuneError("`mtptune evaluate` is not implemented yet.")

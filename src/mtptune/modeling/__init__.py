@@ -1,0 +1,1 @@
+"""The MTP head module and the attention pattern vLLM serves it with."""

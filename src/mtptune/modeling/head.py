@@ -1,0 +1,148 @@
+"""The MTP head: one module for every family, numerically what vLLM's drafter computes (contracts d2-d5).
+
+Parameter names equal the checkpoint's `mtp.*` names without the prefix (`fc`, `pre_fc_norm_embedding`,
+`pre_fc_norm_hidden`, `layers.0.*`, `norm`), so loading a head is a plain state-dict copy. The verifier's
+embedding, LM head and final norm are shared, frozen, and stored as non-persistent buffers: they never receive
+gradients, never appear in `state_dict()`, and are never saved or stitched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from mtptune.families.base import MtpFamily
+from mtptune.modeling.chain_attention import ATTN_IMPLEMENTATION, ChainAttentionState, document_ids
+from mtptune.modeling.norms import rms_norm
+
+InputNorm = Literal["post_norm", "none"]
+
+
+@dataclass(frozen=True)
+class SharedWeights:
+    """The verifier tensors the head shares with it."""
+
+    embed: torch.Tensor  # [V, H]
+    lm_head: torch.Tensor  # [V, H] (the same tensor as `embed` when tied)
+    final_norm: torch.Tensor  # [H]
+
+
+class MtpHead(nn.Module):
+    def __init__(self, family: MtpFamily, text_config: PretrainedConfig, shared: SharedWeights | None = None):
+        super().__init__()
+        self.family = family
+        self.text_config = text_config
+        hidden, eps = text_config.hidden_size, text_config.rms_norm_eps
+        self.eps = eps
+        layer_config = _layer_config(text_config)
+        self.pre_fc_norm_embedding = family.build_norm(hidden, eps)
+        self.pre_fc_norm_hidden = family.build_norm(hidden, eps)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.layers = nn.ModuleList([family.build_decoder_layer(layer_config)])
+        self.norm = family.build_norm(hidden, eps)
+        self.rotary_emb = family.build_rotary(layer_config)
+        self.register_buffer("embed_tokens", torch.empty(0), persistent=False)
+        self.register_buffer("lm_head", torch.empty(0), persistent=False)
+        self.register_buffer("verifier_norm", torch.empty(0), persistent=False)
+        if shared is not None:
+            self.set_shared(shared)
+
+    def set_shared(self, shared: SharedWeights) -> None:
+        self.embed_tokens = shared.embed.detach()
+        self.lm_head = shared.lm_head.detach() if shared.lm_head is not shared.embed else self.embed_tokens
+        self.verifier_norm = shared.final_norm.detach()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.fc.out_features
+
+    def verifier_final_norm(self, residual: torch.Tensor) -> torch.Tensor:
+        """h_t = FinalNorm(r_t) with the verifier's own final-norm weight (contracts d4)."""
+        return rms_norm(residual, self.verifier_norm, self.eps, self.family.zero_centered_norms)
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        chain: ChainAttentionState,
+    ) -> torch.Tensor:
+        """One MTP step for all rows: o = N_mtp(block(fc([N_emb(E[y]); N_hid(g)]))) (order per family)."""
+        emb = nn.functional.embedding(tokens, self.embed_tokens).to(hidden.dtype)
+        if self.family.zero_embedding_at_position_0:
+            emb = emb.masked_fill((position_ids == 0)[..., None], 0.0)
+        parts = [self.pre_fc_norm_embedding(emb), self.pre_fc_norm_hidden(hidden)]
+        if self.family.concat_order == "hidden_first":
+            parts.reverse()
+        x = self.fc(torch.cat(parts, dim=-1))
+        position_embeddings = self.rotary_emb(x, position_ids)
+        x = self.layers[0](x, position_embeddings=position_embeddings, attention_mask=None, mtp_chain=chain)
+        chain.step += 1
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        num_steps: int = 1,
+        input_norm: InputNorm = "post_norm",
+        hidden_is_pre_norm: bool = True,
+    ) -> list[torch.Tensor]:
+        """Teacher-forced K-step unroll over whole (packed) sequences.
+
+        input_ids [B, T], hidden_states [B, T, H] (the verifier's layer-N states of the same tokens),
+        position_ids [B, T] resetting to 0 at each packed document (default: 0..T-1).
+        Returns the post-`norm` outputs o^k [B, T, H] for k < num_steps; row t of step k consumed token
+        x_{t+k+1} and predicts x_{t+k+2}. Rows whose inputs run past their document are garbage by
+        construction and must be masked by the caller (see `step_targets`).
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        if hidden_is_pre_norm and input_norm == "post_norm":
+            hidden_states = self.verifier_final_norm(hidden_states)
+        chain = ChainAttentionState(doc_ids=document_ids(position_ids))
+        outputs = []
+        g = hidden_states
+        for k in range(num_steps):
+            tokens = shift_left(input_ids, k + 1)
+            g = self.step(tokens, g, position_ids + k, chain)
+            outputs.append(g)
+        return outputs
+
+    def logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(outputs, self.lm_head.to(outputs.dtype))
+
+
+def shift_left(x: torch.Tensor, n: int, fill: int = 0) -> torch.Tensor:
+    """x[:, t + n] at column t; columns past the end get `fill`."""
+    if n == 0:
+        return x
+    pad = torch.full_like(x[:, :n], fill)
+    return torch.cat([x[:, n:], pad], dim=1)[:, : x.shape[1]]
+
+
+def step_targets(
+    input_ids: torch.Tensor, loss_mask: torch.Tensor, position_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and validity for step k (contracts d6): row t predicts x_{t+k+2}, valid iff that token exists in
+    the same document and is supervised."""
+    doc = document_ids(position_ids)
+    shift = k + 2
+    targets = shift_left(input_ids, shift)
+    valid = shift_left(loss_mask.to(torch.bool), shift, fill=0) & (shift_left(doc, shift, fill=-1) == doc)
+    return targets, valid
+
+
+def _layer_config(text_config: PretrainedConfig) -> PretrainedConfig:
+    import copy
+
+    config = copy.deepcopy(text_config)
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    config._experts_implementation = "eager"
+    return config

@@ -1,0 +1,114 @@
+"""Build an `MtpHead` from a head checkpoint or straight from a verifier's native `mtp.*` tensors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from mtptune.checkpoint.head_checkpoint import HeadConfig, is_head_checkpoint, load_head_checkpoint
+from mtptune.checkpoint.verifier import Verifier
+from mtptune.errors import CheckpointError
+from mtptune.families import MtpFamily, family_by_name
+from mtptune.modeling.head import MtpHead
+
+
+def text_config_from_dict(body: dict) -> PretrainedConfig:
+    body = dict(body)
+    model_type = body.pop("model_type", None)
+    if not model_type:
+        raise CheckpointError("head config.json: text_config lacks model_type.")
+    return AutoConfig.for_model(model_type, **body)
+
+
+def head_config_for(verifier: Verifier, num_speculative_steps: int, **overrides) -> HeadConfig:
+    return HeadConfig(
+        family=verifier.family.name,
+        verifier_name_or_path=verifier.name_or_path,
+        verifier_architectures=verifier.architectures,
+        verifier_model_type=verifier.config_dict.get("model_type", ""),
+        num_speculative_steps=num_speculative_steps,
+        text_config=verifier.text_config.to_dict(),
+        **overrides,
+    )
+
+
+def load_state_strict(head: MtpHead, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into the head; any missing/unexpected key or shape mismatch is an error naming the key."""
+    expected = head.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. 'mtp.{missing[0]}')")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. 'mtp.{unexpected[0]}')")
+        raise CheckpointError(f"{source}: head tensors do not match the {head.family.name} layout: {', '.join(parts)}.")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{source}: tensor 'mtp.{key}' has shape {tuple(value.shape)}, the verifier's config needs "
+                f"{tuple(expected[key].shape)} (head and verifier do not fit: different hidden size?)."
+            )
+    head.load_state_dict(state, strict=True)
+
+
+def build_head(family: MtpFamily, text_config: PretrainedConfig, dtype: torch.dtype) -> MtpHead:
+    with torch.device("meta"):
+        head = MtpHead(family, text_config)
+    return head.to_empty(device="cpu").to(dtype)
+
+
+def load_head(
+    source: str | os.PathLike,
+    verifier: Verifier | str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    shared_dtype: torch.dtype | None = None,
+) -> tuple[MtpHead, HeadConfig, Verifier]:
+    """Load a head from a head checkpoint folder or from a verifier's native head.
+
+    Returns the head (with the verifier's shared embed/lm_head/final norm attached and frozen), its config,
+    and the verifier it belongs to.
+    """
+    source = str(source)
+    if is_head_checkpoint(Path(source)):
+        config, state = load_head_checkpoint(source)
+        if verifier is None:
+            verifier = config.verifier_name_or_path
+        verifier = verifier if isinstance(verifier, Verifier) else Verifier.open(verifier)
+        family = family_by_name(config.family)
+        if family.name != verifier.family.name:
+            raise CheckpointError(
+                f"{source} is a {family.name} head but verifier {verifier.root} is {verifier.family.name}."
+            )
+        text_config = text_config_from_dict(config.text_config)
+        _check_fits(text_config, verifier, source)
+    else:
+        verifier = verifier if isinstance(verifier, Verifier) else Verifier.open(verifier or source)
+        if Path(source).resolve() != verifier.root.resolve():
+            Verifier.open(source)  # raises a clear error when source is neither a head nor a verifier
+        family = verifier.family
+        text_config = verifier.text_config
+        state = verifier.native_head_state()
+        config = head_config_for(verifier, num_speculative_steps=max(1, family.num_mtp_layers(text_config)))
+    head = build_head(family, text_config, dtype)
+    load_state_strict(head, {k: v.to(dtype) for k, v in state.items()}, source)
+    head.set_shared(verifier.shared_weights(dtype=shared_dtype or dtype))
+    return head.to(device), config, verifier
+
+
+def _check_fits(text_config: PretrainedConfig, verifier: Verifier, source: str) -> None:
+    mine, theirs = text_config.hidden_size, verifier.text_config.hidden_size
+    if mine != theirs:
+        raise CheckpointError(
+            f"head {source} has hidden_size {mine} but verifier {verifier.root} has {theirs}: they do not belong together."
+        )
+    if text_config.vocab_size != verifier.text_config.vocab_size:
+        raise CheckpointError(
+            f"head {source} was made for vocab_size {text_config.vocab_size}, verifier {verifier.root} has "
+            f"{verifier.text_config.vocab_size}."
+        )
