@@ -1,0 +1,5 @@
+"""Acceptance metrics shared by the trainer (validation) and the evaluator (contracts e)."""
+
+from mtptune.metrics.acceptance import AcceptanceCounts, step_weights
+
+__all__ = ["AcceptanceCounts", "step_weights"]
