@@ -91,6 +91,9 @@ def save_head_checkpoint(
                 torch.save(obj, tmp / name)
         # config.json last: its presence marks the folder complete.
         (tmp / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it 0700
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

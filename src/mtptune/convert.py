@@ -1,0 +1,81 @@
+"""Step 1 of the workflow: extract a verifier's native MTP head into a standalone head checkpoint.
+
+Reads only the head's tensors (plus config), shard by shard through the safetensors index, so a 20 GB
+verifier converts in seconds with little memory. Strict: no `mtp.*` tensor, unknown or missing keys, shape
+mismatches and unsupported families all fail with the offending key or file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from mtptune.checkpoint.head_checkpoint import save_head_checkpoint
+from mtptune.checkpoint.verifier import Verifier
+from mtptune.errors import CheckpointError, ConfigError
+from mtptune.modeling.load import build_head, head_config_for, load_state_strict
+
+logger = logging.getLogger(__name__)
+
+
+def convert_model(
+    model: str | os.PathLike,
+    verifier: str | os.PathLike | None = None,
+    algorithm: str = "mtp",
+    output_path: str | os.PathLike = "converted",
+    validate_device: str | None = None,
+    num_speculative_steps: int = 3,
+    overwrite: bool = False,
+    **kwargs,
+) -> Path:
+    """speculators-compatible signature. `model` holds the native `mtp.*` tensors (usually the verifier itself);
+    `verifier` is the base model whose config builds the head (defaults to `model`)."""
+    if algorithm != "mtp":
+        raise ConfigError(f"--algorithm {algorithm!r} is not supported: mtptune converts native MTP heads ('mtp').")
+    if kwargs:
+        raise ConfigError(f"unknown convert option(s): {', '.join(sorted(kwargs))} (known: num_speculative_steps).")
+    if num_speculative_steps < 1:
+        raise ConfigError(f"num_speculative_steps must be >= 1, got {num_speculative_steps}.")
+    source = Verifier.open(str(model))
+    base = source if verifier is None or str(verifier) == str(model) else Verifier.open(str(verifier))
+    if source.family.name != base.family.name:
+        raise CheckpointError(f"{source.root} is {source.family.name} but verifier {base.root} is {base.family.name}.")
+    if source.text_config.hidden_size != base.text_config.hidden_size:
+        raise CheckpointError(
+            f"hidden_size differs: {source.root} has {source.text_config.hidden_size}, "
+            f"verifier {base.root} has {base.text_config.hidden_size}."
+        )
+    head_keys = source.head_keys()
+    if not head_keys:
+        raise CheckpointError(
+            f"{source.root}: no tensor starts with 'mtp.'; nothing to convert. "
+            "This model has no native MTP head (for such models use `mtptune convert --init fresh`)."
+        )
+    dtypes = {source.checkpoint.get(k).dtype for k in head_keys[:1]}
+    dtype = next(iter(dtypes))
+    state = source.native_head_state()
+    head = build_head(base.family, base.text_config, dtype)
+    load_state_strict(head, state, str(source.root))  # validates names and shapes against the verifier's config
+    if validate_device:
+        _validate_forward(head, base, validate_device)
+    config = head_config_for(base, num_speculative_steps=num_speculative_steps, dtype=str(dtype).removeprefix("torch."))
+    out = save_head_checkpoint(output_path, config, head.state_dict(), overwrite=overwrite)
+    logger.info("converted %d head tensors from %s into %s", len(head_keys), source.root, out)
+    return out
+
+
+def _validate_forward(head, verifier: Verifier, device: str) -> None:
+    """Run a short K=2 forward on `device`: proves the head builds, loads and computes finite outputs."""
+    head = head.to(device)
+    head.set_shared(verifier.shared_weights(device=device, dtype=head.fc.weight.dtype))
+    ids = torch.randint(0, verifier.text_config.vocab_size, (1, 8), device=device)
+    hidden = torch.randn(1, 8, verifier.text_config.hidden_size, device=device, dtype=head.fc.weight.dtype)
+    with torch.no_grad():
+        outputs = head(ids, hidden, num_steps=2)
+        logits = head.logits(outputs[-1])
+    if not torch.isfinite(logits).all():
+        raise CheckpointError(f"validation forward on {device} produced non-finite logits.")
+    head.to("cpu")
