@@ -39,6 +39,7 @@ class MtpHead(nn.Module):
         hidden, eps = text_config.hidden_size, text_config.rms_norm_eps
         self.eps = eps
         layer_config = _layer_config(text_config)
+        self.layer_config = layer_config
         self.pre_fc_norm_embedding = family.build_norm(hidden, eps)
         self.pre_fc_norm_hidden = family.build_norm(hidden, eps)
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
@@ -55,6 +56,15 @@ class MtpHead(nn.Module):
         self.embed_tokens = shared.embed.detach()
         self.lm_head = shared.lm_head.detach() if shared.lm_head is not shared.embed else self.embed_tokens
         self.verifier_norm = shared.final_norm.detach()
+
+    def _apply(self, fn, recurse=True):
+        # Keep the rotary frequencies fp32 through .to(bfloat16): HF and vLLM compute angles in fp32 and cast
+        # only cos/sin; bf16 inv_freq would shift long-range positions.
+        saved = {n: b for n, b in self.rotary_emb._buffers.items() if b is not None and not b.is_meta}
+        super()._apply(fn, recurse)
+        for name, original in saved.items():
+            self.rotary_emb._buffers[name] = original.to(device=self.rotary_emb._buffers[name].device)
+        return self
 
     @property
     def hidden_size(self) -> int:

@@ -57,9 +57,13 @@ def load_state_strict(head: MtpHead, state: dict[str, torch.Tensor], source: str
 
 
 def build_head(family: MtpFamily, text_config: PretrainedConfig, dtype: torch.dtype) -> MtpHead:
+    """An uninitialised head (parameters are loaded right after), built on the meta device to skip random init."""
     with torch.device("meta"):
         head = MtpHead(family, text_config)
-    return head.to_empty(device="cpu").to(dtype)
+    head = head.to_empty(device="cpu")
+    # to_empty leaves buffers uninitialised too: rebuild the rotary inv_freq buffers for real.
+    head.rotary_emb = family.build_rotary(head.layer_config)
+    return head.to(dtype)
 
 
 def load_head(
