@@ -1,16 +1,225 @@
-"""`mtptune serve` (not implemented yet)."""
+"""`mtptune serve MODEL [--target-layer-ids I ...] [--engine auto|vllm|builtin] -- <engine args>`.
+
+`vllm` execs the exact `vllm serve` command of a hidden-state extraction server (contracts b1); `builtin` runs
+mtptune's own server, which speaks the same protocol on CPU or one GPU; `auto` picks vLLM when it is importable
+and CUDA is available. The speculators `launch_vllm` flags are accepted (contracts a4).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
+from collections.abc import Sequence
 
-from mtptune.errors import MtpTuneError
+from mtptune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# vLLM flags the built-in engine understands when given after `--` (so `-- --port 8000` works for both engines).
+_BUILTIN_ENGINE_FLAGS = {
+    "--host": "host",
+    "--port": "port",
+    "--api-key": "api_key",
+    "--served-model-name": "served_model_name",
+    "--max-model-len": "max_model_len",
+    "--max-num-batched-tokens": "max_batch_tokens",
+    "--dtype": "dtype",
+    "--device": "device",
+}
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target-layer-ids",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="I",
+        help="layers to capture (vLLM ids: 0 = embeddings, N = last layer before the final norm); default: N (MTP)",
+    )
+    last = parser.add_mutually_exclusive_group()
+    last.add_argument(
+        "--include-last-layer", dest="include_last_layer", action="store_true", default=True, help="append N (default)"
+    )
+    last.add_argument("--no-include-last-layer", dest="include_last_layer", action="store_false")
+    parser.add_argument("--engine", choices=("auto", "vllm", "builtin"), default="auto")
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    parser.add_argument("--hidden-states-path", default=None, help="storage dir shared with the trainer")
+    parser.add_argument("--hidden-states-backend", choices=("file", "mooncake"), default="file")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1")
+    parser.add_argument("--served-model-name", default=None, help="model id reported by /v1/models (default MODEL)")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per capture forward")
+    parser.add_argument("--device", default=None, help="builtin: torch device (default cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, help="auto (checkpoint dtype), bfloat16, float16, float32")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument(
+        "--allow-custom-save-path",
+        action="store_true",
+        help="builtin: let a request choose its file via kv_transfer_params.hidden_states_path (inside the storage dir)",
+    )
+    parser.add_argument("--batch-window-ms", type=float, default=2.0, help="builtin: wait this long to fill a batch")
+    parser.add_argument("--max-queue", type=int, default=1024, help="builtin: queued requests before 503")
+    parser.add_argument("--dry-run", action="store_true", help="print the command / settings and exit")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("serve", help="(not implemented yet)")
+    parser = sub.add_parser(
+        "serve",
+        help="start a hidden-state server (vLLM or built-in)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="verifier folder or hub id; also the served model id")
+    add_serve_options(parser)
+    # argparse cannot split "MODEL --flags -- engine args" across a subparser; take the rest raw and split it
+    # at the first `--` in run().
+    parser.add_argument("engine_args", nargs=argparse.REMAINDER, help="[--flags] -- args passed to `vllm serve`")
     parser.set_defaults(func=run)
 
 
+def split_engine_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Parse our flags given after MODEL (they land in the raw remainder) and keep what follows `--`."""
+    raw = list(args.engine_args or [])
+    cut = raw.index("--") if "--" in raw else len(raw)
+    ours, engine = raw[:cut], raw[cut + 1 :]
+    if ours:
+        options = argparse.ArgumentParser(prog="mtptune serve MODEL", add_help=False)
+        add_serve_options(options)
+        try:
+            options.parse_args(ours, namespace=args)
+        except SystemExit as exc:
+            raise ConfigError(f"cannot parse serve flags {ours}; put engine args after `--`.") from exc
+    args.engine_args = engine
+    return args
+
+
+def pick_engine(engine: str) -> str:
+    if engine != "auto":
+        return engine
+    if importlib.util.find_spec("vllm") is None:
+        return "builtin"
+    import torch
+
+    return "vllm" if torch.cuda.is_available() else "builtin"
+
+
 def run(args: argparse.Namespace) -> int:
-    raise MtpTuneError("`mtptune serve` is not implemented yet.")
+    from mtptune.serving.layer_ids import num_hidden_layers, resolve_layer_ids
+    from mtptune.serving.server_config import default_hidden_states_path
+
+    args = split_engine_args(args)
+    layer_ids = resolve_layer_ids(num_hidden_layers(args.model), args.target_layer_ids, args.include_last_layer)
+    storage = args.hidden_states_path or str(default_hidden_states_path())
+    engine = pick_engine(args.engine)
+    if engine == "vllm":
+        return _run_vllm(args, layer_ids, storage)
+    return _run_builtin(args, layer_ids, storage)
+
+
+def _run_vllm(args: argparse.Namespace, layer_ids: list[int], storage: str) -> int:
+    from mtptune.serving.vllm_command import VllmServeSpec, build_vllm_command, exec_command, format_command
+
+    spec = VllmServeSpec(
+        model=args.model,
+        layer_ids=layer_ids,
+        hidden_states_path=storage,
+        backend=args.hidden_states_backend,
+        host=args.host or "127.0.0.1",
+        port=args.port,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        max_batch_tokens=args.max_batch_tokens,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        engine_args=list(args.engine_args),
+    )
+    argv = build_vllm_command(spec)
+    if args.dry_run:
+        print(format_command(argv))
+        return 0
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--engine vllm: vllm is not installed in this environment; use --engine builtin.")
+    log.info("exec %s", format_command(argv))
+    exec_command(argv)
+    return 0  # not reached
+
+
+def builtin_overrides(engine_args: Sequence[str]) -> dict[str, str]:
+    """Map the vLLM flags the built-in engine understands; refuse the rest with a clear message."""
+    out: dict[str, str] = {}
+    i = 0
+    args = list(engine_args)
+    while i < len(args):
+        flag, value = args[i], None
+        if "=" in flag:
+            flag, value = flag.split("=", 1)
+        name = _BUILTIN_ENGINE_FLAGS.get(flag.replace("_", "-"))
+        if flag in (
+            "--trust-remote-code",
+            "--no-enable-chunked-prefill",
+            "--no-enable-prefix-caching",
+            "--enforce-eager",
+        ):
+            out[flag] = "true"
+            i += 1
+            continue
+        if name is None:
+            raise ConfigError(
+                f"engine arg {args[i]!r} is not understood by the built-in engine (it understands "
+                f"{', '.join(sorted(_BUILTIN_ENGINE_FLAGS))}); drop it or use --engine vllm."
+            )
+        if value is None:
+            if i + 1 >= len(args):
+                raise ConfigError(f"engine arg {flag} needs a value.")
+            value = args[i + 1]
+            i += 1
+        out[name] = value
+        i += 1
+    return out
+
+
+def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -> int:
+    from pathlib import Path
+
+    from mtptune.serving.server_config import ServerConfig
+
+    over = builtin_overrides(list(args.engine_args))
+
+    def pick(name: str, default, cast=str):
+        value = getattr(args, name, None)
+        if value is None and name in over:
+            try:
+                value = cast(over[name])
+            except ValueError as exc:
+                raise ConfigError(f"engine arg for {name}: {over[name]!r} is not a valid value.") from exc
+        return default if value is None else value
+
+    config = ServerConfig(
+        model=args.model,
+        layer_ids=tuple(layer_ids),
+        storage_dir=Path(storage),
+        served_model_name=pick("served_model_name", None),
+        host=pick("host", "127.0.0.1"),
+        port=pick("port", 8000, int),
+        api_key=pick("api_key", None),
+        allow_custom_save_path=args.allow_custom_save_path,
+        max_model_len=pick("max_model_len", None, int),
+        max_batch_tokens=pick("max_batch_tokens", 8192, int),
+        batch_window_ms=args.batch_window_ms,
+        max_queue=args.max_queue,
+        device=pick("device", None),
+        dtype=pick("dtype", None),
+        trust_remote_code=args.trust_remote_code or "--trust-remote-code" in over,
+    )
+    if args.dry_run:
+        shown = {k: (str(v) if k != "api_key" or v is None else "***") for k, v in vars(config).items()}
+        print("builtin server: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        return 0
+    from mtptune.serving.server import serve
+
+    serve(config)
+    return 0

@@ -1,0 +1,138 @@
+"""Dynamic batching of hidden-state captures: requests that arrive within a short window share one forward.
+
+A batch is cut in arrival order while its padded size (rows × longest row) stays within the token budget; a lone
+request over the budget still runs (the max-length check bounds it). While the model is busy the queue simply
+fills, so under load batches form without waiting for the window at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+Result = TypeVar("Result")
+
+
+class QueueFull(Exception):
+    """The bounded request queue is full; the server answers 503 and the client backs off."""
+
+
+@dataclass
+class _Pending(Generic[Result]):
+    token_ids: Sequence[int]
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher(Generic[Result]):
+    """Feeds `run_batch(list of token-id sequences) -> list of results` (run on `executor`) in padded batches."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[Sequence[int]]], list[Result]],
+        executor: Executor,
+        max_batch_tokens: int,
+        window_s: float = 0.002,
+        max_queue: int = 1024,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        self.run_batch = run_batch
+        self.executor = executor
+        self.max_batch_tokens = max_batch_tokens
+        self.window_s = window_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self._queue: deque[_Pending[Result]] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="hidden-states-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("server shutting down"))
+
+    async def submit(self, token_ids: Sequence[int]) -> Result:
+        if self._wakeup is None:
+            raise RuntimeError("DynamicBatcher.start() was not called")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(f"{len(self._queue)} requests already queued (limit {self.max_queue})")
+        pending: _Pending[Result] = _Pending(token_ids, asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        self._wakeup.set()
+        return await pending.future
+
+    def _cut(self) -> list[_Pending[Result]]:
+        batch: list[_Pending[Result]] = []
+        width = 0
+        while self._queue:
+            candidate = self._queue[0]
+            if candidate.future.cancelled():  # client went away before its turn
+                self._queue.popleft()
+                continue
+            new_width = max(width, len(candidate.token_ids))
+            if batch and new_width * (len(batch) + 1) > self.max_batch_tokens:
+                break
+            batch.append(self._queue.popleft())
+            width = new_width
+        return batch
+
+    def _room_left(self) -> bool:
+        width = max((len(p.token_ids) for p in self._queue), default=0)
+        return width * (len(self._queue) + 1) <= self.max_batch_tokens
+
+    async def _loop(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Give concurrent requests a moment to join, unless the batch is already full.
+            deadline = self._queue[0].enqueued + self.window_s
+            while self._room_left() and (wait := deadline - time.perf_counter()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._cut()
+            if not batch:
+                continue
+            start = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, [p.token_ids for p in batch])
+            except Exception as exc:  # one failure fails the batch's requests, never the loop
+                log.exception("batch of %d requests failed", len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            if self.on_batch is not None:
+                padded = len(batch) * max(len(p.token_ids) for p in batch)
+                self.on_batch(len(batch), padded, time.perf_counter() - start)
+            for p, result in zip(batch, results):
+                if not p.future.done():
+                    p.future.set_result(result)

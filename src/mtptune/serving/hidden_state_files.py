@@ -1,0 +1,182 @@
+"""The per-request hidden-state file of vLLM's `ExampleHiddenStatesConnector` (contracts b4, b5, b7).
+
+One safetensors file per request: `hidden_states [T, n_ids, H]` (model dtype) and `token_ids [T]` (int64), guarded by a
+sibling `<file>.lock` that the writer holds an exclusive `flock` on until the write has finished. The built-in server
+writes through `HiddenStatesWriteLock` + `write_hidden_states_file`; the trainer reads files from either server through
+`read_hidden_states_file`, so real vLLM and mtptune's server share one read path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mtptune.errors import ServerError
+
+log = logging.getLogger(__name__)
+
+LOCK_SUFFIX = ".lock"
+LOCK_POLL_INTERVAL = 0.1
+INVALID_REASONS = ("missing_key", "token_mismatch", "shape", "non_finite", "all_zero", "unreadable")
+_FINITE_CHUNK_ROWS = 256
+
+
+@dataclass(frozen=True)
+class HiddenStates:
+    token_ids: torch.Tensor  # [T] int64
+    hidden_states: torch.Tensor  # [T, n_layers, H], model dtype
+
+
+class HiddenStatesInvalid(ServerError):
+    """A hidden-state file failed validation; `reason` is one of INVALID_REASONS (the client counts them)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in INVALID_REASONS:
+            raise ValueError(f"unknown HiddenStatesInvalid reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+
+
+def lock_path_for(path: str | os.PathLike) -> Path:
+    return Path(str(path) + LOCK_SUFFIX)
+
+
+# --- writer side (the built-in server) -------------------------------------------------------------------------
+class HiddenStatesWriteLock:
+    """Create `<file>.lock` and hold an exclusive flock on it; `release()` closes the fd once the file is written.
+
+    Acquire before the path is returned to the client and release after the write (contracts b5.1).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fd: int | None = os.open(lock_path_for(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the fd drops the flock
+            self._fd = None
+
+
+def write_hidden_states_file(path: str | os.PathLike, hidden_states: torch.Tensor, token_ids: torch.Tensor) -> None:
+    """Write one request's file; the temp-name + rename keeps a half-written file from ever carrying the final name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tensors = {
+        "hidden_states": hidden_states.detach().to("cpu").contiguous(),
+        "token_ids": token_ids.detach().to("cpu", torch.int64).contiguous(),
+    }
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+# --- reader side (the trainer's client) ------------------------------------------------------------------------
+def wait_for_writer(path: str | os.PathLike, lock_timeout: float = 10.0) -> None:
+    """Wait until no writer holds `<file>.lock` (speculators' variant: poll a non-blocking exclusive flock).
+
+    The lock is opened read-write because a read-only fd cannot take an exclusive flock on NFS (speculators#948).
+    A missing lock means the writer is done (or never used one). Raises HiddenStatesInvalid('unreadable') on timeout.
+    """
+    lock = lock_path_for(path)
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        deadline = time.monotonic() + lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise HiddenStatesInvalid(
+                        "unreadable",
+                        f"{path}: the writer still holds {lock} after {lock_timeout:.1f} s; the file may be "
+                        "incomplete (slow shared storage? raise the lock timeout).",
+                    ) from None
+                time.sleep(LOCK_POLL_INTERVAL)
+    finally:
+        os.close(fd)
+
+
+def read_hidden_states_file(
+    path: str | os.PathLike,
+    expected_token_ids: Sequence[int] | None,
+    num_layers: int | None,
+    hidden_size: int | None,
+    lock_timeout: float = 10.0,
+) -> HiddenStates:
+    """Wait for the writer's lock, load on CPU, and validate (contracts b7); never returns a suspicious sample.
+
+    `expected_token_ids` / `num_layers` / `hidden_size` = None skip that check. Raises HiddenStatesInvalid.
+    """
+    wait_for_writer(path, lock_timeout)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise HiddenStatesInvalid("unreadable", f"{path}: cannot load hidden-state file: {exc}") from exc
+    for key in ("hidden_states", "token_ids"):
+        if key not in tensors:
+            raise HiddenStatesInvalid(
+                "missing_key", f"{path}: no {key!r} tensor (has {sorted(tensors)}); not a hidden-state file?"
+            )
+    hidden, ids = tensors["hidden_states"], tensors["token_ids"]
+    validate_hidden_states(str(path), hidden, ids, expected_token_ids, num_layers, hidden_size)
+    return HiddenStates(token_ids=ids.to(torch.int64), hidden_states=hidden)
+
+
+def validate_hidden_states(
+    where: str,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    expected_token_ids: Sequence[int] | None,
+    num_layers: int | None,
+    hidden_size: int | None,
+) -> None:
+    if ids.dim() != 1:
+        raise HiddenStatesInvalid("shape", f"{where}: token_ids has shape {tuple(ids.shape)}, expected [T].")
+    if expected_token_ids is not None:
+        expected = torch.as_tensor(list(expected_token_ids), dtype=torch.int64)
+        if ids.shape != expected.shape or not torch.equal(ids.to(torch.int64), expected):
+            raise HiddenStatesInvalid(
+                "token_mismatch",
+                f"{where}: token_ids ({ids.numel()} ids, first {ids[:8].tolist()}) differ from the sent ids "
+                f"({expected.numel()} ids, first {expected[:8].tolist()}).",
+            )
+    if hidden.dim() != 3:
+        raise HiddenStatesInvalid(
+            "shape", f"{where}: hidden_states has shape {tuple(hidden.shape)}, expected [T, n, H]."
+        )
+    want = (ids.numel(), num_layers, hidden_size)
+    for axis, (got, exp) in enumerate(zip(hidden.shape, want)):
+        if exp is not None and got != exp:
+            raise HiddenStatesInvalid(
+                "shape",
+                f"{where}: hidden_states has shape {tuple(hidden.shape)}, expected [T={want[0]}, n_layers={num_layers}, "
+                f"H={hidden_size}] (axis {axis} differs); check --target-layer-ids and the verifier.",
+            )
+    for start in range(0, hidden.shape[0], _FINITE_CHUNK_ROWS):
+        chunk = hidden[start : start + _FINITE_CHUNK_ROWS]
+        if not torch.isfinite(chunk).all():
+            raise HiddenStatesInvalid("non_finite", f"{where}: hidden_states contains NaN/Inf (rows from {start}).")
+    # A known vLLM bug on hybrid verifiers (vllm#46301) wrote all-zero states; a zero row is never a real residual.
+    zero_rows = (hidden == 0).flatten(1).all(dim=1)
+    if bool(zero_rows.any()):
+        n = int(zero_rows.sum())
+        raise HiddenStatesInvalid(
+            "all_zero",
+            f"{where}: {n} of {hidden.shape[0]} rows of hidden_states are exactly zero (the hybrid-model vLLM bug "
+            "fixed by vllm#46301; upgrade vLLM).",
+        )

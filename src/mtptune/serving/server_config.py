@@ -1,0 +1,40 @@
+"""Settings of the built-in hidden-state server (one typed object built from the CLI)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def default_hidden_states_path() -> Path:
+    """vLLM's connector defaults to the system temp dir; prefer RAM-backed /dev/shm where it exists (contracts b1)."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    return base / "mtptune_hidden_states"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str  # path or hub id as given; also the default served model id (b3: must match the trainer's string)
+    layer_ids: tuple[int, ...]
+    storage_dir: Path
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    allow_custom_save_path: bool = False
+    max_model_len: int | None = None  # None: the verifier's max_position_embeddings
+    max_batch_tokens: int = 8192  # padded token slots per capture forward
+    batch_window_ms: float = 2.0
+    max_queue: int = 1024  # waiting requests before 503
+    max_tokens_limit: int = 4096  # hard cap on max_tokens per generation request
+    writer_threads: int = 4
+    device: str | None = None
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    max_body_bytes: int = 64 * 1024 * 1024
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model

@@ -1,0 +1,201 @@
+"""The verifier as the built-in server runs it: load once, capture layer states for a padded batch, generate.
+
+All model calls happen on one thread (the server's model executor); nothing here is thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from mtptune.checkpoint.safetensors_io import resolve_model_dir
+from mtptune.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """One request's result of a capture forward."""
+
+    hidden_states: torch.Tensor  # [T, n_ids, H], model dtype, CPU
+    next_token_logits: torch.Tensor  # [V] fp32: the verifier's prediction after the last prompt token
+
+
+@dataclass(frozen=True)
+class Generation:
+    token_ids: list[int]  # generated tokens (EOS included when it stopped there)
+    finish_reason: str  # "stop" | "length"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r} is not a torch device: {exc}") from exc
+
+
+def resolve_dtype(dtype: str | None) -> torch.dtype | str:
+    if dtype in (None, "auto"):
+        return "auto"
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
+        dtype, dtype
+    )
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ConfigError(f"--dtype {dtype!r}: expected auto, bfloat16, float16 or float32.")
+    return value
+
+
+class VerifierRuntime:
+    """Holds the HF model (text tower only) and captures vLLM-style layer states from one forward."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer, layer_ids: Sequence[int], device: torch.device) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.decoder = model.get_decoder()
+        self.final_norm = getattr(self.decoder, "norm", None)
+        layers = getattr(self.decoder, "layers", None)
+        if self.final_norm is None or layers is None:
+            raise CheckpointError(
+                f"{type(self.decoder).__name__} has no `.norm`/`.layers`; cannot locate the pre-final-norm residual."
+            )
+        self.num_layers = len(layers)
+        bad = [i for i in layer_ids if not 0 <= i <= self.num_layers]
+        if bad:
+            raise ConfigError(f"layer ids {bad} out of range 0..{self.num_layers} for this verifier.")
+        self.layer_ids = list(layer_ids)
+        text_config = model.config.get_text_config()
+        self.hidden_size = int(text_config.hidden_size)
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        self.dtype = next(model.parameters()).dtype
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = getattr(text_config, "eos_token_id", None)
+        self.eos_token_ids: list[int] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self._pre_norm: torch.Tensor | None = None
+        # vLLM's id N is the last layer's residual *before* the final norm; HF's hidden_states[N] is after it,
+        # so take the norm's input instead.
+        self.final_norm.register_forward_pre_hook(self._grab_pre_norm)
+
+    def _grab_pre_norm(self, module: torch.nn.Module, args: tuple) -> None:
+        self._pre_norm = args[0]
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        layer_ids: Sequence[int],
+        device: str | None = None,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> VerifierRuntime:
+        root = resolve_model_dir(model)
+        torch_device = resolve_device(device)
+        start = time.perf_counter()
+        try:
+            # For a *ForConditionalGeneration checkpoint (Qwen3.5) this builds the text-only *ForCausalLM and
+            # skips the vision tower, which hidden-state capture never needs.
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                root, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"transformers cannot load the verifier {model!r} from {root}: {exc}") from exc
+        hf_model = hf_model.to(torch_device).eval()
+        tokenizer = load_tokenizer(root, trust_remote_code)
+        log.info(
+            "loaded verifier %s (%s, %s) on %s in %.1f s%s",
+            model,
+            type(hf_model).__name__,
+            next(hf_model.parameters()).dtype,
+            torch_device,
+            time.perf_counter() - start,
+            "" if tokenizer is not None else "; no tokenizer: only token-id prompts are accepted",
+        )
+        return cls(hf_model, tokenizer, layer_ids, torch_device)
+
+    @torch.inference_mode()
+    def capture(self, sequences: Sequence[Sequence[int]]) -> list[Capture]:
+        """One right-padded forward over the batch (padding is exact for Gated DeltaNet; packing is not, contracts f)."""
+        lengths = [len(s) for s in sequences]
+        batch, width = len(sequences), max(lengths)
+        input_ids = torch.zeros(batch, width, dtype=torch.long)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            input_ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        need_all = any(i < self.num_layers for i in self.layer_ids)
+        self._pre_norm = None
+        out = self.decoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=need_all, use_cache=False)
+        pre_norm, self._pre_norm = self._pre_norm, None
+        if pre_norm is None:
+            raise RuntimeError("the final-norm hook did not fire; unsupported decoder structure")
+        per_id = [pre_norm if i == self.num_layers else out.hidden_states[i] for i in self.layer_ids]
+        stacked = torch.stack(per_id, dim=2)  # [B, W, n_ids, H]
+        last = torch.as_tensor(lengths, device=self.device) - 1
+        last_hidden = out.last_hidden_state[torch.arange(batch, device=self.device), last]
+        logits = self.model.lm_head(last_hidden).float().cpu()
+        stacked = stacked.to("cpu")
+        return [
+            Capture(hidden_states=stacked[row, :n].clone(), next_token_logits=logits[row])
+            for row, n in enumerate(lengths)
+        ]
+
+    @torch.inference_mode()
+    def generate(
+        self, prompt: Sequence[int], max_tokens: int, temperature: float, top_p: float, seed: int | None
+    ) -> Generation:
+        input_ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=self.device)
+        sample = temperature > 0
+        kwargs: dict = dict(do_sample=sample, max_new_tokens=max_tokens, min_new_tokens=0)
+        if sample:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+            if seed is not None:
+                torch.manual_seed(seed)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.eos_token_ids:
+            kwargs.update(eos_token_id=self.eos_token_ids, pad_token_id=self.eos_token_ids[0])
+        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        tokens = out[0, input_ids.shape[1] :].tolist()
+        for i, tok in enumerate(tokens):  # generate pads finished rows; keep up to the first EOS
+            if tok in self.eos_token_ids:
+                return Generation(tokens[: i + 1], "stop")
+        return Generation(tokens, "length")
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, seed: int | None) -> int:
+    """Sample one token from fp32 logits [V] (greedy when temperature == 0)."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+        filtered = torch.zeros_like(probs)
+        filtered[order[keep]] = sorted_probs[keep]
+        probs = filtered / filtered.sum()
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def load_tokenizer(root: Path, trust_remote_code: bool = False):
+    """The verifier's tokenizer, or None when the folder ships none (token-id prompts still work)."""
+    has_files = any((root / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    if not has_files:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(root, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot load the tokenizer from %s (%s); only token-id prompts are accepted", root, exc)
+        return None
