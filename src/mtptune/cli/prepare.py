@@ -1,16 +1,75 @@
-"""`mtptune prepare` (not implemented yet)."""
+"""`mtptune prepare`: token-id rows, conversations or presets -> a prepared dataset dir (contracts a3, a7)."""
 
 from __future__ import annotations
 
 import argparse
 
-from mtptune.errors import MtpTuneError
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of speculators' `prepare_data` (shared with scripts/prepare_data.py)."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="verifier/tokenizer folder, a .gguf file, a cached hub id, or `smollm2` / `qwen3.5` (offline "
+        "tokenizers). A folder without tokenizer files still works for token-id rows (vocab_size from config.json)",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="repeatable: .jsonl/.json file, folder of them, or preset (gsm8k, mt_bench, sharegpt, sharegpt_dummy)",
+    )
+    parser.add_argument("--output", default="./output", help="prepared dataset folder (default ./output)")
+    parser.add_argument("--max-samples", type=int, default=None, help="rows kept after shuffle (default all)")
+    parser.add_argument("--seq-length", type=int, default=8192, help="truncation length (default 8192)")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a prepared dataset already in --output")
+    parser.add_argument(
+        "--minimum-valid-tokens", type=int, default=1, help="drop rows with fewer supervised tokens (default 1)"
+    )
+    parser.add_argument(
+        "--num-workers",
+        "--num-preprocessing-workers",
+        dest="num_workers",
+        type=int,
+        default=1,
+        help="processes for tokenising conversations (default 1)",
+    )
+    parser.add_argument(
+        "--one-row-per",
+        choices=("turn", "conversation"),
+        default="turn",
+        help="conversations: one row per assistant turn (default, exact for every template) or one per "
+        "conversation (fewer tokens; needs a template that does not rewrite earlier turns)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("prepare", help="(not implemented yet)")
+    parser = sub.add_parser(
+        "prepare",
+        help="tokenize training data (token-id rows, chat conversations, presets) into a prepared dataset",
+        description="Validate token-id rows or render conversations with the model's chat template (loss mask = "
+        "assistant tokens incl. end of turn), truncate, and save a datasets folder + token_freq.pt + report.json.",
+    )
+    add_prepare_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise MtpTuneError("`mtptune prepare` is not implemented yet.")
+    from mtptune.data.prepare import prepare_dataset
+
+    report = prepare_dataset(
+        model=args.model,
+        data=args.data,
+        output=args.output,
+        max_samples=args.max_samples,
+        seq_length=args.seq_length,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        minimum_valid_tokens=args.minimum_valid_tokens,
+        num_workers=args.num_workers,
+        one_row_per=args.one_row_per,
+    )
+    print(report.summary())
+    print(f"wrote {report.output} (report: {report.output}/report.json)")
+    return 0

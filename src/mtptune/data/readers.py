@@ -1,0 +1,89 @@
+"""Reading raw rows from `.jsonl` / `.json` files and folders, each row tagged with the file and line it came from.
+
+A file that is not valid JSON is a hard error naming the file and line: a half-read file would silently bias the
+data. Row *contents* are judged later (token_rows / chat_render), where a bad row is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtptune.errors import DataError
+
+DATA_SUFFIXES = (".jsonl", ".json")
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    """One raw row and where it came from (`where` = `file:line` or `preset:index`)."""
+
+    where: str
+    data: dict[str, Any]
+
+
+def read_jsonl(path: Path) -> Iterator[SourceRow]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                    "each line of a .jsonl file must be one JSON object."
+                ) from exc
+            yield SourceRow(f"{path}:{lineno}", as_object(data, f"{path}:{lineno}"))
+
+
+def read_json(path: Path) -> Iterator[SourceRow]:
+    """A `.json` file holding a list of row objects (or one object). Rows are tagged with their start line."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}).") from exc
+    if isinstance(data, dict):
+        yield SourceRow(f"{path}:1", data)
+        return
+    if not isinstance(data, list):
+        raise DataError(f"{path}:1: expected a JSON list of row objects, got {type(data).__name__}.")
+    # Recover each element's line with a raw_decode walk so errors can point at the row in the file.
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    for item in data:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        line = text.count("\n", 0, pos) + 1
+        _, pos = decoder.raw_decode(text, pos)
+        yield SourceRow(f"{path}:{line}", as_object(item, f"{path}:{line}"))
+
+
+def as_object(data: Any, where: str) -> dict[str, Any]:
+    if isinstance(data, dict):
+        return data
+    if isinstance(data, str):
+        return {"prompt": data}  # a bare string line is a prompt
+    raise DataError(f"{where}: expected a JSON object per row, got {type(data).__name__}.")
+
+
+def data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .json.")
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: folder holds no .jsonl or .json files.")
+        return files
+    raise DataError(f"--data {path}: no such file or folder (and not a preset name).")
+
+
+def read_path(path: str | Path) -> Iterator[SourceRow]:
+    for file in data_files(Path(path).expanduser()):
+        yield from read_jsonl(file) if file.suffix == ".jsonl" else read_json(file)
