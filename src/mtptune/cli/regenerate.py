@@ -1,16 +1,72 @@
-"""`mtptune regenerate` (not implemented yet)."""
+"""`mtptune regenerate`: have the target model (vLLM or `mtptune serve`) write the answers, as token-id rows."""
 
 from __future__ import annotations
 
 import argparse
+import json
 
-from mtptune.errors import MtpTuneError
+from mtptune.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("regenerate", help="(not implemented yet)")
+    parser = sub.add_parser(
+        "regenerate",
+        help="regenerate assistant turns with the target model through an OpenAI-compatible endpoint",
+        description="Send each conversation's user turns (or prompts / presets) to /v1/chat/completions, feeding "
+        "the model its own earlier answers, and write token-id rows (input_ids, loss_mask) from the ids the "
+        "server returns. Re-running resumes: conversations already in --output are skipped. "
+        "Then: mtptune prepare --model M --data OUTPUT.jsonl",
+    )
+    parser.add_argument("--data", required=True, action="append", help="repeatable: .jsonl/.json file, folder, preset")
+    parser.add_argument("--output", required=True, help="output .jsonl (appended to; resumed)")
+    parser.add_argument("--endpoint", default="http://localhost:8000/v1", help="OpenAI base URL (default %(default)s)")
+    parser.add_argument("--served-model", default=None, help="model id to request (default: first of GET /models)")
+    parser.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-tokens", type=int, default=2048, help="per assistant turn")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed sent to the server")
+    parser.add_argument(
+        "--chat-template-kwargs", default=None, help="JSON passed to the server, e.g. '{\"enable_thinking\": false}'"
+    )
+    parser.add_argument("--concurrency", type=int, default=64, help="conversations in flight (default 64)")
+    parser.add_argument("--max-retries", type=int, default=3, help="per request, with exponential backoff")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--max-samples", type=int, default=None, help="first N rows of --data")
+    parser.add_argument("--one-row-per", choices=("turn", "conversation"), default="turn")
+    parser.add_argument("--overwrite", action="store_true", help="start --output afresh instead of resuming")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="only used if the server returns no token ids: tokenizer to tokenize the text with (warned)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise MtpTuneError("`mtptune regenerate` is not implemented yet.")
+    from mtptune.data.regenerate import SamplingConfig, regenerate
+
+    kwargs = None
+    if args.chat_template_kwargs:
+        try:
+            kwargs = json.loads(args.chat_template_kwargs)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--chat-template-kwargs is not JSON: {exc}") from exc
+    report = regenerate(
+        data=args.data,
+        output=args.output,
+        endpoint=args.endpoint,
+        served_model=args.served_model,
+        sampling=SamplingConfig(args.temperature, args.top_p, args.max_tokens, args.seed, kwargs),
+        concurrency=args.concurrency,
+        max_retries=args.max_retries,
+        timeout_s=args.request_timeout,
+        api_key=args.api_key,
+        max_samples=args.max_samples,
+        one_row_per=args.one_row_per,
+        overwrite=args.overwrite,
+        tokenizer=args.tokenizer,
+    )
+    print(report.summary())
+    print(f"wrote {report.output} (report: {report.output}.report.json)")
+    return 0

@@ -1,0 +1,485 @@
+"""`regenerate`: let the target model write the answers, through any OpenAI-compatible chat endpoint.
+
+MTP heads learn best on the target's own text. Each conversation's user turns are sent in order to
+`/v1/chat/completions` with `return_token_ids: true`; every assistant turn is the model's answer to a history made
+of its own earlier answers. Rows are written as format (a) (`input_ids` = the server's prompt ids + generated ids,
+`loss_mask` 0 / 1), so no re-tokenization drift is possible. Only when a server returns no ids do we tokenize the
+text locally (needs `tokenizer`), and every such row is counted and warned about.
+
+Rows are appended to a jsonl as conversations finish (all rows of a conversation in one write); a re-run skips
+conversation ids already in the file (resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from mtptune.data.chat_render import OneRowPer, is_chat_row, parse_conversation
+from mtptune.data.presets import read_source
+from mtptune.data.readers import SourceRow
+from mtptune.data.token_rows import Dropped, is_token_row
+from mtptune.errors import DataError, ServerError
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 2048
+    seed: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    endpoint: str  # OpenAI base URL, e.g. http://localhost:8000/v1
+    model: str | None = None  # served model id; None: the first of GET /models
+    api_key: str | None = None
+    concurrency: int = 64
+    max_retries: int = 3
+    timeout_s: float = 600.0
+    backoff_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class PromptConversation:
+    """What to send: `turns[k]` are the non-assistant messages before assistant answer k."""
+
+    id: str
+    where: str
+    turns: list[list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class RegenerateReport:
+    output: str
+    conversations_in: int
+    skipped_existing: int  # already in the output (resume)
+    skipped: dict[str, int]  # reason -> conversations not sendable (e.g. token-id rows, tool calls)
+    regenerated: int  # conversations written this run
+    failed: dict[str, int]  # reason -> conversations whose requests failed for good
+    failure_examples: dict[str, list[str]]
+    rows_written: int
+    tokenized_locally: int  # turns whose ids we had to tokenize (server returned none)
+    conversations_split: int  # one_row_per=conversation, but turns were not prefix-stable
+    finish_reasons: dict[str, int]
+    prompt_tokens: int
+    generated_tokens: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def summary(self) -> str:
+        return (
+            f"{self.conversations_in} conversations: {self.regenerated} regenerated ({self.rows_written} rows, "
+            f"{self.generated_tokens} generated tokens), {self.skipped_existing} already done, "
+            f"skipped {dict(self.skipped) or 0}, failed {dict(self.failed) or 0}, "
+            f"tokenized locally {self.tokenized_locally}"
+        )
+
+
+def conversation_turns(src: SourceRow) -> PromptConversation | Dropped:
+    """The user turns of a row: chat rows (assistant answers are dropped and regenerated) or prompt rows."""
+    data = src.data
+    cid = str(data.get("id", src.where))
+    if is_token_row(data):
+        return Dropped("token_id_row", "row already holds token ids; nothing to regenerate")
+    if is_chat_row(data):
+        conv = parse_conversation(data)
+        if isinstance(conv, Dropped):
+            return conv
+        if any(m["role"] == "tool" or m.get("tool_calls") for m in conv.messages):
+            return Dropped("has_tool_calls", "tool calls/results cannot be replayed against new answers")
+        turns: list[list[dict[str, Any]]] = []
+        pending: list[dict[str, Any]] = []
+        for m in conv.messages:
+            if m["role"] == "assistant":
+                if any(p["role"] == "user" for p in pending):
+                    turns.append(pending)
+                    pending = []
+                continue
+            pending.append({"role": m["role"], "content": m["content"]})
+        if any(p["role"] == "user" for p in pending):
+            turns.append(pending)
+        elif pending and turns:
+            turns[-1].extend(pending)
+        if not turns:
+            return Dropped("no_user_turn", "conversation has no user message to answer")
+        if turns[0][0]["role"] == "system" and len(turns[0]) == 1:
+            return Dropped("no_user_turn", "conversation has only a system message")
+        return PromptConversation(cid, src.where, turns)
+    prompts = data.get("turns", data.get("prompt", data.get("question", data.get("instruction"))))
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        return Dropped("missing_field", "row has no messages/conversations/prompt/turns/question to send")
+    system = [{"role": "system", "content": data["system"]}] if isinstance(data.get("system"), str) else []
+    turns = [[{"role": "user", "content": p}] for p in prompts]
+    turns[0] = system + turns[0]
+    return PromptConversation(cid, src.where, turns)
+
+
+@dataclass
+class TurnResult:
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    message: dict[str, Any]
+    finish_reason: str
+    tokenized_locally: bool
+
+
+class ChatClient:
+    """One conversation at a time per task; retries transient failures with exponential backoff and jitter."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        sampling: SamplingConfig,
+        client: httpx.AsyncClient,
+        tokenizer_factory: Callable[[], PreTrainedTokenizerBase | None],
+    ) -> None:
+        self.config, self.sampling, self.client = config, sampling, client
+        self.tokenizer_factory = tokenizer_factory
+        self.model = config.model
+
+    async def resolve_model(self) -> str:
+        if self.model is None:
+            body = await self.request("GET", "/models")
+            try:
+                self.model = str(body["data"][0]["id"])
+            except (KeyError, IndexError, TypeError) as exc:
+                raise ServerError(f"{self.config.endpoint}/models lists no model; pass --served-model.") from exc
+        return self.model
+
+    async def request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        url = self.config.endpoint.rstrip("/") + path
+        for attempt in range(self.config.max_retries + 1):
+            last = attempt == self.config.max_retries
+            try:
+                response = await self.client.request(method, url, json=payload)
+            except httpx.TransportError as exc:
+                if last:
+                    raise ServerError(f"{url}: {type(exc).__name__}: {exc} (after {attempt + 1} attempts)") from exc
+            else:
+                if response.status_code < 400:
+                    try:
+                        return response.json()
+                    except json.JSONDecodeError as exc:
+                        raise ServerError(f"{url}: response is not JSON: {response.text[:200]!r}") from exc
+                if response.status_code not in RETRYABLE_STATUS or last:
+                    raise ServerError(f"{url}: HTTP {response.status_code}: {response.text[:500]}")
+            delay = self.config.backoff_s * 2**attempt
+            await asyncio.sleep(delay * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    async def answer(self, messages: list[dict[str, Any]]) -> TurnResult:
+        payload: dict[str, Any] = {
+            "model": await self.resolve_model(),
+            "messages": messages,
+            "temperature": self.sampling.temperature,
+            "top_p": self.sampling.top_p,
+            "max_tokens": self.sampling.max_tokens,
+            "return_token_ids": True,
+            "stream": False,
+        }
+        if self.sampling.seed is not None:
+            payload["seed"] = self.sampling.seed
+        if self.sampling.chat_template_kwargs:
+            payload["chat_template_kwargs"] = self.sampling.chat_template_kwargs
+        body = await self.request("POST", "/chat/completions", payload)
+        try:
+            choice = body["choices"][0]
+            message = choice["message"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ServerError(f"chat completion without choices[0].message: {str(body)[:300]}") from exc
+        content = message.get("content") or ""
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        answer: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning:
+            answer["reasoning_content"] = reasoning
+        finish = str(choice.get("finish_reason"))
+        prompt_ids = body.get("prompt_token_ids") or choice.get("prompt_token_ids")
+        generated = choice.get("token_ids")
+        if prompt_ids and generated is not None:
+            return TurnResult([int(t) for t in prompt_ids], [int(t) for t in generated], answer, finish, False)
+        return self.tokenize_locally(messages, answer, finish)
+
+    def tokenize_locally(self, messages: list[dict[str, Any]], answer: dict[str, Any], finish: str) -> TurnResult:
+        tokenizer = self.tokenizer_factory()
+        if tokenizer is None or not tokenizer.chat_template:
+            raise ServerError(
+                "the server returned no token ids (return_token_ids unsupported?) and no tokenizer with a chat "
+                "template was given to tokenize the text; pass --tokenizer (the verifier folder)."
+            )
+        kwargs = dict(self.sampling.chat_template_kwargs or {})
+        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        full_text = tokenizer.apply_chat_template(
+            [*messages, answer], tokenize=False, add_generation_prompt=False, **kwargs
+        )
+        prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        if full_text.startswith(prompt_text):
+            # The template's rendering of the answer carries any reasoning markup; cut template whitespace after
+            # the end-of-turn token, which the model does not generate.
+            gen = list(tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"])
+            eos = tokenizer.eos_token_id
+            if eos in gen:
+                gen = gen[: len(gen) - gen[::-1].index(eos)]
+        else:
+            gen = list(tokenizer(answer["content"], add_special_tokens=False)["input_ids"])
+        if finish != "stop" and tokenizer.eos_token_id in gen:
+            gen = gen[: gen.index(tokenizer.eos_token_id)]
+        return TurnResult(prompt_ids, gen, answer, finish, True)
+
+
+def rows_for(conv: PromptConversation, results: list[TurnResult], one_row_per: OneRowPer) -> tuple[list[dict], bool]:
+    """Format-(a) rows for one regenerated conversation; returns (rows, split) where split means conversation mode
+    fell back to one row per turn because a later prompt did not start with the earlier prompt + answer."""
+    history: list[dict[str, Any]] = []
+    per_turn: list[dict[str, Any]] = []
+    for k, (turn, res) in enumerate(zip(conv.turns, results)):
+        history = [*history, *turn, res.message]
+        per_turn.append(
+            {
+                "id": conv.id,
+                "turn": k,
+                "input_ids": res.prompt_ids + res.generated_ids,
+                "loss_mask": [0] * len(res.prompt_ids) + [1] * len(res.generated_ids),
+                "messages": history,
+                "finish_reason": res.finish_reason,
+                "source": conv.where,
+            }
+        )
+    if one_row_per == "turn" or len(results) == 1:
+        return per_turn, False
+    ids: list[int] = []
+    mask: list[int] = []
+    for res in results:
+        if res.prompt_ids[: len(ids)] != ids:
+            return per_turn, True
+        gap = res.prompt_ids[len(ids) :]
+        ids += gap + res.generated_ids
+        mask += [0] * len(gap) + [1] * len(res.generated_ids)
+    row = dict(per_turn[-1], input_ids=ids, loss_mask=mask, turn=None)
+    row["finish_reason"] = [r.finish_reason for r in results]
+    return [row], False
+
+
+def done_ids(output: Path) -> set[str]:
+    """Conversation ids already in `output`; a torn last line from a crash is cut off."""
+    if not output.is_file():
+        return set()
+    raw = output.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        keep = raw.rfind(b"\n") + 1
+        log.warning("%s: dropping a partly written last line (interrupted run)", output)
+        with output.open("r+b") as f:
+            f.truncate(keep)
+        raw = raw[:keep]
+    ids: set[str] = set()
+    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                ids.add(str(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(f"{output}:{lineno}: not a regenerate row ({exc}); use another --output.") from exc
+    return ids
+
+
+def normalize_endpoint(endpoint: str) -> str:
+    url = httpx.URL(endpoint)
+    if url.path in ("", "/"):
+        return str(url.copy_with(path="/v1"))
+    return endpoint.rstrip("/")
+
+
+async def _regenerate(
+    conversations: list[PromptConversation],
+    output: Path,
+    client_config: ClientConfig,
+    sampling: SamplingConfig,
+    one_row_per: OneRowPer,
+    tokenizer_factory: Callable[[], PreTrainedTokenizerBase | None],
+) -> dict[str, Any]:
+    stats: dict[str, Any] = {
+        "failed": Counter(),
+        "examples": {},
+        "rows": 0,
+        "done": 0,
+        "local": 0,
+        "split": 0,
+        "finish": Counter(),
+        "prompt_tokens": 0,
+        "generated_tokens": 0,
+    }
+    headers = {"Authorization": f"Bearer {client_config.api_key}"} if client_config.api_key else {}
+    limits = httpx.Limits(
+        max_connections=client_config.concurrency, max_keepalive_connections=client_config.concurrency
+    )
+    async with httpx.AsyncClient(timeout=client_config.timeout_s, limits=limits, headers=headers) as http:
+        chat = ChatClient(client_config, sampling, http, tokenizer_factory)
+        await chat.resolve_model()  # fail fast on a wrong endpoint
+        gate = asyncio.Semaphore(client_config.concurrency)
+
+        async def one(conv: PromptConversation) -> tuple[PromptConversation, list[TurnResult] | ServerError]:
+            async with gate:
+                history: list[dict[str, Any]] = []
+                results: list[TurnResult] = []
+                try:
+                    for turn in conv.turns:
+                        res = await chat.answer([*history, *turn])
+                        results.append(res)
+                        history = [*history, *turn, res.message]
+                except ServerError as exc:
+                    return conv, exc
+                return conv, results
+
+        tasks = [asyncio.create_task(one(c)) for c in conversations]
+        with output.open("a", encoding="utf-8") as f, tqdm(total=len(tasks), desc="regenerate", unit="conv") as bar:
+            for next_done in asyncio.as_completed(tasks):
+                conv, outcome = await next_done
+                bar.update(1)
+                if isinstance(outcome, ServerError):
+                    reason = "http_error" if "HTTP" in str(outcome) else "server_error"
+                    stats["failed"][reason] += 1
+                    ex = stats["examples"].setdefault(reason, [])
+                    if len(ex) < 5:
+                        ex.append(f"{conv.where}: {outcome}")
+                    continue
+                rows, split = rows_for(conv, outcome, one_row_per)
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                f.flush()
+                stats["rows"] += len(rows)
+                stats["done"] += 1
+                stats["split"] += split
+                for res in outcome:
+                    stats["local"] += res.tokenized_locally
+                    stats["finish"][res.finish_reason] += 1
+                    stats["prompt_tokens"] += len(res.prompt_ids)
+                    stats["generated_tokens"] += len(res.generated_ids)
+    return stats
+
+
+def regenerate(
+    data: list[str],
+    output: str | Path,
+    endpoint: str,
+    served_model: str | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    concurrency: int = 64,
+    max_retries: int = 3,
+    timeout_s: float = 600.0,
+    api_key: str | None = None,
+    max_samples: int | None = None,
+    one_row_per: OneRowPer = "turn",
+    overwrite: bool = False,
+    tokenizer: str | None = None,
+) -> RegenerateReport:
+    """Regenerate the assistant turns of `data` (files, folders, presets) through `endpoint` into the jsonl
+    `output` (resuming unless `overwrite`), and write `<output>.report.json`."""
+    if concurrency < 1:
+        raise DataError(f"--concurrency must be at least 1, got {concurrency}.")
+    output = Path(output)
+    if output.is_dir():
+        raise DataError(f"--output {output} is a folder; regenerate writes a .jsonl file.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite and output.exists():
+        output.unlink()
+    already = done_ids(output)
+
+    sources: list[SourceRow] = []
+    for name in data:
+        sources.extend(read_source(name))
+    if max_samples is not None:
+        sources = sources[:max_samples]
+    if not sources:
+        raise DataError(f"--data {' '.join(data)}: empty dataset (no rows).")
+    skipped: Counter[str] = Counter()
+    todo: list[PromptConversation] = []
+    seen: set[str] = set()
+    skipped_existing = 0
+    for src in sources:
+        conv = conversation_turns(src)
+        if isinstance(conv, Dropped):
+            skipped[conv.reason] += 1
+            log.debug("%s: skipped: %s", src.where, conv.detail)
+            continue
+        if conv.id in seen:
+            skipped["duplicate_id"] += 1
+            continue
+        seen.add(conv.id)
+        if conv.id in already:
+            skipped_existing += 1
+            continue
+        todo.append(conv)
+    for reason, count in sorted(skipped.items()):
+        log.warning("skipped %d row(s): %s", count, reason)
+
+    loaded: list[PreTrainedTokenizerBase | None] = []
+
+    def tokenizer_factory() -> PreTrainedTokenizerBase | None:
+        if not loaded:
+            from mtptune.data.tokenizers import load_tokenizer
+
+            loaded.append(load_tokenizer(tokenizer) if tokenizer else None)
+        return loaded[0]
+
+    client_config = ClientConfig(
+        normalize_endpoint(endpoint), served_model, api_key, concurrency, max_retries, timeout_s
+    )
+    stats = asyncio.run(_regenerate(todo, output, client_config, sampling, one_row_per, tokenizer_factory))
+    if stats["local"]:
+        log.warning(
+            "%d turn(s) came back without token ids and were tokenized locally with %s; retokenized text may "
+            "differ from what the model generated (serve with return_token_ids support to avoid this).",
+            stats["local"],
+            tokenizer,
+        )
+    if stats["split"]:
+        log.warning("%d conversation(s) were not prefix-stable and were written one row per turn", stats["split"])
+    for reason, count in sorted(stats["failed"].items()):
+        log.warning("%d conversation(s) failed (%s), e.g. %s", count, reason, stats["examples"][reason][0])
+    report = RegenerateReport(
+        output=str(output),
+        conversations_in=len(sources),
+        skipped_existing=skipped_existing,
+        skipped=dict(skipped),
+        regenerated=stats["done"],
+        failed=dict(stats["failed"]),
+        failure_examples=stats["examples"],
+        rows_written=stats["rows"],
+        tokenized_locally=stats["local"],
+        conversations_split=stats["split"],
+        finish_reasons=dict(stats["finish"]),
+        prompt_tokens=stats["prompt_tokens"],
+        generated_tokens=stats["generated_tokens"],
+        settings={
+            "endpoint": client_config.endpoint,
+            "served_model": served_model,
+            "sampling": asdict(sampling),
+            "concurrency": concurrency,
+            "one_row_per": one_row_per,
+            "data": list(data),
+        },
+    )
+    output.with_name(output.name + ".report.json").write_text(report.to_json() + "\n")
+    if todo and not stats["done"]:
+        raise ServerError(f"every request failed; first: {next(iter(stats['examples'].values()))[0]}")
+    log.info("regenerate: %s -> %s", report.summary(), output)
+    return report
