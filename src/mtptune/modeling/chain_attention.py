@@ -28,9 +28,14 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ChainAttentionState:
-    """Per-forward state: document ids and the K/V written by earlier steps (kept in the autograd graph)."""
+    """Per-forward state: document ids and the K/V written by earlier steps (kept in the autograd graph).
+
+    backend "dense" materialises masks and scores (exact reference; CPU and short sequences); "flex" runs one
+    block-sparse flex-attention kernel per step over [step-0 keys ; chain keys] (CUDA; compiled once).
+    """
 
     doc_ids: torch.Tensor  # [B, T]
+    backend: str = "auto"
     step: int = 0
     keys: list[torch.Tensor] = field(default_factory=list)  # per step [B, kv_heads, T, d]
     values: list[torch.Tensor] = field(default_factory=list)
@@ -63,6 +68,11 @@ def chain_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     if mtp_chain is None:
         raise RuntimeError("mtptune_chain attention needs the `mtp_chain` state; use MtpHead.forward.")
+    backend = mtp_chain.backend
+    if backend == "auto":
+        backend = "flex" if query.is_cuda else "dense"
+    if backend == "flex":
+        return _flex_forward(query, key, value, scaling, mtp_chain)
     groups = query.shape[1] // key.shape[1]
     mtp_chain.keys.append(key)
     mtp_chain.values.append(value)
@@ -86,6 +96,19 @@ def chain_attention_forward(
         for j, v in enumerate(chain_v):
             out = out + probs[..., T + j, None] * v
         out = out.to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _flex_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, chain: ChainAttentionState
+) -> tuple[torch.Tensor, None]:
+    from mtptune.modeling import flex_chain
+
+    chain.keys.append(key)
+    chain.values.append(value)
+    keys = torch.cat(chain.keys, dim=2) if chain.step else key
+    values = torch.cat(chain.values, dim=2) if chain.step else value
+    out = flex_chain.attention(query, keys, values, chain.doc_ids, chain.step, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -60,10 +60,19 @@ class MtpHead(nn.Module):
     def _apply(self, fn, recurse=True):
         # Keep the rotary frequencies fp32 through .to(bfloat16): HF and vLLM compute angles in fp32 and cast
         # only cos/sin; bf16 inv_freq would shift long-range positions.
-        saved = {n: b for n, b in self.rotary_emb._buffers.items() if b is not None and not b.is_meta}
+        # The same for the family's fp32 buffers (e.g. DeepSeek's e_score_correction_bias, fp32 on disk).
+        owners = [(self.rotary_emb, n) for n in self.rotary_emb._buffers]
+        if self.family.fp32_buffers:
+            owners += [
+                (module, n)
+                for module in self.layers.modules()
+                for n in module._buffers
+                if n in self.family.fp32_buffers
+            ]
+        saved = [(m, n, m._buffers[n]) for m, n in owners if m._buffers[n] is not None and not m._buffers[n].is_meta]
         super()._apply(fn, recurse)
-        for name, original in saved.items():
-            self.rotary_emb._buffers[name] = original.to(device=self.rotary_emb._buffers[name].device)
+        for module, name, original in saved:
+            module._buffers[name] = original.to(device=module._buffers[name].device)
         return self
 
     @property

@@ -100,7 +100,8 @@ def load_head(
         state = verifier.native_head_state()
         config = head_config_for(verifier, num_speculative_steps=max(1, family.num_mtp_layers(text_config)))
     head = build_head(family, text_config, dtype)
-    load_state_strict(head, {k: v.to(dtype) for k, v in state.items()}, source)
+    target = head.state_dict()  # fp32 buffers (family.fp32_buffers) keep their dtype
+    load_state_strict(head, {k: v.to(target[k].dtype if k in target else dtype) for k, v in state.items()}, source)
     head.set_shared(verifier.shared_weights(dtype=shared_dtype or dtype))
     return head.to(device), config, verifier
 
