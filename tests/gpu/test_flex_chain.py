@@ -24,18 +24,7 @@ def test_flex_matches_dense(tiny_verifier, T):
     results = {}
     for backend in ("dense", "flex"):
         head.zero_grad()
-        import mtptune.modeling.head as head_module
-
-        original = head_module.ChainAttentionState
-
-        def make_state(doc_ids, _backend=backend, _original=original):
-            return _original(doc_ids=doc_ids, backend=_backend)
-
-        head_module.ChainAttentionState = make_state
-        try:
-            outputs = head(ids, residual, positions, num_steps=3)
-        finally:
-            head_module.ChainAttentionState = original
+        outputs = head(ids, residual, positions, num_steps=3, attention_backend=backend)
         loss = sum((o.float() ** 2).mean() * (k + 1) for k, o in enumerate(outputs))
         loss.backward()
         results[backend] = ([o.detach() for o in outputs], head.fc.weight.grad.detach().clone())

@@ -111,6 +111,7 @@ class MtpHead(nn.Module):
         num_steps: int = 1,
         input_norm: InputNorm = "post_norm",
         hidden_is_pre_norm: bool = True,
+        attention_backend: str = "auto",
     ) -> list[torch.Tensor]:
         """Teacher-forced K-step unroll over whole (packed) sequences.
 
@@ -119,13 +120,14 @@ class MtpHead(nn.Module):
         Returns the post-`norm` outputs o^k [B, T, H] for k < num_steps; row t of step k consumed token
         x_{t+k+1} and predicts x_{t+k+2}. Rows whose inputs run past their document are garbage by
         construction and must be masked by the caller (see `step_targets`).
+        attention_backend: "dense" (reference), "flex" (CUDA fast path) or "auto" (flex on CUDA).
         """
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         if hidden_is_pre_norm and input_norm == "post_norm":
             hidden_states = self.verifier_final_norm(hidden_states)
-        chain = ChainAttentionState(doc_ids=document_ids(position_ids))
+        chain = ChainAttentionState(doc_ids=document_ids(position_ids), backend=attention_backend)
         outputs = []
         g = hidden_states
         for k in range(num_steps):
