@@ -26,6 +26,7 @@ _BUILTIN_ENGINE_FLAGS = {
     "--max-num-batched-tokens": "max_batch_tokens",
     "--dtype": "dtype",
     "--device": "device",
+    "--tokenizer": "tokenizer",
 }
 
 
@@ -55,6 +56,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="builtin: torch device (default cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="auto (checkpoint dtype), bfloat16, float16, float32")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: MODEL)")
     parser.add_argument(
         "--allow-custom-save-path",
         action="store_true",
@@ -214,6 +216,7 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
         device=pick("device", None),
         dtype=pick("dtype", None),
         trust_remote_code=args.trust_remote_code or "--trust-remote-code" in over,
+        tokenizer=pick("tokenizer", None),
     )
     if args.dry_run:
         shown = {k: (str(v) if k != "api_key" or v is None else "***") for k, v in vars(config).items()}

@@ -77,6 +77,7 @@ def write_hidden_states_file(path: str | os.PathLike, hidden_states: torch.Tenso
         "token_ids": token_ids.detach().to("cpu", torch.int64).contiguous(),
     }
     save_file(tensors, tmp)
+    os.chmod(tmp, 0o644)  # the trainer may run as another user on the shared storage
     os.replace(tmp, path)
 
 

@@ -402,6 +402,7 @@ def serve(config: ServerConfig) -> None:
         device=config.device,
         dtype=config.dtype,
         trust_remote_code=config.trust_remote_code,
+        tokenizer=config.tokenizer,
     )
     server = HiddenStatesServer(config, runtime)
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:

@@ -33,6 +33,7 @@ class ServerConfig:
     device: str | None = None
     dtype: str | None = None
     trust_remote_code: bool = False
+    tokenizer: str | None = None  # default: the verifier folder
     max_body_bytes: int = 64 * 1024 * 1024
 
     @property

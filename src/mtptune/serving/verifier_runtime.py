@@ -98,6 +98,7 @@ class VerifierRuntime:
         device: str | None = None,
         dtype: str | None = None,
         trust_remote_code: bool = False,
+        tokenizer: str | None = None,
     ) -> VerifierRuntime:
         root = resolve_model_dir(model)
         torch_device = resolve_device(device)
@@ -111,7 +112,7 @@ class VerifierRuntime:
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"transformers cannot load the verifier {model!r} from {root}: {exc}") from exc
         hf_model = hf_model.to(torch_device).eval()
-        tokenizer = load_tokenizer(root, trust_remote_code)
+        hf_tokenizer = load_tokenizer(resolve_model_dir(tokenizer) if tokenizer else root, trust_remote_code)
         log.info(
             "loaded verifier %s (%s, %s) on %s in %.1f s%s",
             model,
@@ -119,9 +120,9 @@ class VerifierRuntime:
             next(hf_model.parameters()).dtype,
             torch_device,
             time.perf_counter() - start,
-            "" if tokenizer is not None else "; no tokenizer: only token-id prompts are accepted",
+            "" if hf_tokenizer is not None else "; no tokenizer: only token-id prompts are accepted",
         )
-        return cls(hf_model, tokenizer, layer_ids, torch_device)
+        return cls(hf_model, hf_tokenizer, layer_ids, torch_device)
 
     @torch.inference_mode()
     def capture(self, sequences: Sequence[Sequence[int]]) -> list[Capture]:

@@ -1,0 +1,334 @@
+"""The trainer's hidden-state client: many requests in flight, round-robin over servers, retries, validation.
+
+Works against real vLLM (`extract_hidden_states` + `ExampleHiddenStatesConnector`) and `mtptune serve` alike: both
+return `kv_transfer_params.hidden_states_path`, and every file goes through `read_hidden_states_file` (b5 lock, b7
+checks). A sample is either returned valid or raised, and counted in `stats`; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from mtptune.errors import ServerError
+from mtptune.serving.hidden_state_files import (
+    HiddenStates,
+    HiddenStatesInvalid,
+    lock_path_for,
+    read_hidden_states_file,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientStats:
+    requested: int = 0  # fetch() calls
+    succeeded: int = 0
+    retried: int = 0  # extra attempts made
+    failed: int = 0  # fetches that raised after all attempts
+    invalid: dict[str, int] = field(default_factory=dict)  # rejected files by HiddenStatesInvalid.reason
+    cache_hits: int = 0
+    generated: int = 0  # server requests that returned a file
+    cached: int = 0  # files moved into cache_dir
+
+    def count_invalid(self, reason: str) -> None:
+        self.invalid[reason] = self.invalid.get(reason, 0) + 1
+
+
+def normalize_endpoint(url: str) -> str:
+    """`http://host:8000`, `http://host:8000/` and `http://host:8000/v1` all mean the OpenAI base `.../v1`."""
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way another attempt may fix (connection, 5xx, 429, invalid file)."""
+
+
+class HiddenStatesClient:
+    def __init__(
+        self,
+        endpoints: list[str],
+        model_id: str | None = None,
+        num_layers: int = 1,
+        hidden_size: int | None = None,
+        on_generate: Literal["delete", "cache"] = "delete",
+        cache_dir: Path | None = None,
+        request_timeout: float = 120.0,
+        max_retries: int = 3,
+        concurrency: int = 32,
+        api_key: str | None = None,
+        server_wait_timeout: float = 0.0,
+        backoff_base: float = 2.0,
+        lock_timeout: float = 10.0,
+    ) -> None:
+        if not endpoints:
+            raise ServerError("no hidden-state server endpoint given (--vllm-endpoint).")
+        if on_generate not in ("delete", "cache"):
+            raise ServerError(f"on_generate must be 'delete' or 'cache', got {on_generate!r}.")
+        if on_generate == "cache" and cache_dir is None:
+            raise ServerError("on_generate='cache' needs a cache_dir (--hidden-states-path).")
+        self.endpoints = [normalize_endpoint(e) for e in endpoints]
+        self.model_id = model_id
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.on_generate = on_generate
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.request_timeout = request_timeout
+        self.max_retries = max_retries
+        self.concurrency = max(1, concurrency)
+        self.api_key = api_key
+        self.server_wait_timeout = server_wait_timeout
+        self.backoff_base = backoff_base
+        self.lock_timeout = lock_timeout
+        self.stats = ClientStats()
+        self._round_robin = itertools.cycle(range(len(self.endpoints)))
+        self._stats_lock = threading.Lock()
+        # httpx.AsyncClient and asyncio.Semaphore belong to one event loop; keep one pair per loop.
+        self._per_loop: dict[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Semaphore]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    # --- model check ------------------------------------------------------------------------------------------
+    def wait_for_servers(self) -> None:
+        """Poll `GET /health` (server root) until each endpoint answers 200 or server_wait_timeout passes."""
+        if self.server_wait_timeout <= 0:
+            return
+        deadline = time.monotonic() + self.server_wait_timeout
+        with httpx.Client(timeout=5.0) as http:
+            for base in self.endpoints:
+                health = base.removesuffix("/v1") + "/health"
+                while True:
+                    try:
+                        if http.get(health).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise ServerError(
+                            f"{health} did not answer 200 within {self.server_wait_timeout:.0f} s; is the server up?"
+                        )
+                    time.sleep(1.0)
+
+    def check_model(self) -> str:
+        """The served model id of every endpoint; raises ServerError when one differs from `model_id` (b3)."""
+        self.wait_for_servers()
+        served = None
+        with httpx.Client(timeout=min(self.request_timeout, 30.0), headers=self.headers) as http:
+            for base in self.endpoints:
+                try:
+                    response = http.get(base + "/models")
+                except httpx.HTTPError as exc:
+                    raise ServerError(
+                        f"hidden-state server {base} is unreachable ({type(exc).__name__}: {exc}); start it with "
+                        "`mtptune serve MODEL` or fix --vllm-endpoint."
+                    ) from exc
+                if response.status_code != 200:
+                    raise ServerError(f"GET {base}/models returned HTTP {response.status_code}: {response.text[:300]}")
+                try:
+                    model = response.json()["data"][0]["id"]
+                except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    raise ServerError(f"GET {base}/models: unexpected body {response.text[:300]!r}") from exc
+                if self.model_id is not None and model != self.model_id:
+                    raise ServerError(
+                        f"{base} serves model {model!r} but the trainer expects {self.model_id!r}; they must match "
+                        "character for character. Fix --verifier-name-or-path or the server's --served-model-name."
+                    )
+                served = model
+        return str(served)
+
+    # --- one sample -------------------------------------------------------------------------------------------
+    def _cache_path(self, row_id: int) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"hs_{row_id}.safetensors"
+
+    def _read(self, path: str | Path, token_ids: Sequence[int]) -> HiddenStates:
+        return read_hidden_states_file(path, token_ids, self.num_layers, self.hidden_size, self.lock_timeout)
+
+    def _count(self, **deltas: int) -> None:
+        with self._stats_lock:
+            for name, delta in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + delta)
+
+    def _count_invalid(self, reason: str) -> None:
+        with self._stats_lock:
+            self.stats.count_invalid(reason)
+
+    def _state(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if loop not in self._per_loop:
+            limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+            http = httpx.AsyncClient(timeout=self.request_timeout, limits=limits, headers=self.headers)
+            self._per_loop[loop] = (http, asyncio.Semaphore(self.concurrency))
+        return self._per_loop[loop]
+
+    async def fetch(self, row_id: int, token_ids: Sequence[int]) -> HiddenStates:
+        """Cached file if present and valid, else ask a server (with retries); raises ServerError on failure."""
+        self._count(requested=1)
+        token_ids = [int(t) for t in token_ids]
+        cached = self._cache_path(row_id)
+        if cached is not None and cached.exists():
+            try:
+                states = await asyncio.to_thread(self._read, cached, token_ids)
+                self._count(cache_hits=1, succeeded=1)
+                return states
+            except HiddenStatesInvalid as exc:
+                self._count_invalid(exc.reason)
+                log.warning("cached %s is invalid (%s); regenerating", cached, exc)
+                cached.unlink(missing_ok=True)
+        http, semaphore = self._state()
+        last_error: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self._count(retried=1)
+                await asyncio.sleep(self.backoff_base * 2 ** (attempt - 1))
+            try:
+                async with semaphore:
+                    states = await self._attempt(http, row_id, token_ids)
+                self._count(succeeded=1)
+                return states
+            except _Retryable as exc:
+                last_error = exc.__cause__ or exc
+                log.debug("row %d attempt %d failed: %s", row_id, attempt + 1, exc)
+            except ServerError:
+                self._count(failed=1)
+                raise
+        self._count(failed=1)
+        raise ServerError(
+            f"row {row_id}: no valid hidden states after {self.max_retries + 1} attempts; last error: {last_error}"
+        ) from last_error
+
+    async def _attempt(self, http: httpx.AsyncClient, row_id: int, token_ids: list[int]) -> HiddenStates:
+        base = self.endpoints[next(self._round_robin)]
+        body = {"prompt": token_ids, "max_tokens": 1, "return_token_ids": True}
+        if self.model_id is not None:
+            body["model"] = self.model_id
+        try:
+            response = await http.post(base + "/completions", json=body)
+        except httpx.HTTPError as exc:
+            raise _Retryable(f"POST {base}/completions: {type(exc).__name__}: {exc}") from exc
+        if response.status_code == 429 or response.status_code >= 500:
+            raise _Retryable(f"POST {base}/completions: HTTP {response.status_code}: {response.text[:200]}")
+        if response.status_code != 200:
+            raise ServerError(
+                f"row {row_id}: POST {base}/completions returned HTTP {response.status_code}: {response.text[:500]}"
+            )
+        try:
+            payload = response.json()
+            path = payload["kv_transfer_params"]["hidden_states_path"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ServerError(
+                f"row {row_id}: {base} returned no kv_transfer_params.hidden_states_path; is it a hidden-state "
+                f"extraction server (mtptune serve / vllm with extract_hidden_states)? body: {response.text[:300]}"
+            ) from exc
+        echoed = (payload.get("choices") or [{}])[0].get("prompt_token_ids")
+        if echoed is not None and list(echoed) != token_ids:
+            self._count_invalid("token_mismatch")
+            self._discard(path)
+            # The server tokenised differently: retrying cannot help (contracts b3).
+            raise HiddenStatesInvalid(
+                "token_mismatch", f"row {row_id}: {base} echoed different prompt_token_ids than were sent."
+            )
+        self._count(generated=1)
+        try:
+            states = await asyncio.to_thread(self._read, path, token_ids)
+        except HiddenStatesInvalid as exc:
+            self._count_invalid(exc.reason)
+            self._discard(path)
+            raise _Retryable(str(exc)) from exc
+        await asyncio.to_thread(self._dispose, row_id, path)
+        return states
+
+    def _discard(self, path: str | os.PathLike) -> None:
+        Path(path).unlink(missing_ok=True)
+        lock_path_for(path).unlink(missing_ok=True)
+
+    def _dispose(self, row_id: int, path: str) -> None:
+        """After use: delete the server's file, or move it into the cache (b5.4); always remove the lock."""
+        target = self._cache_path(row_id) if self.on_generate == "cache" else None
+        if target is None:
+            Path(path).unlink(missing_ok=True)
+        else:
+            tmp = target.with_name(target.name + ".partial")
+            shutil.move(path, tmp)  # a rename when on the same file system
+            os.replace(tmp, target)
+            self._count(cached=1)
+        lock_path_for(path).unlink(missing_ok=True)
+
+    # --- many samples from synchronous code (DataLoader workers, the trainer loop) -----------------------------
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="hidden-states-client", daemon=True)
+            thread.start()
+            self._loop, self._thread = loop, thread
+        return self._loop
+
+    def iter_fetch(
+        self, items: Iterable[tuple[int, Sequence[int]]], prefetch: int | None = None
+    ) -> Iterator[tuple[int, HiddenStates | Exception]]:
+        """Yield `(row_id, states or the exception)` in input order, keeping up to `prefetch` requests in flight."""
+        loop = self._background_loop()
+        window = prefetch if prefetch is not None else 2 * self.concurrency
+        pending: deque[tuple[int, Future]] = deque()
+        iterator = iter(items)
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < max(1, window):
+                try:
+                    row_id, token_ids = next(iterator)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending.append((row_id, asyncio.run_coroutine_threadsafe(self.fetch(row_id, token_ids), loop)))
+            if not pending:
+                return
+            row_id, future = pending.popleft()
+            result: HiddenStates | Exception
+            try:
+                result = future.result()
+            except Exception as exc:  # handed to the caller, who counts/raises per its --on-missing policy
+                result = exc
+            yield row_id, result
+
+    def close(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            client = self._per_loop.pop(loop, None)
+            if client is not None:
+                asyncio.run_coroutine_threadsafe(client[0].aclose(), loop).result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+            loop.close()
+        for other_loop, (http, _) in list(self._per_loop.items()):
+            if not other_loop.is_closed() and not other_loop.is_running():
+                other_loop.run_until_complete(http.aclose())
+        self._per_loop.clear()
+
+    def __enter__(self) -> HiddenStatesClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,89 @@
+"""A real tiny verifier (with a word-level tokenizer and chat template) and a real `mtptune serve` subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mtptune.testing.tiny import write_tiny_verifier
+
+VOCAB = 1000
+EOS = VOCAB - 1
+CHAT_TEMPLATE = (
+    "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}{% if add_generation_prompt %}w3{% endif %}"
+)
+
+
+def write_word_tokenizer(model_dir: Path) -> None:
+    """Token `wK` has id K; `</s>` is EOS. Enough for text prompts, detokenisation and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"</s>": EOS}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="w0", pad_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_verifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_verifier(tmp_path_factory.mktemp("verifier") / "tiny-qwen3_5")
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Kept apart from the verifier: next to a qwen3_5 config.json, AutoTokenizer would force Qwen3_5Tokenizer."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    write_word_tokenizer(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model: Path, storage: Path, *extra: str, startup_timeout: float = 90.0) -> Iterator[str]:
+    """Start `python -m mtptune.cli.main serve MODEL --engine builtin ...`; yield its base URL once /health is 200."""
+    port = free_port()
+    log_path = storage.parent / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "mtptune.cli.main", "serve", str(model), "--engine", "builtin"]
+    cmd += ["--port", str(port), "--hidden-states-path", str(storage), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not healthy after {startup_timeout} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
