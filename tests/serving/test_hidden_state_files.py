@@ -1,0 +1,88 @@
+"""The `.lock` protocol (b5) and the client-side validation (b7) on real files."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mtptune.serving.hidden_state_files import (
+    HiddenStatesInvalid,
+    HiddenStatesWriteLock,
+    read_hidden_states_file,
+    write_hidden_states_file,
+)
+
+IDS = [5, 6, 7, 8]
+
+
+def good_states() -> torch.Tensor:
+    return torch.randn(len(IDS), 1, 8).to(torch.bfloat16)
+
+
+def test_reader_waits_for_the_writer_lock(tmp_path: Path) -> None:
+    path = tmp_path / "req.safetensors"
+    lock = HiddenStatesWriteLock(path)
+    states = good_states()
+
+    def late_write() -> None:
+        time.sleep(0.3)
+        write_hidden_states_file(path, states, torch.tensor(IDS))
+        lock.release()
+
+    threading.Thread(target=late_write).start()
+    start = time.monotonic()
+    got = read_hidden_states_file(path, IDS, 1, 8, lock_timeout=5.0)
+    assert time.monotonic() - start >= 0.25
+    assert torch.equal(got.hidden_states, states) and got.token_ids.dtype == torch.int64
+
+
+def test_reader_gives_up_on_a_held_lock(tmp_path: Path) -> None:
+    path = tmp_path / "req.safetensors"
+    lock = HiddenStatesWriteLock(path)
+    try:
+        with pytest.raises(HiddenStatesInvalid) as info:
+            read_hidden_states_file(path, IDS, 1, 8, lock_timeout=0.3)
+        assert info.value.reason == "unreadable"
+    finally:
+        lock.release()
+
+
+@pytest.mark.parametrize(
+    ("tensors", "reason"),
+    [
+        ({"hidden_states": torch.zeros(4, 1, 8, dtype=torch.bfloat16), "token_ids": torch.tensor(IDS)}, "all_zero"),
+        ({"hidden_states": torch.full((4, 1, 8), float("nan")), "token_ids": torch.tensor(IDS)}, "non_finite"),
+        ({"hidden_states": torch.randn(4, 1, 8), "token_ids": torch.tensor([5, 6, 7, 9])}, "token_mismatch"),
+        ({"hidden_states": torch.randn(4, 2, 8), "token_ids": torch.tensor(IDS)}, "shape"),
+        ({"hidden_states": torch.randn(4, 1, 16), "token_ids": torch.tensor(IDS)}, "shape"),
+        ({"token_ids": torch.tensor(IDS)}, "missing_key"),
+    ],
+)
+def test_validation_rejects_bad_files(tmp_path: Path, tensors: dict, reason: str) -> None:
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, path)
+    with pytest.raises(HiddenStatesInvalid) as info:
+        read_hidden_states_file(path, IDS, 1, 8)
+    assert info.value.reason == reason
+
+
+def test_one_zero_row_is_rejected(tmp_path: Path) -> None:
+    states = good_states()
+    states[2] = 0
+    path = tmp_path / "row.safetensors"
+    write_hidden_states_file(path, states, torch.tensor(IDS))
+    with pytest.raises(HiddenStatesInvalid, match="1 of 4 rows"):
+        read_hidden_states_file(path, IDS, 1, 8)
+
+
+def test_garbage_file_is_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"\x00\x01not a safetensors file")
+    with pytest.raises(HiddenStatesInvalid) as info:
+        read_hidden_states_file(path, None, None, None)
+    assert info.value.reason == "unreadable"
