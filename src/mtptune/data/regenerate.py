@@ -33,6 +33,7 @@ from mtptune.data.token_rows import Dropped, is_token_row
 from mtptune.errors import DataError, ServerError
 
 log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress bar
 
 RETRYABLE_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
 
