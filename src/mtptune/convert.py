@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -48,15 +49,15 @@ def convert_model(
             f"hidden_size differs: {source.root} has {source.text_config.hidden_size}, "
             f"verifier {base.root} has {base.text_config.hidden_size}."
         )
-    head_keys = source.head_keys()
+    head_keys = source.trainable_head_keys()
     if not head_keys:
         raise CheckpointError(
             f"{source.root}: no tensor starts with 'mtp.'; nothing to convert. "
             "This model has no native MTP head (for such models use `mtptune convert --init fresh`)."
         )
-    dtypes = {source.checkpoint.get(k).dtype for k in head_keys[:1]}
-    dtype = next(iter(dtypes))
     state = source.native_head_state()
+    # The head's dtype is its weights' dtype; a few fp32 buffers (family.fp32_buffers) must not decide it.
+    dtype = Counter(v.dtype for v in state.values()).most_common(1)[0][0]
     head = build_head(base.family, base.text_config, dtype)
     load_state_strict(head, state, str(source.root))  # validates names and shapes against the verifier's config
     if validate_device:

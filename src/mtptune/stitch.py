@@ -96,7 +96,9 @@ def stitch(
 
 
 def _native_head_tensors(family, head_state, ver: Verifier, source) -> dict[str, torch.Tensor]:
-    verifier_keys = set(ver.head_keys())
+    # Frozen MTP copies of verifier tensors (DeepSeek's shared_head.head / embed_tokens) are neither written nor
+    # expected from the head; `_verify` then checks them bit-identical like every other non-head tensor.
+    verifier_keys = set(ver.trainable_head_keys())
     if not verifier_keys:
         raise CheckpointError(f"verifier {ver.root} has no mtp.* tensors to replace; it is not an MTP verifier.")
     native = family.head_to_native(head_state, verifier_keys)

@@ -82,7 +82,10 @@ def save_head_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         dtype = getattr(torch, config.dtype)
-        tensors = {HEAD_PREFIX + k: v.detach().to("cpu", dtype).contiguous() for k, v in head_state.items()}
+        tensors = {
+            HEAD_PREFIX + k: v.detach().to("cpu", v.dtype if _keeps_fp32(config.family, k) else dtype).contiguous()
+            for k, v in head_state.items()
+        }
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "producer": "mtptune"})
         for name, obj in (extra_files or {}).items():
             if name.endswith(".json"):
@@ -101,6 +104,14 @@ def save_head_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _keeps_fp32(family_name: str, key: str) -> bool:
+    """Buffers the family keeps fp32 (e.g. DeepSeek's router bias) are saved in their own dtype."""
+    from mtptune.families import FAMILIES  # families import checkpoint I/O: import late
+
+    family = FAMILIES.get(family_name)
+    return family is not None and key.rsplit(".", 1)[-1] in family.fp32_buffers
 
 
 def load_head_checkpoint(path: str | os.PathLike) -> tuple[HeadConfig, dict[str, torch.Tensor]]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from mtptune.checkpoint.safetensors_io import SafetensorsCheckpoint, read_config_dict, resolve_model_dir
 from mtptune.errors import CheckpointError
@@ -32,7 +32,7 @@ class Verifier:
             raise CheckpointError(f"{root / 'config.json'} has no model_type.")
         family = family_for_model_type(model_type)
         try:
-            config = AutoConfig.from_pretrained(root)
+            config = family.load_config(root, config_dict)
         except Exception as exc:
             raise CheckpointError(f"transformers cannot read {root / 'config.json'}: {exc}") from exc
         return cls(str(name_or_path), root, config, config_dict, family, SafetensorsCheckpoint.open(root))
@@ -46,7 +46,13 @@ class Verifier:
         return list(self.config_dict.get("architectures") or [])
 
     def head_keys(self) -> list[str]:
-        return [k for k in self.checkpoint.keys() if self.family.is_head_key(k)]
+        """Every MTP tensor of the verifier, frozen copies (`family.is_frozen_head_key`) included."""
+        text_config = self.text_config
+        return [k for k in self.checkpoint.keys() if self.family.is_head_key(k, text_config)]
+
+    def trainable_head_keys(self) -> list[str]:
+        """The MTP tensors the head owns: what convert extracts and stitch replaces."""
+        return [k for k in self.head_keys() if not self.family.is_frozen_head_key(k)]
 
     def shared_names(self) -> SharedTensorNames:
         return self.family.shared_tensor_names(self.checkpoint, self.text_config)
@@ -63,7 +69,7 @@ class Verifier:
         return SharedWeights(embed=embed, lm_head=lm_head, final_norm=load(names.final_norm).float())
 
     def native_head_state(self) -> dict[str, torch.Tensor]:
-        keys = self.head_keys()
+        keys = self.trainable_head_keys()
         if not keys:
             raise CheckpointError(
                 f"{self.root}: no tensor starts with 'mtp.' — this verifier has no native MTP head. "

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 from mtptune.errors import FamilyError
 from mtptune.families.base import MtpFamily, SharedTensorNames
+from mtptune.families.deepseek_v3 import DeepseekV3Family, Glm4MoeFamily
+from mtptune.families.mimo import MiMoFamily
 from mtptune.families.qwen3_5 import Qwen3_5Family
 from mtptune.families.qwen3_5_moe import Qwen3_5MoeFamily
 from mtptune.families.qwen3_next import Qwen3NextFamily
 
-FAMILIES: dict[str, MtpFamily] = {f.name: f for f in (Qwen3_5Family(), Qwen3_5MoeFamily(), Qwen3NextFamily())}
+FAMILIES: dict[str, MtpFamily] = {
+    f.name: f
+    for f in (
+        Qwen3_5Family(),
+        Qwen3_5MoeFamily(),
+        Qwen3NextFamily(),
+        DeepseekV3Family(),
+        Glm4MoeFamily(),
+        MiMoFamily(),
+    )
+}
 
 __all__ = ["FAMILIES", "MtpFamily", "SharedTensorNames", "family_by_name", "family_for_model_type"]
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from mtptune.checkpoint.safetensors_io import SafetensorsCheckpoint
 from mtptune.errors import CheckpointError
@@ -40,8 +41,15 @@ class MtpFamily(ABC):
     zero_centered_norms: bool = True  # Qwen norms store w and apply (1 + w)
     zero_embedding_at_position_0: bool = False  # DeepSeek / GLM / MiMo zero it; Qwen does not
     vllm_architecture: str = ""  # vLLM's draft model class, for docs and the printed serve command
+    # Head buffers that stay fp32 whatever the head dtype (transformers' `_keep_in_fp32_modules_strict`, e.g.
+    # DeepSeek's router `e_score_correction_bias`, stored fp32 on disk): keeps the round trip bit-exact.
+    fp32_buffers: tuple[str, ...] = ()
 
     # --- config ---------------------------------------------------------------------------------
+    def load_config(self, root: Path, config_dict: dict) -> PretrainedConfig:
+        """The verifier's transformers config. Families whose model_type transformers lacks (MiMo) override this."""
+        return AutoConfig.from_pretrained(root)
+
     def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
         return config.get_text_config()
 
@@ -61,8 +69,14 @@ class MtpFamily(ABC):
 
     # --- tensors on disk ------------------------------------------------------------------------
     @abstractmethod
-    def is_head_key(self, key: str) -> bool:
-        """Whether a verifier tensor belongs to the MTP head."""
+    def is_head_key(self, key: str, text_config: PretrainedConfig) -> bool:
+        """Whether a verifier tensor belongs to the MTP head (`text_config` places layer-indexed heads)."""
+
+    def is_frozen_head_key(self, key: str) -> bool:
+        """An MTP tensor that is not part of the trainable head: a per-layer copy of a verifier tensor that vLLM
+        replaces with the target's (DeepSeek's `shared_head.head`, `embed_tokens`). Convert skips it; stitch leaves
+        it bit-identical."""
+        return False
 
     @abstractmethod
     def native_to_head(self, native: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

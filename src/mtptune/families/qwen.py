@@ -8,6 +8,7 @@ names (`mtp.fc`, `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.lay
 from __future__ import annotations
 
 import torch
+from transformers import PretrainedConfig
 
 from mtptune.errors import CheckpointError
 from mtptune.families.base import MtpFamily
@@ -21,7 +22,7 @@ class QwenMtpFamily(MtpFamily):
     zero_centered_norms = True
     zero_embedding_at_position_0 = False
 
-    def is_head_key(self, key: str) -> bool:
+    def is_head_key(self, key: str, text_config: PretrainedConfig) -> bool:
         return key.startswith(PREFIX)
 
     def native_to_head(self, native: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
