@@ -1,0 +1,191 @@
+"""Exact masks on hand-checked conversations: the assistant's tokens incl. its end-of-turn token, nothing else."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from mtptune.data.chat_render import ChatRenderer, parse_conversation
+from mtptune.data.token_rows import Dropped
+
+from .conftest import supervised
+
+SMOL_PROMPT = [1, 9690, 198, 67, 2, 198, 1, 4093, 198, 26843, 2, 198, 1, 520, 9531, 198]  # system S, user Hi, asst
+SMOL_ANSWER = [19556, 665, 2]  # "Hello", " there", "<|im_end|>"
+NEWLINE = 198
+
+
+def test_smollm2_single_turn_mask_is_exactly_the_answer_and_im_end(smollm2):
+    conv = parse_conversation(
+        {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello there"},
+            ]
+        }
+    )
+    [row] = ChatRenderer(smollm2).render(conv)
+    assert row.input_ids == [*SMOL_PROMPT, *SMOL_ANSWER, NEWLINE]
+    assert row.loss_mask == [0] * len(SMOL_PROMPT) + [1, 1, 1] + [0]  # the template's trailing "\n" is not generated
+
+
+def test_sharegpt_roles_and_both_row_modes_on_a_two_turn_conversation(smollm2):
+    data = {
+        "conversations": [
+            {"from": "system", "value": "S"},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello there"},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello there"},
+        ]
+    }
+    conv = parse_conversation(data)
+    first, second = ChatRenderer(smollm2, "turn").render(conv)
+    assert first.input_ids == [*SMOL_PROMPT, *SMOL_ANSWER, NEWLINE]
+    turn2_prompt = [*SMOL_PROMPT, *SMOL_ANSWER, NEWLINE, 1, 4093, 198, 26843, 2, 198, 1, 520, 9531, 198]
+    assert second.input_ids == [*turn2_prompt, *SMOL_ANSWER, NEWLINE]
+    assert second.loss_mask == [0] * len(turn2_prompt) + [1, 1, 1, 0]  # earlier answer is context only
+
+    [whole] = ChatRenderer(smollm2, "conversation").render(conv)
+    assert whole.input_ids == second.input_ids
+    expected = [0] * len(SMOL_PROMPT) + [1, 1, 1, 0] + [0] * 10 + [1, 1, 1, 0]
+    assert whole.loss_mask == expected
+    assert supervised(whole) == SMOL_ANSWER * 2
+
+
+def test_qwen3_5_reasoning_is_supervised_after_the_think_opened_by_the_prompt(qwen):
+    conv = parse_conversation(
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello there", "reasoning_content": "greet them"},
+            ]
+        }
+    )
+    [row] = ChatRenderer(qwen).render(conv)
+    prompt = qwen.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n", add_special_tokens=False)
+    answer = qwen.encode("greet them\n</think>\n\nHello there<|im_end|>", add_special_tokens=False)
+    assert prompt[-2:] == [248068, qwen.encode("\n", add_special_tokens=False)[0]]
+    assert answer[-1] == 248046 and 248069 in answer
+    assert row.input_ids == prompt + answer + qwen.encode("\n", add_special_tokens=False)
+    assert row.loss_mask == [0] * len(prompt) + [1] * len(answer) + [0]
+
+
+def test_qwen3_5_answer_without_reasoning_sits_after_the_closed_empty_think_block(qwen):
+    conv = parse_conversation({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]})
+    [row] = ChatRenderer(qwen).render(conv)
+    assert qwen.decode(supervised(row)) == "Yo<|im_end|>"
+    assert qwen.decode(row.input_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nYo<|im_end|>\n")
+
+
+def test_qwen3_5_rewrites_history_so_one_row_per_conversation_is_refused_but_turns_work(qwen):
+    data = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "A1", "reasoning_content": "r1"},
+            {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "A2", "reasoning_content": "r2"},
+        ]
+    }
+    conv = parse_conversation(data)
+    dropped = ChatRenderer(qwen, "conversation").render(conv)
+    assert isinstance(dropped, Dropped) and dropped.reason == "not_prefix_stable"
+    first, second = ChatRenderer(qwen, "turn").render(conv)
+    assert qwen.decode(supervised(first)) == "r1\n</think>\n\nA1<|im_end|>"
+    assert qwen.decode(supervised(second)) == "r2\n</think>\n\nA2<|im_end|>"
+    assert "r1" not in qwen.decode(second.input_ids)  # Qwen drops earlier reasoning from history
+
+
+def test_qwen3_5_tool_calls_are_rendered_and_supervised(qwen):
+    data = {
+        "tools": [{"type": "function", "function": {"name": "add", "parameters": {}}}],
+        "messages": [
+            {"role": "user", "content": "1+2?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}],
+            },
+            {"role": "tool", "content": "3"},
+            {"role": "assistant", "content": "3"},
+        ],
+    }
+    renderer = ChatRenderer(qwen)
+    first, second = renderer.render(parse_conversation(data))
+    text = qwen.decode(supervised(first))
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>' in text
+    assert "<tool_response>\n3\n</tool_response>" in qwen.decode(second.input_ids)
+    assert renderer.notes.counts == {}
+
+
+def test_template_without_reasoning_support_keeps_the_row_and_notes_it(smollm2):
+    renderer = ChatRenderer(smollm2)
+    conv = parse_conversation(
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A", "reasoning": "r"}]}
+    )
+    assert len(renderer.render(conv)) == 1
+    assert renderer.notes.counts == {"reasoning_dropped_by_template": 1}
+
+
+BAD_TEMPLATES = {
+    # the generation prompt says "assistant\n" but answers render as "assistant: ..."
+    "prompt_differs": "{% for m in messages %}<|im_start|>{{ m.role }}{% if m.role == 'assistant' %}: "
+    "{% else %}\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    # earlier turns change once later ones follow (a turn counter of the whole conversation)
+    "history_rewritten": "{% for m in messages %}<|im_start|>{{ m.role }} {{ messages|length }}\n{{ m.content }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {{ messages|length + 1 }}\n{% endif %}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_TEMPLATES))
+def test_prefix_stability_check_catches_a_bad_template(smollm2, name):
+    tok = copy.copy(smollm2)
+    tok.chat_template = BAD_TEMPLATES[name]
+    conv = parse_conversation(
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "A"},
+                {"role": "user", "content": "Q"},
+                {"role": "assistant", "content": "B"},
+            ]
+        }
+    )
+    result = ChatRenderer(tok, "conversation").render(conv)
+    assert isinstance(result, Dropped) and result.reason == "not_prefix_stable"
+
+
+def test_boundary_token_merge_is_caught(smollm2):
+    # The prompt ends in "Hel" and the answer starts "Hello": as text it is a prefix, as tokens it is not.
+    tok = copy.copy(smollm2)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}Hel{% endif %}"
+    )
+    conv = parse_conversation(
+        {"messages": [{"role": "user", "content": "Q:"}, {"role": "assistant", "content": "Hello there"}]}
+    )
+    result = ChatRenderer(tok).render(conv)
+    assert isinstance(result, Dropped) and result.reason == "not_prefix_stable" and "merge" in result.detail
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "unknown_role"),
+        ({"conversations": [{"from": "human"}]}, "missing_field"),
+        ({"messages": [{"content": "x"}]}, "missing_field"),
+        ({"messages": "hi"}, "bad_type"),
+        ({"messages": []}, "empty_conversation"),
+    ],
+)
+def test_malformed_conversations_are_dropped_with_a_reason(data, reason):
+    result = parse_conversation(data)
+    assert isinstance(result, Dropped) and result.reason == reason
+
+
+def test_conversation_without_assistant_is_dropped(smollm2):
+    result = ChatRenderer(smollm2).render(parse_conversation({"messages": [{"role": "user", "content": "x"}]}))
+    assert isinstance(result, Dropped) and result.reason == "no_assistant_turn"
