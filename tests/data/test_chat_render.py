@@ -161,9 +161,7 @@ def test_prefix_stability_check_catches_a_bad_template(smollm2, name):
 def test_boundary_token_merge_is_caught(smollm2):
     # The prompt ends in "Hel" and the answer starts "Hello": as text it is a prefix, as tokens it is not.
     tok = copy.copy(smollm2)
-    tok.chat_template = (
-        "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}Hel{% endif %}"
-    )
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}Hel{% endif %}"
     conv = parse_conversation(
         {"messages": [{"role": "user", "content": "Q:"}, {"role": "assistant", "content": "Hello there"}]}
     )
