@@ -11,4 +11,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: b
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     if zero_centered:
         return (normed * (1.0 + weight.float())).to(x.dtype)
-    return weight * normed.to(x.dtype)
+    # HF/vLLM multiply in the activation dtype; an fp32 weight (the verifier norm is kept fp32) must not promote.
+    return (weight * normed.to(x.dtype)).to(x.dtype)
