@@ -1,0 +1,129 @@
+"""Prompt tokens/s of the built-in hidden-state server vs a direct transformers forward of the same batches.
+
+Starts `mtptune serve --engine builtin` on a small Qwen3.5 verifier, drives it with the trainer's HiddenStatesClient
+(so the number includes HTTP, batching, file write, lock, read, validation and delete), then runs the same prompts
+through the same decoder in batches of `--concurrency` in this process. Prints one JSON line.
+
+    .venv/bin/python benchmarks/serve_throughput.py --concurrency 8 --requests 32 --prompt-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from mtptune.serving.client import HiddenStatesClient
+from mtptune.serving.verifier_runtime import VerifierRuntime
+from mtptune.testing.tiny import TinySpec, write_tiny_verifier
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch-window-ms", type=float, default=20.0)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mtptune-bench-"))
+    spec = TinySpec(
+        hidden_size=args.hidden_size,
+        intermediate_size=2 * args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_head_dim=64,
+        vocab_size=4096,
+    )
+    model_dir = write_tiny_verifier(work / "verifier", spec)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(0, spec.vocab_size - 1, (args.prompt_len,), generator=generator).tolist()
+        for _ in range(args.requests)
+    ]
+    tokens = args.requests * args.prompt_len
+    budget = args.concurrency * args.prompt_len
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "mtptune.cli.main", "serve", str(model_dir), "--engine", "builtin", "--port",
+           str(port), "--hidden-states-path", str(work / "hs"), "--max-batch-tokens", str(budget),
+           "--batch-window-ms", str(args.batch_window_ms)]  # fmt: skip
+    log = open(work / "server.log", "w")  # noqa: SIM115 - lives as long as the server
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"server did not start:\n{(work / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        with HiddenStatesClient([base], concurrency=args.concurrency, hidden_size=spec.hidden_size) as client:
+            list(client.iter_fetch([(i, prompts[i]) for i in range(args.concurrency)]))  # warm-up
+            start = time.perf_counter()
+            results = list(client.iter_fetch(enumerate(prompts), prefetch=2 * args.concurrency))
+            server_s = time.perf_counter() - start
+        failed = sum(isinstance(r, Exception) for _, r in results)
+        metrics = httpx.get(base + "/metrics").text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    runtime = VerifierRuntime.load(str(model_dir), [spec.num_hidden_layers])
+    batches = [prompts[i : i + args.concurrency] for i in range(0, len(prompts), args.concurrency)]
+    runtime.capture(batches[0])  # warm-up
+    start = time.perf_counter()
+    for batch in batches:
+        runtime.capture(batch)
+    direct_s = time.perf_counter() - start
+
+    def counter(name: str) -> int:
+        return int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(name + " ")))
+
+    server_tps, direct_tps = tokens / server_s, tokens / direct_s
+    print(
+        json.dumps(
+            {
+                "benchmark": "serve_throughput",
+                "device": "cpu",
+                "torch_threads": torch.get_num_threads(),
+                "concurrency": args.concurrency,
+                "requests": args.requests,
+                "prompt_len": args.prompt_len,
+                "hidden_size": spec.hidden_size,
+                "layers": spec.num_hidden_layers,
+                "server_tokens_per_s": round(server_tps, 1),
+                "direct_tokens_per_s": round(direct_tps, 1),
+                "overhead": round(1 - server_tps / direct_tps, 4),
+                "server_batches": counter("mtptune_batches_total"),
+                "failed": failed,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
