@@ -1,0 +1,128 @@
+"""One evaluation result, whichever way it was measured; what reports write, read back and compare."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+from mtptune.errors import DataError
+from mtptune.metrics.acceptance import AcceptanceCounts
+
+Method = Literal["offline", "generate", "vllm"]
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Real speculative decoding against plain greedy decoding of the same prompts, in the same run."""
+
+    prompts: int
+    generated_tokens: int
+    baseline_generated_tokens: int
+    verifier_steps: int
+    baseline_verifier_steps: int
+    seconds: float
+    baseline_seconds: float
+    temperature: float
+    lossless_checked: bool  # token-for-token equality with greedy decoding was asserted (temperature 0)
+    numerical_ties: int = 0  # prompts whose comparison stopped at a greedy near-tie (see --tie-tolerance)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def baseline_tokens_per_s(self) -> float:
+        return self.baseline_generated_tokens / self.baseline_seconds if self.baseline_seconds > 0 else 0.0
+
+    @property
+    def speedup(self) -> float:
+        return self.tokens_per_s / self.baseline_tokens_per_s if self.baseline_tokens_per_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    method: Method
+    head: str  # what was evaluated: a head source, or the vLLM endpoint's model id
+    verifier: str
+    dataset: str
+    counts: AcceptanceCounts
+    rows: int = 0  # offline: documents; generate/vllm: prompts
+    label_accuracy: list[float] | None = None  # offline: per-step top-1 accuracy against the dataset labels
+    generation: GenerationStats | None = None
+    draft_tokens: int | None = None  # vllm: vllm:spec_decode_num_draft_tokens
+
+    @property
+    def num_steps(self) -> int:
+        return self.counts.num_steps
+
+    @property
+    def acceptance_length(self) -> float:
+        return self.counts.acceptance_length
+
+    @property
+    def draft_acceptance_rate(self) -> float | None:
+        """A / draft tokens (vLLM's "Avg Draft acceptance rate"); with full-length drafts = (AL - 1) / K."""
+        total = self.draft_tokens if self.draft_tokens is not None else self.counts.drafts * self.counts.num_steps
+        return sum(self.counts.accepted_per_position) / total if total else None
+
+    def to_json(self) -> dict:
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        body["counts"] = self.counts.to_dict()
+        body["generation"] = None
+        if self.generation is not None:
+            body["generation"] = asdict(self.generation) | {
+                "tokens_per_s": self.generation.tokens_per_s,
+                "baseline_tokens_per_s": self.generation.baseline_tokens_per_s,
+                "speedup": self.generation.speedup,
+            }
+        body["acceptance_length"] = self.acceptance_length
+        body["draft_acceptance_rate"] = self.draft_acceptance_rate
+        return body
+
+    @classmethod
+    def from_json(cls, body: dict, source: str = "result") -> EvaluationResult:
+        try:
+            c = body["counts"]
+            counts = AcceptanceCounts(c["num_steps"], c["drafts"], list(c["accepted_per_position"]))
+            gen = body.get("generation")
+            generation = None
+            if gen is not None:
+                known = {f.name for f in fields(GenerationStats)}
+                generation = GenerationStats(**{k: v for k, v in gen.items() if k in known})
+            return cls(
+                method=body["method"],
+                head=body["head"],
+                verifier=body["verifier"],
+                dataset=body["dataset"],
+                counts=counts,
+                rows=body.get("rows", 0),
+                label_accuracy=body.get("label_accuracy"),
+                generation=generation,
+                draft_tokens=body.get("draft_tokens"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"{source}: not an mtptune evaluation result ({exc!r} missing or malformed).") from exc
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvaluationResult:
+        path = Path(path)
+        if path.is_dir():
+            path = path / RESULT_FILE
+        try:
+            body = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise DataError(f"{path}: no such evaluation result.") from exc
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON: {exc}") from exc
+        return cls.from_json(body, str(path))
+
+
+RESULT_FILE = "result.json"

@@ -1,0 +1,238 @@
+"""Real speculative decoding with the verifier and the head, as vLLM's MTP drafter does it (contracts d5).
+
+Each round: the head's first pass runs over every slot with a hidden state (slot t: token x_{t+1}, hidden h_t,
+position t), then K-1 recursive steps on the last slot (input = previous draft, hidden = previous output,
+position +1 per step). One verifier forward over [sequence + drafts] checks them: greedy acceptance of the
+longest matching prefix plus the verifier's bonus token, or (temperature > 0) the standard rejection rule for a
+one-hot (argmax) draft: accept x with probability p(x), else resample from normalize(max(0, p - q)).
+
+Correctness over speed: the head and the verifier are recomputed over the whole sequence every round, so no
+linear-attention state ever has to be rolled back. The greedy baseline recomputes the same way, so the
+tokens/s ratio measures the verifier steps saved, not a serving speedup.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mtptune.errors import MtpTuneError
+from mtptune.evaluation.verifier_forward import VerifierForward
+from mtptune.modeling.chain_attention import ChainAttentionState, document_ids
+from mtptune.modeling.head import MtpHead
+
+
+class LosslessError(MtpTuneError):
+    """Speculative decoding at temperature 0 produced a different token than plain greedy decoding."""
+
+
+@dataclass
+class Decoded:
+    """One prompt's generation: new tokens, per-verification accepted draft counts, verifier forwards."""
+
+    tokens: list[int]
+    accept_lengths: list[int] = field(default_factory=list)
+    verifier_steps: int = 0
+    seconds: float = 0.0
+
+
+# Hook for tests and debugging: maps (verifier logits rows [K+1, V]) -> the rows actually used for verification.
+VerifyHook = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def propose_drafts(head: MtpHead, sequence: torch.Tensor, hidden: torch.Tensor, num_steps: int) -> list[int]:
+    """K argmax drafts after `sequence` [L] given the verifier's post-norm states `hidden` [L-1, H] of its first
+    L-1 tokens. Mirrors MtpHead.forward, but step k's input token is the head's own draft k-1."""
+    T = hidden.shape[0]  # slots with a hidden state; the last one reads the newest token x_{L-1}
+    ids = torch.cat([sequence, sequence.new_zeros(num_steps)])
+    positions = torch.arange(T, device=hidden.device)[None]
+    chain = ChainAttentionState(doc_ids=document_ids(positions))
+    g = hidden.to(head.fc.weight.dtype)[None]
+    drafts: list[int] = []
+    for k in range(num_steps):
+        tokens = ids[k + 1 : k + 1 + T][None]  # slot t reads x_{t+k+1}; for the last slot that is draft k-1
+        g = head.step(tokens, g, positions + k, chain)
+        draft = int(head.logits(g[0, -1]).argmax())
+        drafts.append(draft)
+        ids[T + k + 1] = draft
+    return drafts
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _verify(
+    drafts: list[int], logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> tuple[int, int]:
+    """logits [K+1, V] at the positions predicting drafts 0..K-1 and the bonus. Returns (accepted, next token)."""
+    for i, draft in enumerate(drafts):
+        if temperature <= 0:
+            target = int(logits[i].argmax())
+            if draft != target:
+                return i, target
+            continue
+        p = torch.softmax(logits[i].float() / temperature, dim=-1)
+        u = torch.rand((), generator=generator)
+        if u < p[draft]:  # min(1, p(x) / q(x)) with q one-hot at x
+            continue
+        residual = p.clone()
+        residual[draft] = 0.0  # max(0, p - q), q one-hot
+        if residual.sum() <= 0:
+            return i, draft
+        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    return len(drafts), _pick(logits[len(drafts)], temperature, generator)
+
+
+@torch.no_grad()
+def speculative_decode(
+    verifier: VerifierForward,
+    head: MtpHead,
+    prompt: list[int],
+    max_new_tokens: int,
+    num_steps: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    stop_tokens: set[int] | None = None,
+    verify_hook: VerifyHook | None = None,
+) -> Decoded:
+    stop_tokens = stop_tokens or set()
+    start = time.perf_counter()
+    sequence = torch.tensor(prompt, device=verifier.device)
+    hidden = verifier.hidden_states(sequence)  # prefill: the first token comes from the verifier alone
+    first = _pick(verifier.logits(hidden[-1]), temperature, generator)
+    out = Decoded(tokens=[first], verifier_steps=1)
+    sequence = torch.cat([sequence, sequence.new_tensor([first])])
+    while len(out.tokens) < max_new_tokens and out.tokens[-1] not in stop_tokens:
+        drafts = propose_drafts(head, sequence, hidden, num_steps)
+        candidate = torch.cat([sequence, sequence.new_tensor(drafts)])
+        hidden_all = verifier.hidden_states(candidate)
+        out.verifier_steps += 1
+        L = sequence.shape[0]
+        logits = verifier.logits(hidden_all[L - 1 :])  # predicts drafts 0..K-1 and the bonus
+        if verify_hook is not None:
+            logits = verify_hook(logits)
+        accepted, bonus = _verify(drafts, logits, temperature, generator)
+        out.accept_lengths.append(accepted)
+        new = [*drafts[:accepted], bonus]
+        # Tokens after a stop token are never produced by serving either.
+        for i, token in enumerate(new):
+            if token in stop_tokens:
+                new = new[: i + 1]
+                break
+        out.tokens.extend(new)
+        sequence = torch.cat([sequence, sequence.new_tensor(new)])
+        # States of the accepted prefix are exact (causal); the bonus token's state comes next round.
+        hidden = hidden_all[: sequence.shape[0] - 1]
+    out.tokens = out.tokens[:max_new_tokens]
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+@torch.no_grad()
+def greedy_decode(
+    verifier: VerifierForward, prompt: list[int], max_new_tokens: int, stop_tokens: set[int] | None = None
+) -> tuple[Decoded, list[float]]:
+    """Plain greedy decoding, one full verifier forward per token. Also returns each step's top-1/top-2 logit
+    margin so that a mismatch can be told apart from a numerical near-tie."""
+    stop_tokens = stop_tokens or set()
+    start = time.perf_counter()
+    sequence = list(prompt)
+    out = Decoded(tokens=[])
+    margins: list[float] = []
+    while len(out.tokens) < max_new_tokens and not (out.tokens and out.tokens[-1] in stop_tokens):
+        hidden = verifier.hidden_states(torch.tensor(sequence, device=verifier.device))
+        logits = verifier.logits(hidden[-1]).float()
+        top = logits.topk(2).values
+        margins.append(float(top[0] - top[1]))
+        token = int(logits.argmax())
+        out.tokens.append(token)
+        out.verifier_steps += 1
+        sequence.append(token)
+    out.seconds = time.perf_counter() - start
+    return out, margins
+
+
+def check_lossless(
+    prompt_id: str, speculative: Decoded, greedy: Decoded, margins: list[float], tie_tolerance: float
+) -> bool:
+    """Raise LosslessError at the first differing position unless the greedy choice there was a near-tie
+    (top-2 logit margin <= tie_tolerance), which numerics of different forward lengths may legitimately flip.
+    Returns False for such a tie (the texts diverge from there), True when identical."""
+    for pos, (a, b) in enumerate(zip(speculative.tokens, greedy.tokens)):
+        if a != b:
+            if margins[pos] <= tie_tolerance:
+                return False
+            raise LosslessError(
+                f"prompt {prompt_id}: speculative decoding is not lossless — new token {pos} is {a}, plain greedy "
+                f"decoding gives {b} (greedy top-2 logit margin {margins[pos]:.4g}, not a numerical tie). "
+                "The verification step or the draft acceptance is broken."
+            )
+    if len(speculative.tokens) != len(greedy.tokens):
+        raise LosslessError(
+            f"prompt {prompt_id}: speculative decoding produced {len(speculative.tokens)} tokens, plain greedy "
+            f"decoding {len(greedy.tokens)} (identical up to position {min(len(speculative.tokens), len(greedy.tokens))})."
+        )
+    return True
+
+
+@dataclass(frozen=True)
+class GenerationRun:
+    accept_lengths: list[int]
+    generated_tokens: int
+    baseline_generated_tokens: int
+    verifier_steps: int
+    baseline_verifier_steps: int
+    seconds: float
+    baseline_seconds: float
+    numerical_ties: int
+
+
+def run_generation(
+    verifier: VerifierForward,
+    head: MtpHead,
+    prompts: list[tuple[str, list[int]]],
+    max_new_tokens: int,
+    num_steps: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    tie_tolerance: float = 0.0,
+    stop_tokens: set[int] | None = None,
+    verify_hook: VerifyHook | None = None,
+    log: Callable[[str], None] | None = None,
+) -> GenerationRun:
+    """Speculative decoding of every prompt, plus plain greedy decoding of the same prompts; at temperature 0 the
+    two outputs must be identical (LosslessError otherwise)."""
+    generator = torch.Generator().manual_seed(seed)
+    stop = verifier.eos_token_ids if stop_tokens is None else stop_tokens
+    accept_lengths: list[int] = []
+    tokens = base_tokens = steps = base_steps = ties = 0
+    seconds = base_seconds = 0.0
+    for i, (prompt_id, ids) in enumerate(prompts, start=1):
+        spec = speculative_decode(
+            verifier, head, ids, max_new_tokens, num_steps, temperature, generator, stop, verify_hook
+        )
+        greedy, margins = greedy_decode(verifier, ids, max_new_tokens, stop)
+        if temperature <= 0 and not check_lossless(prompt_id, spec, greedy, margins, tie_tolerance):
+            ties += 1
+        accept_lengths += spec.accept_lengths
+        tokens += len(spec.tokens)
+        base_tokens += len(greedy.tokens)
+        steps += spec.verifier_steps
+        base_steps += greedy.verifier_steps
+        seconds += spec.seconds
+        base_seconds += greedy.seconds
+        if log is not None:
+            drafts = max(1, len(spec.accept_lengths))
+            log(
+                f"[{i}/{len(prompts)}] {prompt_id}: {len(spec.tokens)} tokens in {spec.verifier_steps} verifier steps "
+                f"(AL {1 + sum(spec.accept_lengths) / drafts:.2f})"
+            )
+    return GenerationRun(accept_lengths, tokens, base_tokens, steps, base_steps, seconds, base_seconds, ties)
