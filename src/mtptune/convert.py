@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from mtptune.checkpoint.head_checkpoint import save_head_checkpoint
+from mtptune.checkpoint.speculators_format import check_interchange_family
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.errors import CheckpointError, ConfigError
+from mtptune.export import check_format, write_head
 from mtptune.modeling.load import build_head, head_config_for, load_state_strict
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,13 @@ def convert_model(
     validate_device: str | None = None,
     num_speculative_steps: int = 3,
     overwrite: bool = False,
+    format: str = "mtptune",
     **kwargs,
 ) -> Path:
     """speculators-compatible signature. `model` holds the native `mtp.*` tensors (usually the verifier itself);
-    `verifier` is the base model whose config builds the head (defaults to `model`)."""
+    `verifier` is the base model whose config builds the head (defaults to `model`). `format="speculators"` writes
+    speculators' MTP interchange format (contracts a8) instead of mtptune's own."""
+    check_format(format)
     if algorithm != "mtp":
         raise ConfigError(f"--algorithm {algorithm!r} is not supported: mtptune converts native MTP heads ('mtp').")
     if kwargs:
@@ -42,6 +46,8 @@ def convert_model(
         raise ConfigError(f"num_speculative_steps must be >= 1, got {num_speculative_steps}.")
     source = Verifier.open(str(model))
     base = source if verifier is None or str(verifier) == str(model) else Verifier.open(str(verifier))
+    if format == "speculators":
+        check_interchange_family(base.family.name, base.root)
     if source.family.name != base.family.name:
         raise CheckpointError(f"{source.root} is {source.family.name} but verifier {base.root} is {base.family.name}.")
     if source.text_config.hidden_size != base.text_config.hidden_size:
@@ -63,8 +69,8 @@ def convert_model(
     if validate_device:
         _validate_forward(head, base, validate_device)
     config = head_config_for(base, num_speculative_steps=num_speculative_steps, dtype=str(dtype).removeprefix("torch."))
-    out = save_head_checkpoint(output_path, config, head.state_dict(), overwrite=overwrite)
-    logger.info("converted %d head tensors from %s into %s", len(head_keys), source.root, out)
+    out = write_head(format, output_path, config, head.state_dict(), overwrite=overwrite)
+    logger.info("converted %d head tensors from %s into %s (%s format)", len(head_keys), source.root, out, format)
     return out
 
 

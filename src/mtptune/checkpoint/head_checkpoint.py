@@ -1,5 +1,6 @@
 """mtptune's head checkpoint: `config.json` + `model.safetensors` holding only the head (`mtp.*` names, experts
 fused as in memory). Written by `convert` and by the trainer; read by `--from-pretrained`, `stitch`, `evaluate`.
+Those readers also accept speculators' MTP folders (`checkpoint/speculators_format.py`), detected from config.json.
 
 Writes are atomic: everything goes to a temporary sibling folder that is renamed into place last, so a crash
 never leaves a folder that looks complete.
@@ -47,8 +48,9 @@ class HeadConfig:
     def from_json(cls, body: dict, source: Path) -> HeadConfig:
         if body.get("format") != FORMAT_NAME:
             raise CheckpointError(
-                f'{source} is not an mtptune head checkpoint (config.json has no "format": "{FORMAT_NAME}"). '
-                "Create one with `mtptune convert`, or point at a training checkpoint folder."
+                f'{source} is not an mtptune head checkpoint (config.json has no "format": "{FORMAT_NAME}") nor a '
+                'speculators MTP checkpoint (no "speculators_model_type": "mtp"). Create one with `mtptune convert`, '
+                "or point at a training checkpoint folder."
             )
         known = {f for f in cls.__dataclass_fields__}
         try:
@@ -58,13 +60,26 @@ class HeadConfig:
 
 
 def is_head_checkpoint(path: Path) -> bool:
+    """True for a head checkpoint in mtptune's format or speculators' MTP format (not for a verifier)."""
+    return is_mtptune_head_checkpoint(path) or _speculators().is_speculators_checkpoint(path)
+
+
+def is_mtptune_head_checkpoint(path: Path) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("format") == FORMAT_NAME
-    except json.JSONDecodeError:
+        body = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+    return isinstance(body, dict) and body.get("format") == FORMAT_NAME
+
+
+def _speculators():
+    # Imported lazily: speculators_format builds on HeadConfig from this module.
+    from mtptune.checkpoint import speculators_format
+
+    return speculators_format
 
 
 def save_head_checkpoint(
@@ -115,11 +130,13 @@ def _keeps_fp32(family_name: str, key: str) -> bool:
 
 
 def load_head_checkpoint(path: str | os.PathLike) -> tuple[HeadConfig, dict[str, torch.Tensor]]:
-    """(config, head state dict without the `mtp.` prefix)."""
+    """(config, head state dict without the `mtp.` prefix) from an mtptune or a speculators MTP checkpoint."""
     path = Path(path)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{path} has no config.json: not an mtptune head checkpoint.")
+    if _speculators().speculators_model_type(path) is not None:
+        return _speculators().load_speculators_checkpoint(path)
     try:
         body = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "convert",
         help="extract the native mtp.* head into a standalone checkpoint",
         description="Read only the mtp.* tensors of MODEL (shard by shard) and write config.json + "
-        "model.safetensors of a head checkpoint that `train --from-pretrained`, `stitch` and `evaluate` accept.",
+        "model.safetensors of a head checkpoint that `train --from-pretrained`, `stitch` and `evaluate` accept "
+        "(--format speculators: in speculators' MTP format, which they accept too).",
     )
     parser.add_argument("model", help="checkpoint folder (or cached hub id) holding the native mtp.* tensors")
     parser.add_argument("--verifier", help="base model whose config builds the head (default: MODEL)")
@@ -22,6 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-speculative-steps", type=int, default=None, help="K recorded in the head (default 3)")
     parser.add_argument("--algorithm-kwargs", default=None, help="JSON, e.g. '{\"num_speculative_steps\": 3}'")
     parser.add_argument("--validate-device", default=None, help="run a short forward on this device (cpu, cuda:0)")
+    parser.add_argument(
+        "--format",
+        choices=("mtptune", "speculators"),
+        default="mtptune",
+        help="output format: mtptune's head checkpoint (default) or speculators' MTP format (mtp_layers.0.* names), "
+        "which speculators 0.9.0 loads, trains and stitches and mtptune reads back",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.set_defaults(func=run)
 
@@ -48,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         output_path=args.output_path,
         validate_device=args.validate_device,
         overwrite=args.overwrite,
+        format=args.format,
         **kwargs,
     )
-    print(f"wrote head checkpoint {out}")
+    print(f"wrote head checkpoint {out} ({args.format} format)")
     return 0

@@ -11,7 +11,7 @@ import sys
 from mtptune import __version__
 from mtptune.errors import MtpTuneError
 
-SUBCOMMANDS = ("convert", "prepare", "regenerate", "serve", "train", "stitch", "evaluate", "demo")
+SUBCOMMANDS = ("convert", "prepare", "regenerate", "serve", "train", "stitch", "evaluate", "export", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from mtptune.checkpoint.head_checkpoint import HeadConfig, is_head_checkpoint, load_head_checkpoint
+from mtptune.checkpoint.head_checkpoint import FORMAT_NAME, HeadConfig, is_head_checkpoint, load_head_checkpoint
 from mtptune.checkpoint.verifier import Verifier
-from mtptune.errors import CheckpointError
+from mtptune.errors import CheckpointError, MtpTuneError
 from mtptune.families import MtpFamily, family_by_name
 from mtptune.modeling.head import MtpHead
 
@@ -79,9 +79,13 @@ def load_head(
     and the verifier it belongs to.
     """
     source = str(source)
-    if is_head_checkpoint(Path(source)):
+    if is_head_checkpoint(Path(source)):  # mtptune's own format or a speculators MTP folder
         config, state = load_head_checkpoint(source)
         if verifier is None:
+            if not config.verifier_name_or_path:
+                raise CheckpointError(
+                    f"{source} does not name its verifier; pass the verifier explicitly (--verifier)."
+                )
             verifier = config.verifier_name_or_path
         verifier = verifier if isinstance(verifier, Verifier) else Verifier.open(verifier)
         family = family_by_name(config.family)
@@ -92,9 +96,11 @@ def load_head(
         text_config = text_config_from_dict(config.text_config)
         _check_fits(text_config, verifier, source)
     else:
-        verifier = verifier if isinstance(verifier, Verifier) else Verifier.open(verifier or source)
+        if verifier is None:
+            verifier = _open_source_verifier(source)
+        verifier = verifier if isinstance(verifier, Verifier) else Verifier.open(verifier)
         if Path(source).resolve() != verifier.root.resolve():
-            Verifier.open(source)  # raises a clear error when source is neither a head nor a verifier
+            _open_source_verifier(source)
         family = verifier.family
         text_config = verifier.text_config
         state = verifier.native_head_state()
@@ -104,6 +110,18 @@ def load_head(
     load_state_strict(head, {k: v.to(target[k].dtype if k in target else dtype) for k, v in state.items()}, source)
     head.set_shared(verifier.shared_weights(dtype=shared_dtype or dtype))
     return head.to(device), config, verifier
+
+
+def _open_source_verifier(source: str) -> Verifier:
+    """A head source that is not a head checkpoint must be a verifier with a native head; say what it is not."""
+    try:
+        return Verifier.open(source)
+    except MtpTuneError as exc:
+        raise CheckpointError(
+            f'{source} is not a head checkpoint: neither mtptune\'s (config.json "format": "{FORMAT_NAME}") nor '
+            f'speculators\' MTP format ("speculators_model_type": "mtp"), and not a verifier with a native MTP head '
+            f"({exc}). --from-pretrained / evaluate / stitch need one of these (create one with `mtptune convert`)."
+        ) from exc
 
 
 def _check_fits(text_config: PretrainedConfig, verifier: Verifier, source: str) -> None:
