@@ -1,16 +1,255 @@
-"""`mtptune evaluate` (not implemented yet)."""
+"""`mtptune evaluate {offline,generate,vllm,compare}`: acceptance the way serving will see it (contracts e)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
 
-from mtptune.errors import MtpTuneError
+import torch
+
+from mtptune.errors import ConfigError
+
+log = logging.getLogger("mtptune.evaluate")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("evaluate", help="(not implemented yet)")
-    parser.set_defaults(func=run)
+    parser = sub.add_parser(
+        "evaluate",
+        help="measure acceptance: offline (teacher-forced tau_sim), generate (real speculative decoding), vllm, compare",
+        description="Measure how many tokens per verifier step a head gives when served.",
+    )
+    modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
+
+    offline = modes.add_parser("offline", help="teacher-forced tau_sim on a prepared dataset or a jsonl of token rows")
+    _head_args(offline)
+    offline.add_argument("--data", required=True, help="prepared dataset folder or .jsonl of {input_ids, loss_mask}")
+    offline.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
+    offline.add_argument("--server", nargs="+", default=None, metavar="URL", help="hidden-state server endpoint(s)")
+    offline.add_argument("--server-model", default=None, help="model id the server serves (default: the verifier)")
+    _report_args(offline)
+    offline.set_defaults(func=run_offline)
+
+    generate = modes.add_parser("generate", help="real speculative decoding with the verifier and the head")
+    _head_args(generate)
+    _prompt_args(generate)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="> 0: rejection sampling (no lossless check)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the verifier's)")
+    generate.add_argument(
+        "--tie-tolerance",
+        type=float,
+        default=0.0,
+        help="a greedy mismatch where the top-2 logit margin is <= this is reported as a numerical tie, not an error",
+    )
+    _report_args(generate)
+    generate.set_defaults(func=run_generate)
+
+    vllm = modes.add_parser("vllm", help="acceptance from a running vLLM's /metrics counters")
+    vllm.add_argument("--endpoint", default=None, help="vLLM URL, e.g. http://localhost:8000/v1")
+    _prompt_args(vllm)
+    vllm.add_argument("--max-tokens", type=int, default=256)
+    vllm.add_argument("--temperature", type=float, default=0.0)
+    vllm.add_argument("--concurrency", type=int, default=8)
+    vllm.add_argument("--chat", action="store_true", help="use /v1/chat/completions (default /v1/completions)")
+    vllm.add_argument("--model", default=None, help="model id (default: GET /v1/models)")
+    vllm.add_argument("--num-steps", type=int, default=None, help="K the server drafts (default: from the counters)")
+    vllm.add_argument(
+        "--serve-command", metavar="STITCHED_DIR", default=None, help="print the `vllm serve` command and exit"
+    )
+    vllm.add_argument("--baseline", default=None, help="a result.json to show as 'before'")
+    _report_args(vllm)
+    vllm.set_defaults(func=run_vllm)
+
+    compare = modes.add_parser("compare", help="two results side by side (result.json files or report folders)")
+    compare.add_argument("before")
+    compare.add_argument("after")
+    compare.add_argument("--output", default=None, help="also write CSV + plot of both here")
+    compare.set_defaults(func=run_compare)
 
 
-def run(args: argparse.Namespace) -> int:
-    raise MtpTuneError("`mtptune evaluate` is not implemented yet.")
+def _head_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--head", required=True, help="head checkpoint, training checkpoint folder, or (stitched) verifier")
+    p.add_argument("--verifier", default=None, help="verifier folder (default: the one the head names)")
+    p.add_argument("--baseline-head", default=None, help="a second head evaluated the same way, shown as 'before'")
+    p.add_argument("--num-steps", type=int, default=None, help="K drafts (default: the head's K, 3 for a native head)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="bfloat16", help="verifier and head dtype (serving: bf16)"
+    )
+    p.add_argument("--device", default="cpu")
+
+
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", default="gsm8k", help="gsm8k | mt_bench | a .jsonl / .txt file (text or token ids)")
+    p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default=None, help="folder for result.json, acceptance.csv, acceptance.png")
+    p.add_argument("--training-metrics", default=None, help="metrics jsonl (or run folder) to plot training curves")
+    p.add_argument("--no-plot", action="store_true")
+
+
+def resolve_head_source(source: str) -> str:
+    """A training run root resolves to its `checkpoint_best` (contracts a7)."""
+    path = Path(source)
+    best = path / "checkpoint_best"
+    if not (path / "config.json").is_file() and best.is_dir():
+        return str(best)
+    return source
+
+
+def _load(args: argparse.Namespace, source: str):
+    from mtptune.checkpoint.head_checkpoint import is_head_checkpoint
+    from mtptune.modeling.load import load_head
+
+    source = resolve_head_source(source)
+    head, config, verifier = load_head(source, args.verifier, device=args.device, dtype=DTYPES[args.dtype])
+    head.eval().requires_grad_(False)
+    k = args.num_steps or (config.num_speculative_steps if is_head_checkpoint(Path(source)) else 3)
+    return source, head, verifier, k
+
+
+def _finish(args: argparse.Namespace, result, baseline=None) -> int:
+    from mtptune.evaluation.report import format_table, labelled_results, write_report
+
+    print(format_table(labelled_results(result, baseline)))
+    if args.output:
+        files = write_report(args.output, result, baseline, args.training_metrics, make_plot=not args.no_plot)
+        print(f"\nwrote {files.result}, {files.csv}" + (f", {files.plot}" if files.plot else ""))
+    return 0
+
+
+def run_offline(args: argparse.Namespace) -> int:
+    from mtptune.evaluation.hidden_sources import DirectForward, ServerHiddenStates
+    from mtptune.evaluation.offline import evaluate_offline
+    from mtptune.evaluation.result import EvaluationResult
+    from mtptune.evaluation.token_rows import load_eval_rows
+    from mtptune.evaluation.verifier_forward import VerifierForward
+
+    rows = load_eval_rows(args.data, args.max_rows)
+    results = []
+    forward = None
+    for source in [s for s in (args.baseline_head, args.head) if s]:
+        source, head, verifier, k = _load(args, source)
+        if args.server:
+            states = ServerHiddenStates(args.server, args.server_model or verifier.name_or_path, head)
+        else:
+            forward = forward or VerifierForward.load(verifier, DTYPES[args.dtype], args.device)
+            states = DirectForward(forward)
+        log.info("offline: %s, K=%d, %d rows of %s", source, k, len(rows), args.data)
+        tally = evaluate_offline(head, rows, states, k)
+        results.append(
+            EvaluationResult(
+                "offline", source, str(verifier.root), str(args.data), tally.counts, tally.rows, tally.label_accuracy
+            )
+        )
+    return _finish(args, results[-1], results[0] if len(results) == 2 else None)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from mtptune.evaluation.prompts import encode_prompt, load_prompts, load_tokenizer
+    from mtptune.evaluation.result import EvaluationResult, GenerationStats
+    from mtptune.evaluation.speculative import run_generation
+    from mtptune.evaluation.verifier_forward import VerifierForward
+    from mtptune.metrics.acceptance import AcceptanceCounts
+
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1.")
+    prompts = load_prompts(args.prompts, args.num_prompts)
+    results = []
+    forward = None
+    for source in [s for s in (args.baseline_head, args.head) if s]:
+        source, head, verifier, k = _load(args, source)
+        forward = forward or VerifierForward.load(verifier, DTYPES[args.dtype], args.device)
+        tokenizer = (
+            load_tokenizer(args.tokenizer or verifier.root) if any(p.token_ids is None for p in prompts) else None
+        )
+        encoded = [(p.prompt_id, encode_prompt(p, tokenizer)) for p in prompts]
+        log.info("generate: %s, K=%d, %d prompts, temperature %g", source, k, len(encoded), args.temperature)
+        run = run_generation(
+            forward,
+            head,
+            encoded,
+            args.max_new_tokens,
+            k,
+            args.temperature,
+            args.seed,
+            args.tie_tolerance,
+            log=log.info,
+        )
+        stats = GenerationStats(
+            prompts=len(encoded),
+            generated_tokens=run.generated_tokens,
+            baseline_generated_tokens=run.baseline_generated_tokens,
+            verifier_steps=run.verifier_steps,
+            baseline_verifier_steps=run.baseline_verifier_steps,
+            seconds=run.seconds,
+            baseline_seconds=run.baseline_seconds,
+            temperature=args.temperature,
+            lossless_checked=args.temperature <= 0,
+            numerical_ties=run.numerical_ties,
+        )
+        counts = AcceptanceCounts.from_accept_lengths(k, run.accept_lengths)
+        results.append(
+            EvaluationResult(
+                "generate", source, str(verifier.root), args.prompts, counts, len(encoded), generation=stats
+            )
+        )
+        if run.numerical_ties:
+            log.warning("%d prompt(s) diverged from greedy decoding at a numerical near-tie", run.numerical_ties)
+    return _finish(args, results[-1], results[0] if len(results) == 2 else None)
+
+
+def run_vllm(args: argparse.Namespace) -> int:
+    from mtptune.evaluation.prompts import load_prompts
+    from mtptune.evaluation.result import EvaluationResult
+    from mtptune.evaluation.vllm_metrics import VllmEndpoint, run_vllm, vllm_serve_command
+
+    if args.serve_command:
+        print(vllm_serve_command(args.serve_command, args.num_steps or 3))
+        return 0
+    if not args.endpoint:
+        raise ConfigError("evaluate vllm needs --endpoint URL (or --serve-command DIR to print the serve command).")
+    prompts = load_prompts(args.prompts, args.num_prompts)
+    endpoint = VllmEndpoint(args.endpoint)
+    run = run_vllm(endpoint, prompts, args.max_tokens, args.temperature, args.concurrency, args.chat, args.model)
+    if run.counters.drafts <= 0:
+        raise ConfigError(f"{endpoint.root}: no drafts were counted during the run; is speculative decoding enabled?")
+    counts = run.counters.acceptance_counts(args.num_steps)
+    result = EvaluationResult(
+        "vllm",
+        run.model,
+        endpoint.root,
+        args.prompts,
+        counts,
+        run.requests,
+        draft_tokens=round(run.counters.draft_tokens),
+    )
+    log.info("vLLM: %d requests, %d completion tokens in %.1f s", run.requests, run.completion_tokens, run.seconds)
+    baseline = EvaluationResult.load(args.baseline) if args.baseline else None
+    return _finish(args, result, baseline)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from mtptune.evaluation.report import format_table, plot, write_csv
+    from mtptune.evaluation.result import EvaluationResult
+
+    before, after = EvaluationResult.load(args.before), EvaluationResult.load(args.after)
+    labelled = [
+        (Path(args.before).stem if Path(args.before).is_file() else Path(args.before).name, before),
+        (Path(args.after).stem if Path(args.after).is_file() else Path(args.after).name, after),
+    ]
+    if labelled[0][0] == labelled[1][0]:
+        labelled = [("A", before), ("B", after)]
+    print(format_table(labelled))
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(out / "compare.csv", labelled)
+        plot(out / "compare.png", labelled, None)
+        print(f"\nwrote {out / 'compare.csv'}, {out / 'compare.png'}")
+    return 0
