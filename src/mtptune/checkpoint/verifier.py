@@ -76,3 +76,30 @@ class Verifier:
                 "Use `mtptune convert --init fresh` to attach a new one."
             )
         return self.family.native_to_head(self.checkpoint.get_many(keys))
+
+
+def load_causal_lm(
+    name_or_path: str | Path, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False
+) -> torch.nn.Module:
+    """The verifier as a transformers causal LM (text-only: a Qwen3.5 ConditionalGeneration checkpoint loads as
+    *ForCausalLM without the vision tower). Families whose model_type transformers lacks (MiMo) supply the
+    config; any other causal LM loads as usual."""
+    from transformers import AutoModelForCausalLM
+
+    from mtptune.errors import FamilyError
+
+    root = resolve_model_dir(name_or_path)
+    config_dict = read_config_dict(root)
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        family = family_for_model_type(config_dict.get("model_type", ""))
+        if type(family).load_config is not MtpFamily.load_config:
+            kwargs["config"] = family.load_config(root, config_dict)
+    except FamilyError:
+        pass
+    try:
+        return AutoModelForCausalLM.from_pretrained(root, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"transformers cannot load the verifier {name_or_path!r} from {root}: {exc}") from exc

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from mtptune.checkpoint.safetensors_io import resolve_model_dir
+from mtptune.checkpoint.verifier import load_causal_lm
 from mtptune.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -103,14 +104,9 @@ class VerifierRuntime:
         root = resolve_model_dir(model)
         torch_device = resolve_device(device)
         start = time.perf_counter()
-        try:
-            # For a *ForConditionalGeneration checkpoint (Qwen3.5) this builds the text-only *ForCausalLM and
-            # skips the vision tower, which hidden-state capture never needs.
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                root, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"transformers cannot load the verifier {model!r} from {root}: {exc}") from exc
+        # For a *ForConditionalGeneration checkpoint (Qwen3.5) this builds the text-only *ForCausalLM and skips the
+        # vision tower, which hidden-state capture never needs.
+        hf_model = load_causal_lm(root, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
         hf_model = hf_model.to(torch_device).eval()
         hf_tokenizer = load_tokenizer(resolve_model_dir(tokenizer) if tokenizer else root, trust_remote_code)
         log.info(
