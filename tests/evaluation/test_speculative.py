@@ -1,0 +1,88 @@
+"""Real speculative decoding: lossless at temperature 0, AL agrees with the offline simulation, broken
+verification is caught, sampling follows the rejection rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NEW_TOKENS, NUM_STEPS, TinySetup
+
+from mtptune.evaluation.hidden_sources import DirectForward
+from mtptune.evaluation.offline import evaluate_offline
+from mtptune.evaluation.speculative import LosslessError, propose_drafts, run_generation, speculative_decode
+from mtptune.metrics.acceptance import AcceptanceCounts
+from mtptune.modeling.load import load_head
+
+
+def generate(tiny: TinySetup, head_source, **kwargs):
+    head, _, _ = load_head(head_source, str(tiny.verifier_dir))
+    prompts = [(f"p{i}", p) for i, p in enumerate(tiny.eval_prompts)]
+    run = run_generation(tiny.forward, head, prompts, NEW_TOKENS, NUM_STEPS, stop_tokens=set(), **kwargs)
+    return head, run, AcceptanceCounts.from_accept_lengths(NUM_STEPS, run.accept_lengths)
+
+
+def test_trained_head_generated_al_matches_offline_tau_sim(tiny: TinySetup) -> None:
+    head, run, counts = generate(tiny, tiny.trained_head)  # asserts losslessness on every prompt
+    offline = evaluate_offline(head, tiny.eval_rows, DirectForward(tiny.forward), NUM_STEPS).counts
+    assert run.numerical_ties == 0
+    assert run.generated_tokens == run.baseline_generated_tokens == NEW_TOKENS * len(tiny.eval_prompts)
+    assert run.verifier_steps < run.baseline_verifier_steps
+    # Generation drafts at a subset of the slots the simulation scores: agreement within sampling noise.
+    assert counts.acceptance_length > 2.0
+    assert counts.acceptance_length == pytest.approx(offline.acceptance_length, abs=0.35)
+    # Each verifier step yields AL tokens on average (the first step is the prefill; the last is cut at the budget).
+    tokens_per_step = (run.generated_tokens - len(tiny.eval_prompts)) / (run.verifier_steps - len(tiny.eval_prompts))
+    assert counts.acceptance_length - 0.3 < tokens_per_step <= counts.acceptance_length
+    print(f"offline tau_sim {offline.acceptance_length:.3f}, generated AL {counts.acceptance_length:.3f}")
+
+
+def test_random_head_gives_no_acceptance(tiny: TinySetup) -> None:
+    _, run, counts = generate(tiny, tiny.random_head)
+    assert counts.acceptance_length < 1.05
+    assert run.verifier_steps == pytest.approx(run.baseline_verifier_steps, rel=0.05)
+
+
+def test_lossless_assertion_catches_a_broken_verification_step(tiny: TinySetup) -> None:
+    calls = 0
+
+    def perturb_one_token(logits: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls != 3:
+            return logits
+        broken = logits.clone()
+        broken[0, (int(logits[0].argmax()) + 1) % logits.shape[-1]] = logits[0].max() + 10.0
+        return broken
+
+    with pytest.raises(LosslessError, match=r"prompt p0: .*new token \d+"):
+        generate(tiny, tiny.trained_head, verify_hook=perturb_one_token)
+
+
+def test_drafts_are_the_head_chain_on_the_last_slot(tiny: TinySetup) -> None:
+    """propose_drafts = a teacher-forced forward whose inputs are the drafts themselves, read at the last slot."""
+    head, _, _ = load_head(tiny.trained_head, str(tiny.verifier_dir))
+    row = torch.tensor(tiny.eval_rows[0].input_ids[:30])
+    hidden = tiny.forward.hidden_states(row)
+    drafts = propose_drafts(head, row, hidden[:-1], NUM_STEPS)
+    ids = torch.cat([row, torch.tensor(drafts)])
+    padded = torch.cat([hidden[:-1], hidden.new_zeros(NUM_STEPS + 1, hidden.shape[-1])])
+    outputs = head(ids[None], padded[None], num_steps=NUM_STEPS, hidden_is_pre_norm=False)
+    last = row.shape[0] - 2
+    assert [int(head.logits(o[0, last]).argmax()) for o in outputs] == drafts
+
+
+def test_sampling_uses_the_rejection_rule(tiny: TinySetup) -> None:
+    head, _, _ = load_head(tiny.trained_head, str(tiny.verifier_dir))
+    generator = torch.Generator().manual_seed(0)
+    out = speculative_decode(
+        tiny.forward, head, tiny.eval_prompts[0], 24, NUM_STEPS, temperature=0.7, generator=generator, stop_tokens=set()
+    )
+    assert len(out.tokens) == 24
+    assert out.verifier_steps == 1 + len(out.accept_lengths)
+    assert all(0 <= a <= NUM_STEPS for a in out.accept_lengths)
+    # A tiny temperature is greedy in all but name: the draft is accepted iff it is the argmax.
+    cold = speculative_decode(
+        tiny.forward, head, tiny.eval_prompts[0], 24, NUM_STEPS, temperature=1e-4, generator=generator, stop_tokens=set()
+    )
+    greedy = speculative_decode(tiny.forward, head, tiny.eval_prompts[0], 24, NUM_STEPS, stop_tokens=set())
+    assert cold.tokens == greedy.tokens
