@@ -46,7 +46,7 @@ def greedy_rows(forward: VerifierForward, prompts: list[list[int]], new_tokens: 
     return rows
 
 
-def train_head(verifier_dir: Path, forward: VerifierForward, rows: list[EvalRow], steps: int = 60) -> torch.nn.Module:
+def train_head(verifier_dir: Path, forward: VerifierForward, rows: list[EvalRow], steps: int = 20) -> torch.nn.Module:
     head, _, _ = load_head(verifier_dir, dtype=torch.float32)
     ids = torch.tensor([r.input_ids for r in rows])
     with torch.no_grad():

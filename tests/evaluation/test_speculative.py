@@ -14,10 +14,10 @@ from mtptune.metrics.acceptance import AcceptanceCounts
 from mtptune.modeling.load import load_head
 
 
-def generate(tiny: TinySetup, head_source, **kwargs):
+def generate(tiny: TinySetup, head_source, num_prompts: int | None = None, new_tokens: int = NEW_TOKENS, **kwargs):
     head, _, _ = load_head(head_source, str(tiny.verifier_dir))
-    prompts = [(f"p{i}", p) for i, p in enumerate(tiny.eval_prompts)]
-    run = run_generation(tiny.forward, head, prompts, NEW_TOKENS, NUM_STEPS, stop_tokens=set(), **kwargs)
+    prompts = [(f"p{i}", p) for i, p in enumerate(tiny.eval_prompts[:num_prompts])]
+    run = run_generation(tiny.forward, head, prompts, new_tokens, NUM_STEPS, stop_tokens=set(), **kwargs)
     return head, run, AcceptanceCounts.from_accept_lengths(NUM_STEPS, run.accept_lengths)
 
 
@@ -37,7 +37,7 @@ def test_trained_head_generated_al_matches_offline_tau_sim(tiny: TinySetup) -> N
 
 
 def test_random_head_gives_no_acceptance(tiny: TinySetup) -> None:
-    _, run, counts = generate(tiny, tiny.random_head)
+    _, run, counts = generate(tiny, tiny.random_head, num_prompts=3, new_tokens=24)
     assert counts.acceptance_length < 1.05
     assert run.verifier_steps == pytest.approx(run.baseline_verifier_steps, rel=0.05)
 
@@ -55,7 +55,7 @@ def test_lossless_assertion_catches_a_broken_verification_step(tiny: TinySetup) 
         return broken
 
     with pytest.raises(LosslessError, match=r"prompt p0: .*new token \d+"):
-        generate(tiny, tiny.trained_head, verify_hook=perturb_one_token)
+        generate(tiny, tiny.trained_head, num_prompts=2, verify_hook=perturb_one_token)
 
 
 def test_drafts_are_the_head_chain_on_the_last_slot(tiny: TinySetup) -> None:
@@ -82,7 +82,14 @@ def test_sampling_uses_the_rejection_rule(tiny: TinySetup) -> None:
     assert all(0 <= a <= NUM_STEPS for a in out.accept_lengths)
     # A tiny temperature is greedy in all but name: the draft is accepted iff it is the argmax.
     cold = speculative_decode(
-        tiny.forward, head, tiny.eval_prompts[0], 24, NUM_STEPS, temperature=1e-4, generator=generator, stop_tokens=set()
+        tiny.forward,
+        head,
+        tiny.eval_prompts[0],
+        24,
+        NUM_STEPS,
+        temperature=1e-4,
+        generator=generator,
+        stop_tokens=set(),
     )
     greedy = speculative_decode(tiny.forward, head, tiny.eval_prompts[0], 24, NUM_STEPS, stop_tokens=set())
     assert cold.tokens == greedy.tokens
