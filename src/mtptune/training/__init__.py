@@ -1,0 +1,1 @@
+"""The online MTP trainer: `run_training(TrainConfig) -> TrainResult` (see train.py)."""

@@ -1,0 +1,160 @@
+"""From prepared rows to packed micro-batches.
+
+A micro-batch is a list of rows packed into one `[1, total_len]` sequence (total_len <= --total-seq-len) whose
+`position_ids` restart at 0 for every document, which the head turns into document-local attention. The plan
+is a pure function of (row lengths, seed, epoch), so every rank computes the same plan and a resumed run
+rebuilds exactly the batches it had left.
+
+Global step g consumes micro-batches [g*W*A, (g+1)*W*A) (W ranks, A accumulation steps); rank r takes those at
+index j*W + r. One rank with A=2 therefore sees the same global batch as two ranks with A=1.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mtptune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Row:
+    row_id: int  # index in the prepared dataset: names the hidden-state file hs_{row_id}.safetensors
+    input_ids: torch.Tensor  # [T] int64
+    loss_mask: torch.Tensor  # [T] int64 (1 = supervised)
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    row_ids: tuple[int, ...]
+    input_ids: torch.Tensor  # [1, L]
+    loss_mask: torch.Tensor  # [1, L]
+    position_ids: torch.Tensor  # [1, L], 0 at each document start
+    hidden_states: torch.Tensor  # [1, L, H] the verifier's layer-N (pre-norm) states
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+class PreparedRows:
+    """Random access to a prepared dataset (`input_ids`, `loss_mask`), truncated to the packing budget."""
+
+    def __init__(self, data_path: str | Path, max_len: int, max_rows: int | None = None):
+        self.path = Path(data_path)
+        self.dataset = _load_prepared(self.path)
+        for column in ("input_ids", "loss_mask"):
+            if column not in self.dataset.column_names:
+                raise DataError(f"{self.path}: prepared dataset lacks column {column!r} (run `mtptune prepare`).")
+        n = len(self.dataset) if max_rows is None else min(max_rows, len(self.dataset))
+        if "seq_len" in self.dataset.column_names:
+            lengths = [int(x) for x in self.dataset["seq_len"][:n]]
+        else:
+            lengths = [len(x) for x in self.dataset["input_ids"][:n]]
+        self.max_len = max_len
+        self.truncated = sum(1 for n_tok in lengths if n_tok > max_len)
+        if self.truncated:
+            log.warning(
+                "%d of %d rows are longer than --total-seq-len %d and are truncated to it (their tail is not trained).",
+                self.truncated,
+                n,
+                max_len,
+            )
+        self.lengths = [min(n_tok, max_len) for n_tok in lengths]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, row_id: int) -> Row:
+        item = self.dataset[int(row_id)]
+        ids = torch.as_tensor(item["input_ids"], dtype=torch.int64)[: self.max_len]
+        mask = torch.as_tensor(item["loss_mask"], dtype=torch.int64)[: self.max_len]
+        if ids.shape != mask.shape:
+            raise DataError(f"{self.path}: row {row_id} has {ids.numel()} input_ids but {mask.numel()} loss_mask.")
+        return Row(int(row_id), ids, mask)
+
+
+def _load_prepared(path: Path):
+    if not path.exists():
+        raise DataError(f"prepared data {path} does not exist (create it with `mtptune prepare`).")
+    try:
+        from mtptune.data.prepare import load_prepared
+    except ImportError:  # the data stage is optional for library users with their own prepared folders
+        import datasets
+
+        try:
+            return datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise DataError(f"{path} is not a prepared dataset folder: {exc}") from exc
+    return load_prepared(path)
+
+
+def split_train_val(num_rows: int, train_data_ratio: float) -> tuple[list[int], list[int]]:
+    """Contiguous split: the first ceil(ratio * n) rows train, the tail validates (never shuffled across)."""
+    n_train = num_rows if train_data_ratio >= 1.0 else min(num_rows, max(1, round(num_rows * train_data_ratio)))
+    return list(range(n_train)), list(range(n_train, num_rows))
+
+
+def pack_rows(
+    row_ids: list[int], lengths: list[int], total_seq_len: int, seed: int | None, epoch: int
+) -> list[list[int]]:
+    """Shuffle (when seed is given) deterministically per (seed, epoch), then next-fit pack into budgets."""
+    order = list(row_ids)
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = [order[i] for i in torch.randperm(len(order), generator=gen).tolist()]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for row_id in order:
+        n = lengths[row_id]
+        if current and used + n > total_seq_len:
+            batches.append(current)
+            current, used = [], 0
+        current.append(row_id)
+        used += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The micro-batches this rank runs, grouped per global (optimizer) step."""
+
+    steps: list[list[list[int]]]  # steps[g][j] = row ids of micro-batch j of global step g (may be empty)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+
+def plan_epoch(batches: list[list[int]], rank: int, world_size: int, grad_accum: int) -> EpochPlan:
+    per_step = world_size * grad_accum
+    num_steps = -(-len(batches) // per_step) if batches else 0
+    steps = []
+    for g in range(num_steps):
+        group = batches[g * per_step : (g + 1) * per_step]
+        # A rank without a micro-batch in the last step gets an empty one: it still joins the all-reduces.
+        steps.append(
+            [group[j * world_size + rank] if j * world_size + rank < len(group) else [] for j in range(grad_accum)]
+        )
+    return EpochPlan(steps)
+
+
+def collate(rows: list[Row], hidden: list[torch.Tensor]) -> PackedBatch:
+    """Concatenate rows (and their [T, H] hidden states) into one packed sequence with position resets."""
+    if not rows:
+        raise ValueError("collate needs at least one row")
+    return PackedBatch(
+        row_ids=tuple(r.row_id for r in rows),
+        input_ids=torch.cat([r.input_ids for r in rows])[None],
+        loss_mask=torch.cat([r.loss_mask for r in rows])[None],
+        position_ids=torch.cat([torch.arange(r.input_ids.numel()) for r in rows])[None],
+        hidden_states=torch.cat(hidden)[None],
+    )

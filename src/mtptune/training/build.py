@@ -1,0 +1,174 @@
+"""Building the trainer's parts from a `TrainConfig`: the head (native or --from-pretrained), the data split,
+the hidden-state source, optimizer, scheduler and loggers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from mtptune.checkpoint.head_checkpoint import HeadConfig, is_head_checkpoint
+from mtptune.metrics.acceptance import step_weights as fastmtp_weights
+from mtptune.modeling.head import MtpHead
+from mtptune.modeling.load import load_head
+from mtptune.training import checkpointing as ckpt
+from mtptune.training.batching import PreparedRows, pack_rows, split_train_val
+from mtptune.training.config import TrainConfig
+from mtptune.training.distributed import DistInfo, wrap_head
+from mtptune.training.hidden_source import SourceStats, build_source
+from mtptune.training.loggers import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Parts:
+    """Everything the loop needs, built once."""
+
+    config: TrainConfig
+    info: DistInfo
+    head: MtpHead
+    model: torch.nn.Module  # the head, wrapped for DDP / FSDP when distributed
+    head_config: HeadConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    rows: PreparedRows
+    train_ids: list[int]
+    val_ids: list[int]
+    source: object
+    logger: MetricsLogger
+    weights: list[float]  # alpha_k
+    autocast_dtype: torch.dtype | None  # None: plain fp32
+    total_steps: int
+    stats: SourceStats = field(default_factory=SourceStats)
+
+
+def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def loss_weights(config: TrainConfig) -> list[float]:
+    if config.loss.step_weights is not None:
+        total = sum(config.loss.step_weights)
+        return [w / total for w in config.loss.step_weights]
+    return fastmtp_weights(config.num_speculative_steps, config.loss.step_weight_beta)
+
+
+def build_head(config: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None) -> tuple[MtpHead, HeadConfig]:
+    """fp32 master weights on the device; the frozen shared tensors in the compute dtype."""
+    source = config.from_pretrained or config.verifier
+    head, head_config, _ = load_head(
+        source, config.verifier, device=info.device, dtype=torch.float32, shared_dtype=autocast_dtype or torch.float32
+    )
+    if config.from_pretrained:
+        if head_config.num_speculative_steps != config.num_speculative_steps:
+            log.warning(
+                "--from-pretrained %s was made for K=%d steps; training K=%d (--num-speculative-steps).",
+                config.from_pretrained,
+                head_config.num_speculative_steps,
+                config.num_speculative_steps,
+            )
+        if head_config.mtp_input_norm != config.mtp_input_norm:
+            log.warning(
+                "--from-pretrained %s was trained with --mtp-input-norm %s; this run uses %s.",
+                config.from_pretrained,
+                head_config.mtp_input_norm,
+                config.mtp_input_norm,
+            )
+    head_config = replace(
+        head_config,
+        num_speculative_steps=config.num_speculative_steps,
+        mtp_input_norm=config.mtp_input_norm,
+        extra={**head_config.extra, "trained_from": str(source), "loss": config.loss.kind},
+    )
+    for param in head.parameters():
+        param.requires_grad_(True)
+    return head, head_config
+
+
+def build_optimizer(config: TrainConfig, head: MtpHead) -> torch.optim.Optimizer:
+    if config.optim.name == "muon":
+        log.warning(
+            "--optimizer muon is not supported for MTP heads by mtptune yet; using AdamW (--lr %g).", config.optim.lr
+        )
+    decay = [p for p in head.parameters() if p.ndim >= 2]
+    no_decay = [p for p in head.parameters() if p.ndim < 2]  # norms
+    groups = [
+        {"params": decay, "weight_decay": config.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas)
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    warmup, kind, floor = config.optim.warmup_steps, config.optim.scheduler, config.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "linear":
+            return floor + (1.0 - floor) * (1.0 - progress)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def count_total_steps(config: TrainConfig, rows: PreparedRows, train_ids: list[int], world_size: int) -> int:
+    per_step = world_size * config.optim.grad_accum
+    total = 0
+    for epoch in range(config.epochs):
+        batches = pack_rows(train_ids, rows.lengths, config.data.total_seq_len, config.seed, epoch)
+        total += -(-len(batches) // per_step)
+    return min(total, config.max_steps) if config.max_steps else total
+
+
+def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
+    autocast_dtype = compute_dtype(config, info.device)
+    head, head_config = build_head(config, info, autocast_dtype)
+    rows = PreparedRows(config.data.data_path, config.data.total_seq_len, config.data.max_rows)
+    train_ids, val_ids = split_train_val(len(rows), config.data.train_data_ratio)
+    if not val_ids and info.is_main:
+        log.warning("no validation rows (--train-data-ratio 1.0): checkpoint_best will point at the last epoch.")
+    total_steps = count_total_steps(config, rows, train_ids, info.world_size)
+    optimizer = build_optimizer(config, head)
+    scheduler = build_scheduler(config, optimizer, total_steps)
+    save_path = Path(config.checkpoint.save_path)
+    if info.is_main:
+        ckpt.write_run_files(save_path, config)
+    run_name = config.logging.run_name or save_path.resolve().name
+    log_dir = Path(config.logging.log_dir) if config.logging.log_dir else save_path / "logs"
+    logger = MetricsLogger(save_path, config.logging.loggers, log_dir, run_name, config.to_dict(), info.is_main)
+    source = build_source(config.hidden_states, config.data.data_path, config.verifier, head.hidden_size)
+    return Parts(
+        config=config,
+        info=info,
+        head=head,
+        model=wrap_head(head, info, config.fsdp_shard),
+        head_config=head_config,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        rows=rows,
+        train_ids=train_ids,
+        val_ids=val_ids,
+        source=source,
+        logger=logger,
+        weights=loss_weights(config),
+        autocast_dtype=autocast_dtype,
+        total_steps=total_steps,
+    )
+
+
+def pretrained_num_steps(path: str) -> int | None:
+    """K recorded in a head checkpoint (None for a verifier folder)."""
+    if not is_head_checkpoint(Path(path)):
+        return None
+    return int(json.loads((Path(path) / "config.json").read_text()).get("num_speculative_steps", 0)) or None

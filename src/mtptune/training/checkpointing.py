@@ -1,0 +1,151 @@
+"""Training checkpoints under --save-path (contracts a7), written by rank 0, atomically.
+
+    <save-path>/run.yaml, train_command.txt, metrics.jsonl
+    <save-path>/<epoch>/        config.json + model.safetensors (bf16 head: `stitch` and `--from-pretrained` read it)
+                                master_weights.pt (fp32), optimizer_state_dict.pt, scheduler_state_dict.pt,
+                                rng_state.pt, training_state.json, val_metrics.json
+    <save-path>/step<N>/        mid-epoch checkpoints (--checkpoint-freq < 1), same content
+    <save-path>/interrupted/    written on SIGINT / SIGTERM, same content
+    <save-path>/epoch<E>_end -> <E>/, checkpoint_best -> <E>/   (relative symlinks; best = highest val tau_sim)
+
+Each folder is written to a temporary sibling and renamed into place (save_head_checkpoint), so a crash never
+leaves a folder that looks complete. Resume picks the complete folder with the highest global step and
+continues bit-identically: fp32 master weights, optimizer and scheduler state, RNG state and the data
+position (epoch, step within the epoch) are all restored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from mtptune.checkpoint.head_checkpoint import HeadConfig, save_head_checkpoint
+from mtptune.errors import CheckpointError
+from mtptune.modeling.head import MtpHead
+from mtptune.training.config import TrainConfig
+
+STATE_FILE = "training_state.json"
+BEST_LINK = "checkpoint_best"
+INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    epoch: int  # epoch the next step belongs to
+    local_step: int  # optimizer steps already done in that epoch
+    global_step: int  # optimizer steps done in total
+    best_epoch: int | None = None
+    best_tau_sim: float | None = None
+    best_loss: float | None = None
+    skipped_steps: int = 0  # global steps without a supervised token (no optimizer step taken)
+
+    @classmethod
+    def from_json(cls, body: dict) -> TrainingState:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in body.items() if k in known})
+
+
+def write_run_files(save_path: Path, config: TrainConfig) -> None:
+    save_path.mkdir(parents=True, exist_ok=True)
+    (save_path / "run.yaml").write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+    if config.command:
+        (save_path / "train_command.txt").write_text(shlex.join(config.command) + "\n")
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    path: Path,
+    head_config: HeadConfig,
+    head: MtpHead,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainingState,
+    val_metrics: dict | None,
+) -> Path:
+    head_state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+    extra: dict[str, object] = {
+        "master_weights.pt": {k: v.float().clone() for k, v in head_state.items()},
+        "optimizer_state_dict.pt": optimizer.state_dict(),
+        "scheduler_state_dict.pt": scheduler.state_dict(),
+        "rng_state.pt": rng_state(),
+        STATE_FILE: asdict(state),
+    }
+    if val_metrics is not None:
+        extra["val_metrics.json"] = val_metrics
+    # The head config says how to serve it: bf16 weights, the K trained, the input-norm convention.
+    return save_head_checkpoint(path, replace(head_config, dtype="bfloat16"), head_state, extra, overwrite=True)
+
+
+def load_checkpoint(
+    path: Path,
+    head: MtpHead,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainingState:
+    try:
+        master = torch.load(path / "master_weights.pt", map_location="cpu", weights_only=True)
+        head.load_state_dict(master, strict=True)  # copy_ into the live fp32 parameters
+        optimizer.load_state_dict(torch.load(path / "optimizer_state_dict.pt", map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler_state_dict.pt", map_location="cpu", weights_only=True))
+        set_rng_state(torch.load(path / "rng_state.pt", map_location="cpu", weights_only=False))
+        return TrainingState.from_json(json.loads((path / STATE_FILE).read_text()))
+    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot resume from {path}: {exc}. Delete the folder or pass --no-resume to start over."
+        ) from exc
+
+
+def find_resume_checkpoint(save_path: Path) -> Path | None:
+    """The complete checkpoint folder (not a symlink) with the highest global step, or None."""
+    if not save_path.is_dir():
+        return None
+    best: tuple[int, int, Path] | None = None
+    for child in save_path.iterdir():
+        if child.is_symlink() or not child.is_dir() or child.name.startswith("."):
+            continue
+        state_file, config_file = child / STATE_FILE, child / "config.json"
+        if not (state_file.is_file() and config_file.is_file()):
+            continue
+        state = TrainingState.from_json(json.loads(state_file.read_text()))
+        # Prefer the latest by global step; at equal steps an epoch folder beats interrupted/ (same content).
+        key = (state.global_step, 0 if child.name == INTERRUPTED else 1, child)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return None if best is None else best[2]
+
+
+def link(save_path: Path, name: str, target: str) -> None:
+    """Point `save_path/name` at `target` (relative), replacing an old link atomically."""
+    tmp = save_path / f".{name}.tmp-link"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, save_path / name)

@@ -1,0 +1,156 @@
+"""The trainer's configuration: one typed, frozen dataclass tree (torchtitan style), built by `mtptune train`.
+
+Every field has the default the CLI shows; `TrainConfig.validate()` rejects conflicting settings with a
+`ConfigError` naming the flag. Library users build the tree directly and call `run_training(config)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mtptune.errors import ConfigError
+
+OnMissing = Literal["generate", "skip", "warn", "raise"]
+OnGenerate = Literal["delete", "cache"]
+LossKind = Literal["ce", "kl", "tv", "ce+kl"]
+SchedulerKind = Literal["cosine", "linear", "constant"]
+DtypeName = Literal["auto", "float32", "bfloat16"]
+LOSS_KINDS: tuple[str, ...] = ("ce", "kl", "tv", "ce+kl")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_path: str
+    total_seq_len: int = 8192  # packing budget per micro-batch (tokens) per rank
+    train_data_ratio: float = 0.9  # the validation set is the contiguous tail
+    max_rows: int | None = None  # use only the first N prepared rows (debugging / demos)
+
+
+@dataclass(frozen=True)
+class HiddenStatesConfig:
+    endpoints: tuple[str, ...] = ()
+    hidden_states_path: str | None = None  # cache / offline folder; default <data-path>/hidden_states
+    on_missing: OnMissing = "generate"
+    on_generate: OnGenerate = "delete"
+    request_timeout: float = 120.0
+    max_retries: int = 3
+    concurrency: int = 12
+    prefetch: int = 16  # rows fetched ahead of the step
+    dtype: str = "bfloat16"  # dtype the states are held in between fetch and step
+    num_layers: int = 1  # layer ids the server captures; the MTP input is the last one
+    api_key: str | None = None
+    server_wait_timeout: float = 60.0
+
+    def cache_dir(self, data_path: str) -> Path:
+        return Path(self.hidden_states_path) if self.hidden_states_path else Path(data_path) / "hidden_states"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: float = 1e-4
+    muon_lr: float | None = None  # default 10 x lr (speculators)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    scheduler: SchedulerKind = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: LossKind = "ce"
+    step_weight_beta: float = 0.6
+    step_weights: tuple[float, ...] | None = None  # explicit alpha_k; overrides beta
+    chunk_rows: int = 2048  # rows per lm_head chunk; never more than chunk_rows x V logits alive
+    kl_weight: float = 1.0  # weight of the distillation term in "ce+kl"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save_path: str
+    checkpoint_freq: float = 1.0  # in epochs; < 1 adds mid-epoch checkpoints `step{N}/`
+    save_best: bool = True
+    resume: bool = True  # continue from the newest checkpoint under save_path
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    loggers: tuple[str, ...] = ()  # tensorboard, trackio, wandb (metrics.jsonl is always written)
+    log_dir: str | None = None  # default <save-path>/logs
+    run_name: str | None = None
+    log_every: int = 1
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    verifier: str
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    hidden_states: HiddenStatesConfig = field(default_factory=HiddenStatesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    from_pretrained: str | None = None
+    num_speculative_steps: int = 3
+    mtp_input_norm: Literal["post_norm", "none"] = "post_norm"
+    epochs: int = 3
+    max_steps: int | None = None  # optimizer steps in total; stops early
+    seed: int = 0
+    device: str = "auto"
+    dtype: DtypeName = "auto"  # compute dtype: bf16 autocast on GPU; master weights are always fp32
+    val_every: int | None = None  # extra validations every N optimizer steps (always at each epoch end)
+    validate_at_start: bool = True  # the untrained head's val metrics, the "before" of before/after
+    fsdp_shard: bool = False
+    command: tuple[str, ...] = ()  # the command line, for train_command.txt
+
+    def validate(self) -> TrainConfig:
+        if self.num_speculative_steps < 1:
+            raise ConfigError(f"--num-speculative-steps must be >= 1, got {self.num_speculative_steps}.")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be >= 1, got {self.max_steps}.")
+        if not 0.0 < self.data.train_data_ratio <= 1.0:
+            raise ConfigError(f"--train-data-ratio must be in (0, 1], got {self.data.train_data_ratio}.")
+        if self.data.total_seq_len < 3:
+            raise ConfigError(f"--total-seq-len must be >= 3, got {self.data.total_seq_len}.")
+        if self.loss.kind not in LOSS_KINDS:
+            raise ConfigError(f"--loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss.kind!r}.")
+        if self.loss.chunk_rows < 1:
+            raise ConfigError("--loss-chunk-rows must be >= 1.")
+        if self.loss.step_weights is not None:
+            if len(self.loss.step_weights) != self.num_speculative_steps:
+                raise ConfigError(
+                    f"--step-weights has {len(self.loss.step_weights)} values but --num-speculative-steps is "
+                    f"{self.num_speculative_steps}."
+                )
+            if any(w < 0 for w in self.loss.step_weights) or sum(self.loss.step_weights) <= 0:
+                raise ConfigError("--step-weights must be non-negative with a positive sum.")
+        elif self.loss.step_weight_beta < 0:
+            raise ConfigError(f"--step-weight-beta must be >= 0, got {self.loss.step_weight_beta}.")
+        if self.optim.grad_accum < 1:
+            raise ConfigError(f"--grad-accum must be >= 1, got {self.optim.grad_accum}.")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.optim.lr}.")
+        hs = self.hidden_states
+        if hs.on_missing == "generate" and not hs.endpoints:
+            raise ConfigError(
+                "--on-missing generate needs a hidden-state server: pass --vllm-endpoint URL "
+                "(or use --on-missing raise/skip/warn with pre-written hidden-state files)."
+            )
+        if hs.on_generate == "cache" and hs.on_missing != "generate":
+            raise ConfigError("--on-generate cache only applies with --on-missing generate.")
+        if self.checkpoint.checkpoint_freq <= 0:
+            raise ConfigError(f"--checkpoint-freq must be > 0, got {self.checkpoint.checkpoint_freq}.")
+        if self.val_every is not None and self.val_every < 1:
+            raise ConfigError(f"--val-every must be >= 1, got {self.val_every}.")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,232 @@
+"""Where a row's hidden states come from, fetched ahead of the step.
+
+* online / hybrid (`--on-missing generate`): the hidden-state client asks the server (vLLM or the built-in one)
+  and itself uses a cached `hs_{row}.safetensors` when present, then deletes or caches the server file.
+* offline (`--on-missing raise|skip|warn`): a folder of `hs_{row}.safetensors` files; a missing file raises,
+  is skipped silently-but-counted, or is skipped with a warning.
+
+`Prefetcher` runs a source in a background thread with a bounded queue so the fetches for the next steps overlap
+the current one; it measures how long the trainer waited on it (the "wait fraction" of the progress bar).
+The MTP input is the last captured layer (`hidden_states[:, -1]`), the verifier's pre-final-norm residual r_t.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mtptune.errors import DataError, ServerError
+from mtptune.serving.hidden_state_files import HiddenStates, HiddenStatesInvalid, read_hidden_states_file
+from mtptune.training.batching import Row
+from mtptune.training.config import HiddenStatesConfig
+
+log = logging.getLogger(__name__)
+
+FetchResult = tuple[int, "torch.Tensor | Exception"]
+
+
+class MissingHiddenStates(DataError):
+    """No hidden-state file for a row and the run may not generate one (`--on-missing skip|warn`)."""
+
+
+def hidden_states_file(cache_dir: Path, row_id: int) -> Path:
+    return Path(cache_dir) / f"hs_{row_id}.safetensors"
+
+
+def mtp_input(states: HiddenStates, dtype: torch.dtype) -> torch.Tensor:
+    """[T, H]: the last captured layer (layer N, pre-final-norm residual)."""
+    return states.hidden_states[:, -1].to(dtype)
+
+
+@dataclass
+class SourceStats:
+    loaded: int = 0
+    missing: int = 0
+    invalid: int = 0
+    failed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"loaded": self.loaded, "missing": self.missing, "invalid": self.invalid, "failed": self.failed}
+
+
+class FolderSource:
+    """Offline: read `hs_{row}.safetensors` from a folder; never talks to a server."""
+
+    def __init__(self, cache_dir: Path, on_missing: str, num_layers: int, hidden_size: int, dtype: torch.dtype):
+        self.cache_dir = Path(cache_dir)
+        self.on_missing = on_missing
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        if not self.cache_dir.is_dir():
+            raise DataError(
+                f"hidden-state folder {self.cache_dir} does not exist (--on-missing {on_missing} reads pre-written "
+                "hs_{row}.safetensors files; use --on-missing generate with --vllm-endpoint to fetch them online)."
+            )
+
+    def stream(self, rows: Iterable[Row]) -> Iterator[FetchResult]:
+        for row in rows:
+            path = hidden_states_file(self.cache_dir, row.row_id)
+            if not path.exists():
+                if self.on_missing == "raise":
+                    raise DataError(
+                        f"{path} is missing (--on-missing raise). Generate it with a hidden-state server "
+                        "(--on-missing generate --vllm-endpoint URL) or pass --on-missing skip."
+                    )
+                yield row.row_id, MissingHiddenStates(f"{path} is missing")
+                continue
+            try:
+                # Files written for the full row also serve a row truncated to --total-seq-len: compare the prefix.
+                states = read_hidden_states_file(path, None, None, self.hidden_size)
+                n = row.input_ids.numel()
+                if states.token_ids.numel() < n or not torch.equal(states.token_ids[:n], row.input_ids):
+                    raise HiddenStatesInvalid(
+                        "token_mismatch", f"{path}: token_ids differ from row {row.row_id} of the prepared data."
+                    )
+            except ServerError as exc:
+                yield row.row_id, exc
+                continue
+            yield row.row_id, mtp_input(states, self.dtype)[:n]
+
+    def close(self) -> None:
+        pass
+
+
+class ClientSource:
+    """Online / hybrid: the hidden-state client (async, `concurrency` requests in flight, order preserved)."""
+
+    def __init__(self, client, prefetch: int, dtype: torch.dtype):
+        self.client = client
+        self.prefetch = prefetch
+        self.dtype = dtype
+
+    def stream(self, rows: Iterable[Row]) -> Iterator[FetchResult]:
+        items = ((row.row_id, row.input_ids.tolist()) for row in rows)
+        for row_id, result in self.client.iter_fetch(items, prefetch=self.prefetch):
+            yield row_id, result if isinstance(result, Exception) else mtp_input(result, self.dtype)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def build_source(config: HiddenStatesConfig, data_path: str, verifier_name: str, hidden_size: int):
+    dtype = getattr(torch, config.dtype)
+    cache_dir = config.cache_dir(data_path)
+    if config.on_missing != "generate":
+        if config.endpoints:
+            log.warning(
+                "--vllm-endpoint is ignored with --on-missing %s: rows are read only from %s.",
+                config.on_missing,
+                cache_dir,
+            )
+        return FolderSource(cache_dir, config.on_missing, config.num_layers, hidden_size, dtype)
+    from mtptune.serving.client import HiddenStatesClient
+
+    client = HiddenStatesClient(
+        endpoints=list(config.endpoints),
+        model_id=verifier_name,
+        num_layers=config.num_layers,
+        hidden_size=hidden_size,
+        on_generate=config.on_generate,
+        cache_dir=cache_dir,
+        request_timeout=config.request_timeout,
+        max_retries=config.max_retries,
+        concurrency=config.concurrency,
+        api_key=config.api_key,
+        server_wait_timeout=config.server_wait_timeout,
+    )
+    client.check_model()
+    return ClientSource(client, config.prefetch, dtype)
+
+
+_END = object()
+
+
+class Prefetcher:
+    """Run `source.stream(rows)` in a background thread, at most `depth` rows ahead of the consumer."""
+
+    def __init__(self, source, rows: Iterable[Row], depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self.wait_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, args=(source, rows), daemon=True, name="mtptune-prefetch")
+        self._thread.start()
+
+    def _run(self, source, rows: Iterable[Row]) -> None:
+        try:
+            for item in source.stream(rows):
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # re-raised in the consumer's thread
+            self._put(_Failure(exc))
+            return
+        self._put(_END)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self) -> FetchResult:
+        start = time.perf_counter()
+        item = self._queue.get()
+        self.wait_seconds += time.perf_counter() - start
+        if isinstance(item, _Failure):
+            raise item.exc
+        if item is _END:
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+
+@dataclass
+class _Failure:
+    exc: BaseException
+
+
+def take_rows(
+    prefetcher: Prefetcher, rows: list[Row], stats: SourceStats, on_missing: str, warn: Callable[[str], None]
+) -> tuple[list[Row], list[torch.Tensor]]:
+    """Pull the hidden states of `rows` (in order) and keep the rows that have valid ones; count the others."""
+    kept, hidden = [], []
+    for row in rows:
+        row_id, result = prefetcher.next()
+        if row_id != row.row_id:
+            raise RuntimeError(f"hidden states arrived out of order: expected row {row.row_id}, got {row_id}")
+        if isinstance(result, MissingHiddenStates):
+            stats.missing += 1
+            if on_missing == "warn":
+                warn(f"row {row_id}: {result}; skipped")
+            continue
+        if isinstance(result, Exception):
+            reason = getattr(result, "reason", None)
+            if reason is not None:
+                stats.invalid += 1
+                stats.reasons[reason] = stats.reasons.get(reason, 0) + 1
+            else:
+                stats.failed += 1
+            warn(f"row {row_id}: hidden states rejected, sample skipped: {result}")
+            continue
+        if result.shape[0] != row.input_ids.numel():
+            stats.invalid += 1
+            warn(f"row {row_id}: {result.shape[0]} hidden-state rows for {row.input_ids.numel()} tokens; skipped")
+            continue
+        stats.loaded += 1
+        kept.append(row)
+        hidden.append(result)
+    return kept, hidden

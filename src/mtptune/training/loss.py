@@ -1,0 +1,153 @@
+"""The MTP objective, computed chunk by chunk so full-vocabulary logits never exist for all rows at once.
+
+For step k, row t predicts x_{t+k+2} (contracts d6) and is supervised iff that token is in the same document and
+has loss_mask 1; only those rows reach the LM head, `chunk_rows` at a time. Each chunk runs under activation
+checkpointing, so its `[chunk_rows, V]` logits are freed after the forward and recomputed in the backward: peak
+memory is one chunk of logits, whatever the sequence length and K (248k vocab x 8192 tokens x 3 steps would
+need ~24 GB in fp32).
+
+Losses per step k (each averaged over its own supervised tokens N_k, then weighted by FastMTP alpha_k, d7):
+* `ce`: cross-entropy against the dataset token x_{t+k+2};
+* `kl`: KL(p_verifier || q_head) toward the verifier's own next-token distribution at that position,
+  p = softmax(W_lm h_{t+k+1}) from the same post-norm hidden states (no extra server call);
+* `tv`: total variation 1/2 |p - q|_1 (1 - TV is the acceptance probability under rejection sampling);
+* `ce+kl`: ce + kl_weight * kl.
+N_k is the number of supervised tokens of the whole global batch (all micro-batches, all ranks), so the loss of a
+global batch does not depend on how it is split into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mtptune.modeling.head import shift_left, step_targets
+from mtptune.training.metrics import StepMetrics
+
+
+def supervised_counts(
+    input_ids: torch.Tensor, loss_mask: torch.Tensor, position_ids: torch.Tensor, K: int
+) -> list[int]:
+    """N_k for one micro-batch: how many rows step k supervises."""
+    return [int(step_targets(input_ids, loss_mask, position_ids, k)[1].sum()) for k in range(K)]
+
+
+@torch.no_grad()
+def reference_tokens(hidden_post_norm: torch.Tensor, lm_head: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """[B, T] the verifier's greedy next token at every position, argmax W_lm h_p, computed in chunks."""
+    B, T, H = hidden_post_norm.shape
+    flat = hidden_post_norm.reshape(B * T, H)
+    out = torch.empty(B * T, dtype=torch.int64, device=flat.device)
+    for start in range(0, B * T, chunk_rows):
+        logits = F.linear(flat[start : start + chunk_rows].to(lm_head.dtype), lm_head)
+        out[start : start + chunk_rows] = logits.argmax(-1)
+    return out.reshape(B, T)
+
+
+def _chunk_loss(
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    lm_head: torch.Tensor,
+    kind: str,
+    kl_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(objective sum, ce sum, kl sum, tv sum, argmax) over one chunk of supervised rows."""
+    logits = F.linear(outputs.to(lm_head.dtype), lm_head).float()
+    logq = torch.log_softmax(logits, dim=-1)
+    ce = -logq.gather(-1, targets[:, None]).sum()
+    zero = logits.new_zeros(())
+    kl, tv = zero, zero
+    if teacher_hidden is not None:
+        with torch.no_grad():
+            logp = torch.log_softmax(F.linear(teacher_hidden.to(lm_head.dtype), lm_head).float(), dim=-1)
+            p = logp.exp()
+        kl = (p * (logp - logq)).sum()
+        tv = 0.5 * (p - logq.exp()).abs().sum()
+    if kind == "ce":
+        objective = ce
+    elif kind == "kl":
+        objective = kl
+    elif kind == "tv":
+        objective = tv
+    else:
+        objective = ce + kl_weight * kl
+    return objective, ce.detach(), kl.detach(), tv.detach(), logits.argmax(-1).detach()
+
+
+def mtp_loss(
+    outputs: list[torch.Tensor],
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    lm_head: torch.Tensor,
+    step_weights: list[float],
+    normalizers: list[float],
+    kind: str = "ce",
+    chunk_rows: int = 2048,
+    kl_weight: float = 1.0,
+) -> tuple[torch.Tensor, StepMetrics]:
+    """sum_k alpha_k * (sum of step-k objective over its supervised rows) / normalizers[k].
+
+    outputs: the head's per-step post-norm outputs o^k [B, T, H]; teacher_hidden: the verifier's post-norm states
+    h [B, T, H] (reference tokens and distillation teacher). Returns the loss (a graph when outputs require grad;
+    exactly zero without a graph when nothing is supervised) and this micro-batch's metric sums.
+    """
+    K = len(outputs)
+    metrics = StepMetrics.zeros(K)
+    ref = reference_tokens(teacher_hidden, lm_head, chunk_rows)
+    need_teacher = kind != "ce"
+    loss: torch.Tensor | None = None
+    predictions = torch.full((K, *input_ids.shape), -1, dtype=torch.int64, device=input_ids.device)
+    valid_all = torch.ones_like(input_ids, dtype=torch.bool)
+    for k, o in enumerate(outputs):
+        targets, valid = step_targets(input_ids, loss_mask, position_ids, k)
+        valid_all &= valid
+        rows = valid.nonzero(as_tuple=True)
+        n = rows[0].numel()
+        metrics.add("tokens", k, n)
+        if n == 0:
+            continue
+        step_ref = shift_left(ref, k + 1)[rows]  # the verifier's greedy token for x_{t+k+2}
+        step_targets_ = targets[rows]
+        step_out = o[rows]
+        teacher = shift_left_hidden(teacher_hidden, k + 1)[rows] if need_teacher else None
+        train = o.requires_grad and step_weights[k] > 0 and normalizers[k] > 0
+        scale = step_weights[k] / normalizers[k] if normalizers[k] > 0 else 0.0
+        argmaxes = []
+        for start in range(0, n, chunk_rows):
+            sl = slice(start, start + chunk_rows)
+            args = (step_out[sl], step_targets_[sl], None if teacher is None else teacher[sl], lm_head, kind, kl_weight)
+            if train:
+                objective, ce, kl, tv, argmax = checkpoint(_chunk_loss, *args, use_reentrant=False)
+                term = objective * scale
+                loss = term if loss is None else loss + term
+            else:
+                with torch.no_grad():
+                    objective, ce, kl, tv, argmax = _chunk_loss(*args)
+            metrics.add("ce", k, ce)
+            metrics.add("kl", k, kl)
+            metrics.add("tv", k, tv)
+            argmaxes.append(argmax)
+        argmax = torch.cat(argmaxes)
+        predictions[k][rows] = argmax
+        metrics.add("correct_label", k, (argmax == step_targets_).sum())
+        metrics.add("correct_verifier", k, (argmax == step_ref).sum())
+        metrics.add("verifier_label_agree", k, (step_ref == step_targets_).sum())
+    # Teacher-forced acceptance over rows where every step is supervised: accepted up to the first miss.
+    hits = torch.stack([predictions[k] == shift_left(ref, k + 1) for k in range(K)])[:, valid_all]
+    metrics.drafts = float(hits.shape[1])
+    accepted = torch.cumprod(hits.to(torch.int64), dim=0).sum(dim=1)
+    for k in range(K):
+        metrics.add("accepted", k, accepted[k])
+    if loss is None:
+        loss = torch.zeros((), device=input_ids.device)
+    return loss, metrics
+
+
+def shift_left_hidden(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x[:, t + n] at row t for [B, T, H]; rows past the end are zeros (never supervised)."""
+    pad = torch.zeros_like(x[:, :n])
+    return torch.cat([x[:, n:], pad], dim=1)[:, : x.shape[1]]

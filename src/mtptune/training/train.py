@@ -1,0 +1,354 @@
+"""The training loop: `run_training(config) -> TrainResult`, the library entry point behind `mtptune train`.
+
+The parts live in their own modules (config, batching, hidden_source, loss, metrics, checkpointing,
+distributed, loggers); this file wires them and runs the loop, which reads top to bottom:
+
+    for each epoch: plan packed micro-batches -> prefetch hidden states -> for each global step:
+        forward K MTP steps per micro-batch -> chunked loss / N_k -> backward -> clip -> AdamW -> schedule
+    validate -> checkpoint (<epoch>/, epoch{E}_end, checkpoint_best)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mtptune.training import checkpointing as ckpt
+from mtptune.training.batching import PackedBatch, collate, pack_rows, plan_epoch
+from mtptune.training.build import Parts, build_parts
+from mtptune.training.config import TrainConfig
+from mtptune.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from mtptune.training.hidden_source import Prefetcher, take_rows
+from mtptune.training.loss import mtp_loss, supervised_counts
+from mtptune.training.metrics import StepMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    save_path: Path
+    best_checkpoint: Path | None = None
+    global_step: int = 0
+    optimizer_steps: int = 0
+    skipped_steps: int = 0  # global steps with no supervised token: no optimizer step was taken
+    epochs_completed: int = 0
+    interrupted: bool = False
+    train_losses: list[float] = field(default_factory=list)  # weighted loss per global step of this run
+    val_before: dict | None = None  # the untrained (or resumed-from) head on the validation rows
+    val_history: list[dict] = field(default_factory=list)
+    source_stats: dict = field(default_factory=dict)
+
+
+def run_training(config: TrainConfig, should_stop: Callable[[int], bool] | None = None) -> TrainResult:
+    """Train the MTP head as configured. `should_stop(global_step)` lets a caller interrupt like Ctrl-C does."""
+    config = config.validate()
+    info = init_distributed(config.device)
+    torch.manual_seed(config.seed)
+    parts = build_parts(config, info)
+    try:
+        with _StopSignals() as signals:
+
+            def stop(step: int) -> bool:
+                return signals.requested or (should_stop is not None and should_stop(step))
+
+            return train(parts, stop)
+    finally:
+        parts.logger.close()
+        parts.source.close()
+        shutdown(info)
+
+
+def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
+    config, info, save_path = p.config, p.info, Path(p.config.checkpoint.save_path)
+    state = _resume(p) if config.checkpoint.resume else None
+    result = TrainResult(save_path=save_path)
+    if state is None:
+        state = ckpt.TrainingState(epoch=0, local_step=0, global_step=0)
+        if config.validate_at_start and p.val_ids:
+            result.val_before = validate(p)
+            p.logger.log("val", 0, result.val_before)
+            _report_val("untrained head", result.val_before, info)
+    bar = tqdm(
+        total=p.total_steps, initial=state.global_step, disable=not (info.is_main and config.logging.progress_bar)
+    )
+    for epoch in range(state.epoch, config.epochs):
+        plan = plan_epoch(_epoch_batches(p, epoch), info.rank, info.world_size, config.optim.grad_accum)
+        start = state.local_step if epoch == state.epoch else 0
+        rows = (p.rows[i] for step in plan.steps[start:] for micro in step for i in micro)
+        prefetcher = Prefetcher(p.source, rows, config.hidden_states.prefetch)
+        try:
+            for local in range(start, plan.num_steps):
+                if _agree(stop(state.global_step), info):
+                    _save(p, save_path / ckpt.INTERRUPTED, state, None)
+                    result.interrupted = True
+                    break
+                t0, wait0 = time.perf_counter(), prefetcher.wait_seconds
+                micro = [_load_micro(p, prefetcher, ids) for ids in plan.steps[local]]
+                metrics, stepped = train_step(p, micro)
+                state = replace(state, local_step=local + 1, global_step=state.global_step + 1)
+                if not stepped:
+                    state = replace(state, skipped_steps=state.skipped_steps + 1)
+                    log.warning(
+                        "step %d: no supervised token in the global batch; no optimizer step.", state.global_step
+                    )
+                result.optimizer_steps += int(stepped)
+                summary = metrics.summary(p.weights, config.loss.kind, config.loss.kl_weight)
+                elapsed = time.perf_counter() - t0
+                summary.update(
+                    lr=p.scheduler.get_last_lr()[0],
+                    wait_fraction=(prefetcher.wait_seconds - wait0) / max(elapsed, 1e-9),
+                )
+                summary["tokens_per_s"] = (
+                    sum(b.num_tokens for b in micro if b is not None) * info.world_size / max(elapsed, 1e-9)
+                )
+                result.train_losses.append(summary["loss"])
+                if state.global_step % config.logging.log_every == 0:
+                    p.logger.log("train", state.global_step, summary)
+                bar.set_postfix(
+                    loss=f"{summary['loss']:.3f}",
+                    tau=f"{summary['tau_sim']:.2f}",
+                    wait=f"{summary['wait_fraction']:.0%}",
+                )
+                bar.update(1)
+                if config.val_every and state.global_step % config.val_every == 0 and p.val_ids:
+                    p.logger.log("val", state.global_step, validate(p))
+                if _mid_epoch_checkpoint_due(config, plan.num_steps, local + 1):
+                    _save(p, save_path / f"step{state.global_step}", state, None)
+                if config.max_steps is not None and state.global_step >= config.max_steps:
+                    break
+        finally:
+            prefetcher.close()
+        if result.interrupted:
+            break
+        finished_epoch = state.local_step >= plan.num_steps
+        if finished_epoch:
+            state = replace(state, epoch=epoch + 1, local_step=0)
+        state = _end_of_epoch(p, epoch, state, result, finished_epoch)
+        if not finished_epoch:  # --max-steps ended the run inside the epoch
+            break
+    bar.close()
+    result.global_step, result.skipped_steps = state.global_step, state.skipped_steps
+    result.source_stats = p.stats.to_dict()
+    best = save_path / ckpt.BEST_LINK
+    result.best_checkpoint = best if best.exists() else None
+    barrier(info)
+    return result
+
+
+def train_step(p: Parts, micro: list[PackedBatch | None]) -> tuple[StepMetrics, bool]:
+    """One global step over this rank's micro-batches; returns its metrics (summed over ranks) and whether an
+    optimizer step was taken (never on a global batch without a supervised token)."""
+    K, info = p.config.num_speculative_steps, p.info
+    counts = torch.zeros(K, dtype=torch.float64)
+    for b in micro:
+        if b is not None:
+            counts += torch.tensor(supervised_counts(b.input_ids, b.loss_mask, b.position_ids, K), dtype=torch.float64)
+    normalizers = all_reduce_sum(counts.to(info.device), info).cpu().tolist()
+    supervised = sum(w * n for w, n in zip(p.weights, normalizers)) > 0
+    metrics = StepMetrics.zeros(K)
+    p.model.train()
+    for j, b in enumerate(micro):
+        if b is None:
+            if not info.enabled:
+                continue
+            b = _empty_batch(p)  # every rank must join DDP's gradient all-reduce
+        sync = j == len(micro) - 1 or not hasattr(p.model, "no_sync")
+        with contextlib.nullcontext() if sync else p.model.no_sync(), _autocast(p):
+            loss, m = _forward_loss(p, p.model, b, normalizers)
+        if supervised:
+            (loss * info.world_size).backward()  # DDP averages gradients; the loss is already a global mean
+        metrics = metrics.merge(m)
+    if supervised:
+        torch.nn.utils.clip_grad_norm_(p.head.parameters(), p.config.optim.grad_clip)
+        p.optimizer.step()
+        p.scheduler.step()
+    p.optimizer.zero_grad(set_to_none=True)
+    flat = all_reduce_sum(metrics.to_flat().to(info.device), info)
+    return StepMetrics.from_flat(K, flat), supervised
+
+
+def _forward_loss(p: Parts, model: torch.nn.Module, b: PackedBatch, normalizers: list[float]):
+    config = p.config
+    post_norm = p.head.verifier_final_norm(b.hidden_states)  # h_t = FinalNorm(r_t), the verifier's output
+    head_input = post_norm if config.mtp_input_norm == "post_norm" else b.hidden_states
+    outputs = model(b.input_ids, head_input, b.position_ids, config.num_speculative_steps, config.mtp_input_norm, False)
+    loss, metrics = mtp_loss(
+        outputs, b.input_ids, b.loss_mask, b.position_ids, post_norm.detach(), p.head.lm_head, p.weights,
+        normalizers, config.loss.kind, config.loss.chunk_rows, config.loss.kl_weight,
+    )  # fmt: skip
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        # Keep every parameter in the graph so DDP's reducer sees a gradient (zero) from this rank.
+        loss = loss + 0.0 * sum(o.float().sum() for o in outputs)
+    return loss, metrics
+
+
+@torch.no_grad()
+def validate(p: Parts) -> dict:
+    """Metrics of the current head over the validation rows (contiguous tail), summed over ranks."""
+    K, info = p.config.num_speculative_steps, p.info
+    batches = pack_rows(p.val_ids, p.rows.lengths, p.config.data.total_seq_len, seed=None, epoch=0)
+    mine = batches[info.rank :: info.world_size]
+    prefetcher = Prefetcher(p.source, (p.rows[i] for ids in mine for i in ids), p.config.hidden_states.prefetch)
+    metrics = StepMetrics.zeros(K)
+    p.head.eval()
+    try:
+        for ids in mine:
+            b = _load_micro(p, prefetcher, ids)
+            if b is None:
+                continue
+            counts = supervised_counts(b.input_ids, b.loss_mask, b.position_ids, K)
+            with _autocast(p):
+                _, m = _forward_loss(p, p.head, b, [float(c) for c in counts])
+            metrics = metrics.merge(m)
+    finally:
+        prefetcher.close()
+    flat = all_reduce_sum(metrics.to_flat().to(info.device), info)
+    return StepMetrics.from_flat(K, flat).summary(p.weights, p.config.loss.kind, p.config.loss.kl_weight)
+
+
+def _end_of_epoch(p: Parts, epoch: int, state: ckpt.TrainingState, result: TrainResult, complete: bool):
+    config, save_path = p.config, Path(p.config.checkpoint.save_path)
+    val = validate(p) if p.val_ids else None
+    if val is not None:
+        val = {"epoch": epoch, "global_step": state.global_step, **val}
+        result.val_history.append(val)
+        p.logger.log("val", state.global_step, val)
+        _report_val(f"epoch {epoch}", val, p.info)
+    freq = config.checkpoint.checkpoint_freq
+    last = epoch == config.epochs - 1 or not complete
+    if not (last or freq < 1 or (epoch + 1) % max(1, round(freq)) == 0):
+        return state
+    tau = val["tau_sim"] if val else None
+    better = (
+        val is None
+        or state.best_tau_sim is None
+        or (tau, -val["loss"]) > (state.best_tau_sim, -(state.best_loss or 0.0))
+    )
+    if better:
+        state = replace(state, best_epoch=epoch, best_tau_sim=tau, best_loss=val["loss"] if val else None)
+    _save(p, save_path / str(epoch), state, val)
+    if p.info.is_main:
+        if complete:
+            ckpt.link(save_path, f"epoch{epoch}_end", str(epoch))
+        if better and config.checkpoint.save_best:
+            ckpt.link(save_path, ckpt.BEST_LINK, str(epoch))
+    if complete:
+        result.epochs_completed += 1
+    return state
+
+
+def _save(p: Parts, path: Path, state: ckpt.TrainingState, val: dict | None) -> None:
+    if p.info.is_main:
+        ckpt.save_checkpoint(path, p.head_config, p.head, p.optimizer, p.scheduler, state, val)
+    barrier(p.info)
+
+
+def _resume(p: Parts) -> ckpt.TrainingState | None:
+    path = ckpt.find_resume_checkpoint(Path(p.config.checkpoint.save_path))
+    if path is None:
+        return None
+    state = ckpt.load_checkpoint(path, p.head, p.optimizer, p.scheduler)
+    if p.info.is_main:
+        log.info(
+            "resuming from %s (epoch %d, step %d of the epoch, global step %d)",
+            path,
+            state.epoch,
+            state.local_step,
+            state.global_step,
+        )
+    return state
+
+
+def _load_micro(p: Parts, prefetcher: Prefetcher, ids: list[int]) -> PackedBatch | None:
+    rows = [p.rows[i] for i in ids]
+    kept, hidden = take_rows(prefetcher, rows, p.stats, p.config.hidden_states.on_missing, _warn)
+    if not kept:
+        return None
+    b = collate(kept, hidden)
+    dtype = p.autocast_dtype or torch.float32
+    dev = p.info.device
+    return PackedBatch(
+        b.row_ids, b.input_ids.to(dev), b.loss_mask.to(dev), b.position_ids.to(dev), b.hidden_states.to(dev, dtype)
+    )
+
+
+def _empty_batch(p: Parts) -> PackedBatch:
+    dev, H = p.info.device, p.head.hidden_size
+    zeros = torch.zeros(1, 3, dtype=torch.int64, device=dev)
+    hidden = torch.ones(1, 3, H, dtype=p.autocast_dtype or torch.float32, device=dev)
+    return PackedBatch((), zeros, zeros, torch.arange(3, device=dev)[None], hidden)
+
+
+def _epoch_batches(p: Parts, epoch: int) -> list[list[int]]:
+    return pack_rows(p.train_ids, p.rows.lengths, p.config.data.total_seq_len, p.config.seed, epoch)
+
+
+def _mid_epoch_checkpoint_due(config: TrainConfig, steps_in_epoch: int, done: int) -> bool:
+    freq = config.checkpoint.checkpoint_freq
+    if freq >= 1 or done >= steps_in_epoch:
+        return False
+    every = max(1, round(freq * steps_in_epoch))
+    return done % every == 0
+
+
+def _autocast(p: Parts):
+    if p.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=p.info.device.type, dtype=p.autocast_dtype)
+
+
+def _agree(flag: bool, info: DistInfo) -> bool:
+    """Any rank asking to stop stops all of them at the same step."""
+    if not info.enabled:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=info.device), info).item() > 0)
+
+
+_warned: dict[str, int] = {}
+
+
+def _warn(message: str) -> None:
+    count = _warned[message[:40]] = _warned.get(message[:40], 0) + 1
+    if count <= 5:
+        log.warning(message)
+
+
+def _report_val(label: str, val: dict, info: DistInfo) -> None:
+    if info.is_main:
+        log.info(
+            "validation (%s): loss %.4f  tau_sim %.3f  drafts %d", label, val["loss"], val["tau_sim"], val["drafts"]
+        )
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM ask the loop to stop after the current step and save `interrupted/`; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("signal %d: finishing the current step, then saving an interrupted checkpoint", signum)
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
