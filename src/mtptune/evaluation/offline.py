@@ -64,28 +64,37 @@ def draft_rows(loss_mask: torch.Tensor, num_steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def tally_row(
-    head: MtpHead, input_ids: torch.Tensor, loss_mask: torch.Tensor, hidden: torch.Tensor, num_steps: int
-) -> OfflineTally:
-    """One document: input_ids [T], loss_mask [T], hidden [T, H] = the verifier's post-norm states h_t."""
+def slot_hits(
+    head: MtpHead, input_ids: torch.Tensor, hidden: torch.Tensor, num_steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[K, T] bool pairs for one document: step k at slot t equals the verifier's greedy token at t+k+2 /
+    equals the dataset token there. hidden [T, H] = the verifier's post-norm states h_t of input_ids [T]."""
     hidden = hidden.to(device=head.lm_head.device, dtype=head.fc.weight.dtype)
     ids = input_ids.to(hidden.device)
     reference = greedy_tokens(hidden, head.logits)  # reference[t] = the verifier's greedy token at t+1
     outputs = head(ids[None], hidden[None], num_steps=num_steps, hidden_is_pre_norm=False)
-    valid = draft_rows(loss_mask.cpu(), num_steps).to(hidden.device)
     T = ids.shape[0]
     hits, label_hits = [], []
     for k, o in enumerate(outputs):
-        predicted = greedy_tokens(o[0], head.logits)  # row t predicts position t+k+2
+        predicted = greedy_tokens(o[0], head.logits)  # slot t predicts position t+k+2
         shift = k + 1
         ref = torch.full_like(reference, -1)
         ref[: T - shift] = reference[shift:]
         label = torch.full_like(ids, -1)
         label[: T - shift - 1] = ids[shift + 1 :]
         hits.append(predicted == ref)
-        label_hits.append(int(((predicted == label) & valid).sum()))
-    counts = AcceptanceCounts.from_hits(torch.stack(hits).cpu(), valid.cpu())
-    return OfflineTally(counts, label_hits, rows=1)
+        label_hits.append(predicted == label)
+    return torch.stack(hits).cpu(), torch.stack(label_hits).cpu()
+
+
+def tally_row(
+    head: MtpHead, input_ids: torch.Tensor, loss_mask: torch.Tensor, hidden: torch.Tensor, num_steps: int
+) -> OfflineTally:
+    """One document: input_ids [T], loss_mask [T], hidden [T, H] = the verifier's post-norm states h_t."""
+    hits, label_hits = slot_hits(head, input_ids, hidden, num_steps)
+    valid = draft_rows(loss_mask.cpu(), num_steps)
+    counts = AcceptanceCounts.from_hits(hits, valid)
+    return OfflineTally(counts, (label_hits & valid).sum(dim=1).tolist(), rows=1)
 
 
 def evaluate_offline(

@@ -35,6 +35,7 @@ class Decoded:
 
     tokens: list[int]
     accept_lengths: list[int] = field(default_factory=list)
+    draft_slots: list[int] = field(default_factory=list)  # per draft: the slot t (in prompt + tokens) it drafted from
     verifier_steps: int = 0
     seconds: float = 0.0
 
@@ -121,6 +122,7 @@ def speculative_decode(
             logits = verify_hook(logits)
         accepted, bonus = _verify(drafts, logits, temperature, generator)
         out.accept_lengths.append(accepted)
+        out.draft_slots.append(L - 2)
         new = [*drafts[:accepted], bonus]
         # Tokens after a stop token are never produced by serving either.
         for i, token in enumerate(new):
