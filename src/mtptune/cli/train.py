@@ -1,16 +1,224 @@
-"""`mtptune train` (not implemented yet)."""
+"""`mtptune train`: finetune the MTP head against a hidden-state server (online), a cache (hybrid) or files (offline).
+
+Accepts the speculators tutorial command verbatim (contracts a5), e.g.
+
+    mtptune train --verifier-name-or-path Qwen/Qwen3.5-9B --data-path ./output \\
+        --vllm-endpoint http://localhost:8000/v1 --save-path ./output/checkpoints --speculator-type mtp \\
+        --num-speculative-steps 3 --target-layer-ids 32 --step-weight-beta 0.6 --epochs 3 --lr 1e-4 \\
+        --total-seq-len 8192 --on-missing generate --on-generate delete
+
+Multi-GPU: the same command under `torchrun --nproc_per_node N -m mtptune.cli.main train ...`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 
-from mtptune.errors import MtpTuneError
+from mtptune.errors import ConfigError
+
+log = logging.getLogger("mtptune.train")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("train", help="(not implemented yet)")
+    parser = sub.add_parser(
+        "train",
+        help="finetune the MTP head on hidden states from a server (online/hybrid) or files (offline)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
     parser.set_defaults(func=run)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--verifier-name-or-path", required=True, help="verifier folder or hub id (= the server's model id)")
+    g.add_argument("--speculator-type", default="mtp", help="must be mtp (mtptune trains native MTP heads only)")
+    g.add_argument("--from-pretrained", default=None, help="start from a head checkpoint (convert output or epoch dir)")
+    g.add_argument(
+        "--num-speculative-steps", type=int, default=None, help="K trained (default: the checkpoint's, or 3)"
+    )
+    g.add_argument("--mtp-input-norm", choices=("post_norm", "none"), default="post_norm",
+                   help="post_norm: head gets FinalNorm(r_t) like vLLM serves it (default); none: pre-norm A/B")  # fmt: skip
+    g.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
+                   help="layer ids the server captures; the MTP input is the last one and should be N")  # fmt: skip
+
+    g = parser.add_argument_group("data and hidden states")
+    g.add_argument("--data-path", default="./output", help="prepared data folder (mtptune prepare)")
+    g.add_argument("--max-rows", type=int, default=None, help="use only the first N prepared rows")
+    g.add_argument("--vllm-endpoint", action="append", default=None, help="OpenAI base URL incl. /v1 (repeatable)")
+    g.add_argument(
+        "--hidden-states-path", default=None, help="cache/offline folder (default <data-path>/hidden_states)"
+    )
+    g.add_argument("--on-missing", choices=("generate", "skip", "warn", "raise"), default="generate")
+    g.add_argument("--on-generate", choices=("delete", "cache"), default="delete")
+    g.add_argument("--request-timeout", type=float, default=120.0)
+    g.add_argument("--max-retries", type=int, default=3)
+    g.add_argument("--concurrency", type=int, default=None, help="hidden-state requests in flight (default 12)")
+    g.add_argument("--num-workers", type=int, default=None, help="speculators' spelling of --concurrency")
+    g.add_argument(
+        "--prefetch", type=int, default=None, help="rows fetched ahead of the step (default 2 x concurrency)"
+    )
+    g.add_argument("--hidden-states-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    g.add_argument("--server-wait-timeout", type=float, default=60.0, help="seconds to wait for GET /health")
+    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (env OPENAI_API_KEY)")
+    g.add_argument("--train-data-ratio", type=float, default=0.9, help="train fraction; the tail validates")
+    g.add_argument("--total-seq-len", type=int, default=8192, help="packed tokens per micro-batch per rank")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
+    g.add_argument("--muon-lr", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--scheduler", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--step-weight-beta", type=float, default=0.6, help="FastMTP alpha_k = beta^k / sum_j beta^j")
+    g.add_argument("--step-weights", default=None, help="explicit per-step weights, e.g. 1,0,0 (overrides beta)")
+    g.add_argument("--loss", choices=("ce", "kl", "tv", "ce+kl"), default="ce")
+    g.add_argument("--kl-weight", type=float, default=1.0, help="weight of kl in --loss ce+kl")
+    g.add_argument("--loss-chunk-rows", type=int, default=2048, help="rows per chunked lm_head + loss")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype (auto: bf16 autocast on GPU, fp32 on CPU); master weights stay fp32")  # fmt: skip
+    g.add_argument("--fsdp-shard", action="store_true", help="FSDP2 instead of DDP under torchrun")
+
+    g = parser.add_argument_group("checkpoints and logging")
+    g.add_argument("--save-path", default="./output/checkpoints")
+    g.add_argument("--checkpoint-freq", type=float, default=1.0, help="in epochs; < 1 adds mid-epoch step<N>/ saves")
+    g.add_argument("--save-best", action="store_true", help="(always on) keep checkpoint_best -> best val tau_sim")
+    g.add_argument("--no-resume", action="store_true", help="ignore checkpoints already under --save-path")
+    g.add_argument("--val-every", type=int, default=None, help="also validate every N steps")
+    g.add_argument("--no-initial-val", action="store_true", help="skip validating the untrained head")
+    g.add_argument("--logger", action="append", default=None, help="tensorboard, trackio, wandb (comma list/repeat)")
+    g.add_argument("--log-dir", default=None)
+    g.add_argument("--run-name", default=None)
+    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_config(args: argparse.Namespace):
+    """argparse namespace -> the validated TrainConfig tree (warns about flags that are inert for MTP)."""
+    from mtptune.checkpoint.verifier import Verifier
+    from mtptune.training.build import pretrained_num_steps
+    from mtptune.training.config import (
+        CheckpointConfig,
+        DataConfig,
+        HiddenStatesConfig,
+        LoggingConfig,
+        LossConfig,
+        OptimConfig,
+        TrainConfig,
+    )
+
+    if args.speculator_type != "mtp":
+        raise ConfigError(
+            f"--speculator-type {args.speculator_type}: mtptune trains native MTP heads only (--speculator-type mtp); "
+            "use speculators for eagle3."
+        )
+    verifier = Verifier.open(args.verifier_name_or_path)
+    n_layers = verifier.text_config.num_hidden_layers
+    num_layers = 1
+    if args.target_layer_ids:
+        num_layers = len(args.target_layer_ids)
+        if args.target_layer_ids[-1] != n_layers:
+            log.warning(
+                "!!! --target-layer-ids %s: the MTP head's input is the LAST captured layer, which should be N=%d "
+                "(the verifier's last decoder layer, pre-final-norm). Training on layer %d will not match serving.",
+                args.target_layer_ids,
+                n_layers,
+                args.target_layer_ids[-1],
+            )
+        if num_layers > 1:
+            log.warning("--target-layer-ids lists %d layers; MTP uses only the last one (%d).", num_layers, n_layers)
+    steps = args.num_speculative_steps
+    if steps is None:
+        steps = (pretrained_num_steps(args.from_pretrained) if args.from_pretrained else None) or 3
+    if args.num_workers is not None and args.concurrency is not None and args.num_workers != args.concurrency:
+        raise ConfigError("--num-workers and --concurrency disagree; --num-workers is speculators' name for it.")
+    concurrency = args.concurrency or args.num_workers or 12
+    if args.save_best:
+        log.info("--save-best: checkpoint_best is always maintained (highest validation tau_sim).")
+    if args.optimizer == "muon" or args.muon_lr is not None:
+        log.warning("!!! --optimizer muon / --muon-lr are not supported by mtptune yet; training with AdamW.")
+    step_weights = None
+    if args.step_weights:
+        try:
+            step_weights = tuple(float(x) for x in args.step_weights.split(","))
+        except ValueError as exc:
+            raise ConfigError(f"--step-weights {args.step_weights!r}: expected numbers like 1,0,0.") from exc
+    loggers = tuple(name.strip() for item in (args.logger or []) for name in item.split(",") if name.strip())
+    endpoints = tuple(args.vllm_endpoint or ())
+    return TrainConfig(
+        verifier=args.verifier_name_or_path,
+        data=DataConfig(args.data_path, args.total_seq_len, args.train_data_ratio, args.max_rows),
+        checkpoint=CheckpointConfig(args.save_path, args.checkpoint_freq, True, not args.no_resume),
+        hidden_states=HiddenStatesConfig(
+            endpoints=endpoints,
+            hidden_states_path=args.hidden_states_path,
+            on_missing=args.on_missing,
+            on_generate=args.on_generate,
+            request_timeout=args.request_timeout,
+            max_retries=args.max_retries,
+            concurrency=concurrency,
+            prefetch=args.prefetch or 2 * concurrency,
+            dtype=args.hidden_states_dtype,
+            num_layers=num_layers,
+            api_key=args.api_key,
+            server_wait_timeout=args.server_wait_timeout,
+        ),
+        optim=OptimConfig(
+            name=args.optimizer,
+            lr=args.lr,
+            muon_lr=args.muon_lr,
+            weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip,
+            grad_accum=args.grad_accum,
+            scheduler=args.scheduler,
+            warmup_steps=args.warmup_steps,
+        ),
+        loss=LossConfig(args.loss, args.step_weight_beta, step_weights, args.loss_chunk_rows, args.kl_weight),
+        logging=LoggingConfig(loggers, args.log_dir, args.run_name, args.log_every, not args.no_progress),
+        from_pretrained=args.from_pretrained,
+        num_speculative_steps=steps,
+        mtp_input_norm=args.mtp_input_norm,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        val_every=args.val_every,
+        validate_at_start=not args.no_initial_val,
+        fsdp_shard=args.fsdp_shard,
+        command=tuple(sys.argv),
+    ).validate()
+
+
 def run(args: argparse.Namespace) -> int:
-    raise MtpTuneError("`mtptune train` is not implemented yet.")
+    from mtptune.training.train import run_training
+
+    config = build_config(args)
+    result = run_training(config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 130 if result.interrupted else 0
+    before = result.val_before["tau_sim"] if result.val_before else None
+    after = result.val_history[-1] if result.val_history else None
+    print(f"trained {result.global_step} steps ({result.optimizer_steps} optimizer steps) -> {result.save_path}")
+    if before is not None:
+        print(f"validation tau_sim before: {before:.3f}")
+    if after is not None:
+        cond = " ".join(f"{after[f'cond_accept_step_{k}']:.3f}" for k in range(config.num_speculative_steps))
+        print(f"validation tau_sim after:  {after['tau_sim']:.3f}  (conditional acceptance per step: {cond})")
+    if result.best_checkpoint is not None:
+        print(f"best checkpoint: {result.best_checkpoint} -> {os.readlink(result.best_checkpoint)}")
+    if result.interrupted:
+        print(f"interrupted: saved {result.save_path / 'interrupted'}; rerun the same command to resume.")
+        return 130
+    return 0
