@@ -1,75 +1,22 @@
-"""A tiny verifier and a head trained to be right about it (plain CE on the verifier's own greedy tokens).
-
-The rows are the verifier's greedy continuations of random prompts: the text serving would produce at
-temperature 0, on which the offline simulation is exact and real speculative decoding must agree with it.
-"""
+"""Session fixtures: one tiny verifier and its trained / random heads for every evaluation test."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
 from mtptune.checkpoint.head_checkpoint import save_head_checkpoint
 from mtptune.checkpoint.verifier import Verifier
-from mtptune.evaluation.speculative import greedy_decode
-from mtptune.evaluation.token_rows import EvalRow
 from mtptune.evaluation.verifier_forward import VerifierForward
 from mtptune.modeling.load import head_config_for, load_head
 from mtptune.testing.tiny import TinySpec, write_tiny_verifier
 
-NUM_STEPS = 3
-PROMPT_LEN = 12
-NEW_TOKENS = 40
-NUM_PROMPTS = 8
+from .trained_tiny import NEW_TOKENS, NUM_PROMPTS, NUM_STEPS, PROMPT_LEN, TinySetup, greedy_rows, train_head
 
 
-@dataclass(frozen=True)
-class TinySetup:
-    verifier_dir: Path
-    trained_head: Path
-    random_head: Path  # the verifier's own (random) native head, as a head checkpoint
-    forward: VerifierForward
-    eval_prompts: list[list[int]]
-    eval_rows: list[EvalRow]  # prompt (unsupervised) + greedy continuation (supervised)
-
-
-def greedy_rows(forward: VerifierForward, prompts: list[list[int]], new_tokens: int) -> list[EvalRow]:
-    """The verifier's greedy continuations, computed exactly as the lossless baseline computes them."""
-    rows = []
-    for i, prompt in enumerate(prompts):
-        decoded, _ = greedy_decode(forward, prompt, new_tokens, stop_tokens=set())
-        rows.append(EvalRow(i, prompt + decoded.tokens, [0] * len(prompt) + [1] * len(decoded.tokens)))
-    return rows
-
-
-def train_head(verifier_dir: Path, forward: VerifierForward, rows: list[EvalRow], steps: int = 20) -> torch.nn.Module:
-    head, _, _ = load_head(verifier_dir, dtype=torch.float32)
-    ids = torch.tensor([r.input_ids for r in rows])
-    with torch.no_grad():
-        hidden = forward.hidden_states(ids).float()
-        reference = forward.greedy(hidden.to(forward.model.dtype))  # [B, T]: the verifier's greedy token at t+1
-    params = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=3e-3)
-    T = ids.shape[1]
-    torch.manual_seed(0)
-    for _ in range(steps):
-        outputs = head(ids, hidden, num_steps=NUM_STEPS, hidden_is_pre_norm=False)
-        loss = torch.zeros(())
-        for k, o in enumerate(outputs):
-            n = T - k - 1  # row t predicts reference[t + k + 1]
-            logits = head.logits(o[:, :n])
-            loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), reference[:, k + 1 :].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return head
-
-
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def one_thread() -> Iterator[None]:
     """Tiny models gain nothing from intra-op threads, and spinning OpenMP threads on a busy 2-core box cost ~10x."""
     before = torch.get_num_threads()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NUM_STEPS, TinySetup
 from safetensors.torch import load_file, save_file
 
 from mtptune.checkpoint.head_checkpoint import load_head_checkpoint
@@ -17,6 +16,8 @@ from mtptune.evaluation.hidden_sources import DirectForward
 from mtptune.evaluation.offline import OfflineTally, draft_rows, evaluate_offline
 from mtptune.evaluation.token_rows import load_eval_rows
 from mtptune.modeling.load import load_head
+
+from .trained_tiny import NUM_STEPS, TinySetup
 
 
 def offline(tiny: TinySetup, head_source: Path, verifier: Path | None = None) -> OfflineTally:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NEW_TOKENS, NUM_STEPS, TinySetup
 
 from mtptune.evaluation.hidden_sources import DirectForward
 from mtptune.evaluation.offline import evaluate_offline, slot_hits
 from mtptune.evaluation.speculative import LosslessError, propose_drafts, run_generation, speculative_decode
 from mtptune.metrics.acceptance import AcceptanceCounts
 from mtptune.modeling.load import load_head
+
+from .trained_tiny import NEW_TOKENS, NUM_STEPS, TinySetup
 
 
 def generate(tiny: TinySetup, head_source, num_prompts: int | None = None, new_tokens: int = NEW_TOKENS, **kwargs):

@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -96,7 +97,7 @@ def test_server_root_and_serve_command() -> None:
 class _VllmLike(BaseHTTPRequestHandler):
     """The three endpoints the evaluator uses, answering as a speculating vLLM would (each request: 4 drafts)."""
 
-    state = {"drafts": 40, "per_pos": [20, 10, 5]}
+    state: ClassVar[dict] = {"drafts": 40, "per_pos": [20, 10, 5]}
 
     def _send(self, body: str, content_type: str = "application/json") -> None:
         data = body.encode()
