@@ -1,0 +1,109 @@
+"""End-to-end offline training on the learnable verifier: learning, checkpoints, resume, never stepping on
+zero loss, and the --on-missing policies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+import yaml
+
+from mtptune.errors import DataError
+from mtptune.modeling.load import load_head
+from mtptune.testing.learnable import write_prepared_rows
+from mtptune.training.config import DataConfig, HiddenStatesConfig
+from mtptune.training.train import run_training
+
+from .conftest import offline_config
+
+
+def test_training_raises_validation_tau_sim_and_writes_the_checkpoint_layout(learnable, tmp_path):
+    save = tmp_path / "ckpt"
+    config = replace(offline_config(learnable, save, epochs=3), command=("mtptune", "train", "--epochs", "3"))
+    result = run_training(config)
+    before, after = result.val_before["tau_sim"], result.val_history[-1]["tau_sim"]
+    print(f"val tau_sim before {before:.3f} after {after:.3f}")
+    assert before < 1.2 and after > before + 1.0  # K=3: tau_sim in [1, 4]
+    assert result.val_history[-1]["acc_step_0"] > 0.8
+
+    # Layout (contracts a7): epoch folders, relative links, best = highest val tau_sim.
+    assert [p.name for p in sorted(save.iterdir()) if p.is_dir() and not p.is_symlink()] == ["0", "1", "2"]
+    for e in range(3):
+        assert os.readlink(save / f"epoch{e}_end") == str(e)
+    taus = [v["tau_sim"] for v in result.val_history]
+    assert os.readlink(save / "checkpoint_best") == str(taus.index(max(taus)))
+    best = save / "checkpoint_best"
+    assert json.loads((best / "val_metrics.json").read_text())["tau_sim"] == max(taus)
+    assert json.loads((best / "config.json").read_text())["num_speculative_steps"] == 3
+    state = json.loads((save / "2" / "training_state.json").read_text())
+    assert state["epoch"] == 3 and state["local_step"] == 0 and state["global_step"] == result.global_step
+    assert yaml.safe_load((save / "run.yaml").read_text())["num_speculative_steps"] == 3
+    assert (save / "train_command.txt").read_text().strip() == "mtptune train --epochs 3"
+    assert (save / "metrics.jsonl").read_text().count('"split": "val"') == 4
+
+    # The checkpoint is a head `--from-pretrained` and `stitch` accept: bf16, mtp.* names, loads onto the verifier.
+    head, head_config, _ = load_head(best, learnable.verifier, dtype=torch.float32)
+    assert head_config.mtp_input_norm == "post_norm"
+    master = torch.load(best / "master_weights.pt", weights_only=True)
+    for key, value in head.state_dict().items():
+        torch.testing.assert_close(value, master[key].to(torch.bfloat16).float())
+
+    # A finished run resumes to nothing.
+    again = run_training(config)
+    assert again.global_step == result.global_step and again.train_losses == []
+
+
+def test_resume_continues_bit_identically(learnable, tmp_path):
+    def config(save):
+        return offline_config(
+            learnable, save, data=DataConfig(str(learnable.data), 128, 0.8, max_rows=64), validate_at_start=False
+        )
+
+    straight = run_training(config(tmp_path / "a"))
+    assert straight.global_step >= 8
+    first = run_training(config(tmp_path / "b"), should_stop=lambda step: step == 5)
+    assert first.interrupted and (tmp_path / "b" / "interrupted" / "config.json").is_file()
+    assert first.train_losses == straight.train_losses[:5]
+    rest = run_training(config(tmp_path / "b"))
+    assert not rest.interrupted
+    assert first.train_losses + rest.train_losses == straight.train_losses  # exact, not approximate
+    a = torch.load(tmp_path / "a" / "1" / "master_weights.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "1" / "master_weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_all_unsupervised_batches_take_no_optimizer_step(learnable, tmp_path):
+    rows = [{"input_ids": r["input_ids"], "loss_mask": [0] * len(r["loss_mask"])} for r in learnable.rows[:12]]
+    data = write_prepared_rows(rows, tmp_path / "data")
+    hs = HiddenStatesConfig(on_missing="raise", hidden_states_path=str(learnable.data / "hidden_states"))
+    config = offline_config(learnable, tmp_path / "ckpt", data=DataConfig(str(data), 128, 1.0), hidden_states=hs)
+    result = run_training(config)
+    assert result.global_step > 0 and result.optimizer_steps == 0 and result.skipped_steps == result.global_step
+    assert all(loss == 0.0 for loss in result.train_losses)
+    native, _, _ = load_head(learnable.verifier, learnable.verifier, dtype=torch.float32)
+    trained = torch.load(tmp_path / "ckpt" / "1" / "master_weights.pt", weights_only=True)
+    assert all(torch.equal(v, trained[k]) for k, v in native.state_dict().items())
+    optimizer = torch.load(tmp_path / "ckpt" / "1" / "optimizer_state_dict.pt", weights_only=True)
+    assert optimizer["state"] == {}
+
+
+def test_on_missing_skip_counts_and_raise_fails(learnable, tmp_path):
+    partial = tmp_path / "hs"
+    partial.mkdir()
+    for i in range(0, 40, 2):  # only even rows have files
+        shutil.copy(learnable.data / "hidden_states" / f"hs_{i}.safetensors", partial)
+    data = DataConfig(str(learnable.data), 256, 0.5, max_rows=40)
+    skip = HiddenStatesConfig(on_missing="skip", hidden_states_path=str(partial))
+    result = run_training(offline_config(learnable, tmp_path / "a", data=data, hidden_states=skip, epochs=1))
+    # 20 train rows (10 missing) + 20 val rows (10 missing) validated twice (before and after).
+    assert result.source_stats == {"loaded": 10 + 20, "missing": 10 + 20, "invalid": 0, "failed": 0}
+    with pytest.raises(DataError, match=r"hs_\d*[13579]\.safetensors is missing"):
+        run_training(
+            offline_config(
+                learnable, tmp_path / "b", data=data, hidden_states=replace(skip, on_missing="raise"), epochs=1
+            )
+        )
