@@ -12,6 +12,7 @@ The MTP input is the last captured layer (`hidden_states[:, -1]`), the verifier'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -96,6 +97,9 @@ class FolderSource:
                 continue
             yield row.row_id, mtp_input(states, self.dtype)[:n]
 
+    def server_stats(self) -> dict:
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -112,6 +116,10 @@ class ClientSource:
         items = ((row.row_id, row.input_ids.tolist()) for row in rows)
         for row_id, result in self.client.iter_fetch(items, prefetch=self.prefetch):
             yield row_id, result if isinstance(result, Exception) else mtp_input(result, self.dtype)
+
+    def server_stats(self) -> dict:
+        """The client's counters: requested / succeeded / retried / failed / invalid / cache_hits / generated."""
+        return dataclasses.asdict(self.client.stats)
 
     def close(self) -> None:
         self.client.close()

@@ -139,6 +139,8 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
     bar.close()
     result.global_step, result.skipped_steps = state.global_step, state.skipped_steps
     result.source_stats = p.stats.to_dict()
+    if server := p.source.server_stats():
+        result.source_stats["server"] = server
     best = save_path / ckpt.BEST_LINK
     result.best_checkpoint = best if best.exists() else None
     barrier(info)
