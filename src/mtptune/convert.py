@@ -18,6 +18,7 @@ from mtptune.checkpoint.speculators_format import check_interchange_family
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.errors import CheckpointError, ConfigError
 from mtptune.export import check_format, write_head
+from mtptune.modeling.fresh_head import fresh_head_state, resolve_init
 from mtptune.modeling.load import build_head, head_config_for, load_state_strict
 
 logger = logging.getLogger(__name__)
@@ -32,11 +33,16 @@ def convert_model(
     num_speculative_steps: int = 3,
     overwrite: bool = False,
     format: str = "mtptune",
+    init: str | None = None,
+    seed: int = 0,
     **kwargs,
 ) -> Path:
     """speculators-compatible signature. `model` holds the native `mtp.*` tensors (usually the verifier itself);
     `verifier` is the base model whose config builds the head (defaults to `model`). `format="speculators"` writes
-    speculators' MTP interchange format (contracts a8) instead of mtptune's own."""
+    speculators' MTP interchange format (contracts a8) instead of mtptune's own.
+
+    `init` ("fresh", "copy-last-layer", "random"; modeling/fresh_head.py) creates a new head instead of extracting
+    one: required for a verifier without a native head (Llama / SmolLM2), optional otherwise (restarts the head)."""
     check_format(format)
     if algorithm != "mtp":
         raise ConfigError(f"--algorithm {algorithm!r} is not supported: mtptune converts native MTP heads ('mtp').")
@@ -56,10 +62,12 @@ def convert_model(
             f"verifier {base.root} has {base.text_config.hidden_size}."
         )
     head_keys = source.trainable_head_keys()
+    if init is not None:
+        return _convert_fresh(base, init, seed, output_path, num_speculative_steps, overwrite, format, validate_device)
     if not head_keys:
         raise CheckpointError(
-            f"{source.root}: no tensor starts with 'mtp.'; nothing to convert. "
-            "This model has no native MTP head (for such models use `mtptune convert --init fresh`)."
+            f"{source.root}: no tensor starts with 'mtp.'; nothing to convert. This model has no native MTP head: "
+            "create a new one with `mtptune convert MODEL --init fresh` (or --init copy-last-layer / random)."
         )
     state = source.native_head_state()
     # The head's dtype is its weights' dtype; a few fp32 buffers (family.fp32_buffers) must not decide it.
@@ -71,6 +79,36 @@ def convert_model(
     config = head_config_for(base, num_speculative_steps=num_speculative_steps, dtype=str(dtype).removeprefix("torch."))
     out = write_head(format, output_path, config, head.state_dict(), overwrite=overwrite)
     logger.info("converted %d head tensors from %s into %s (%s format)", len(head_keys), source.root, out, format)
+    return out
+
+
+def _convert_fresh(
+    base: Verifier,
+    init: str,
+    seed: int,
+    output_path: str | os.PathLike,
+    num_speculative_steps: int,
+    overwrite: bool,
+    format: str,
+    validate_device: str | None,
+) -> Path:
+    method = resolve_init(init)
+    if base.trainable_head_keys():
+        logger.warning("%s has a native MTP head; --init %s ignores it and starts a new one", base.root, init)
+    # The head takes the verifier's weight dtype (the embedding's), like a native head would.
+    dtype = base.checkpoint.get(base.shared_names().embed).dtype
+    state = {k: v.to(dtype) for k, v in fresh_head_state(base, method, seed=seed).items()}
+    head = build_head(base.family, base.text_config, dtype)
+    load_state_strict(head, state, f"fresh {method} head")
+    if validate_device:
+        _validate_forward(head, base, validate_device)
+    config = head_config_for(
+        base, num_speculative_steps=num_speculative_steps, init=method, dtype=str(dtype).removeprefix("torch.")
+    )
+    out = write_head(format, output_path, config, head.state_dict(), overwrite=overwrite)
+    logger.info(
+        "created a fresh %s head (%s) for %s in %s (%s format)", base.family.name, method, base.root, out, format
+    )
     return out
 
 

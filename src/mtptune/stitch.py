@@ -5,10 +5,19 @@ fused experts, as the verifier stores them), dtype and shard; shards without hea
 (or copied with `copy_untouched=True`, and always copied when linking fails); config.json and the index are
 left as they are. After writing, the output is verified tensor by tensor; any failure removes the partial
 output and raises.
+
+Attach mode (automatic for a verifier without `mtp.*` tensors whose family `attaches_head`, e.g. Llama): the head
+goes into a new shard `mtp.safetensors` in the Qwen-style `mtp.*` layout; every verifier file is hard-linked or
+copied untouched; the index gains the head's keys (a single-file verifier gets a new index beside its
+`model.safetensors`, which transformers keeps loading alone, so the trunk loads exactly as before); config.json
+gains only the family's fields (`mtp_num_hidden_layers`, `mtptune_mtp_family`). Verification: the verifier's
+tensors bit-identical and in their original files, the head's written exactly, config unchanged but for those
+fields. Stitching again into the attached output is the ordinary replace mode.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mtptune.checkpoint.head_checkpoint import load_head_checkpoint
-from mtptune.checkpoint.safetensors_io import SafetensorsCheckpoint
+from mtptune.checkpoint.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsCheckpoint, read_config_dict
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.errors import CheckpointError
 from mtptune.families import family_by_name
@@ -37,6 +46,7 @@ class StitchReport:
     linked_shards: list[str]
     copied_shards: list[str]
     changed: int  # head tensors whose values differ from the verifier's
+    attached: bool = False  # the verifier had no head: the head was added (attach mode), not replaced
 
 
 def stitch(
@@ -68,13 +78,22 @@ def stitch(
             head_config.verifier_name_or_path,
             verifier,
         )
-    native = _native_head_tensors(family, head_state, ver, checkpoint)
+    attach = not ver.trainable_head_keys() and family.attaches_head
+    native = (
+        _attached_head_tensors(family, head_state, ver)
+        if attach
+        else _native_head_tensors(family, head_state, ver, checkpoint)
+    )
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        report = _write(ver.checkpoint, native, tmp, copy_untouched)
-        _verify(ver.checkpoint, native, tmp)
+        if attach:
+            report = _write_attached(ver, family, native, tmp, copy_untouched)
+            _verify_attached(ver, family, native, tmp)
+        else:
+            report = _write(ver.checkpoint, native, tmp, copy_untouched)
+            _verify(ver.checkpoint, native, tmp)
         _make_readable(tmp)
         if output.exists():
             shutil.rmtree(output)
@@ -84,7 +103,8 @@ def stitch(
         raise
     report = StitchReport(output=output, **report)
     logger.info(
-        "stitched %d head tensors (%d changed) into %s; rewrote %s, hard-linked %d, copied %d untouched shards",
+        "%s %d head tensors (%d changed) into %s; wrote %s, hard-linked %d, copied %d untouched shards",
+        "attached" if report.attached else "stitched",
         report.replaced,
         report.changed,
         output,
@@ -179,3 +199,77 @@ def _verify(original: SafetensorsCheckpoint, native: dict[str, torch.Tensor], ou
         if new.dtype != expected.dtype or new.shape != expected.shape or not torch.equal(new, expected):
             what = "head tensor was not written" if key in native else "non-head tensor changed"
             raise CheckpointError(f"stitch verification failed: {key} in {shard}: {what}.")
+
+
+ATTACHED_SHARD = "mtp.safetensors"
+
+
+def _attached_head_tensors(family, head_state, ver: Verifier) -> dict[str, torch.Tensor]:
+    """The head under its `mtp.*` names in the verifier's weight dtype (its embedding's)."""
+    native = family.head_to_native(head_state, set())
+    clash = sorted(set(native) & set(ver.checkpoint.weight_map))
+    if clash:
+        raise CheckpointError(f"verifier {ver.root} already holds {clash[0]!r}; cannot attach a head next to it.")
+    dtype = ver.checkpoint.get(ver.shared_names().embed).dtype
+    return {k: v.to(dtype).contiguous() for k, v in native.items()}
+
+
+def _write_attached(ver: Verifier, family, native: dict[str, torch.Tensor], tmp: Path, copy_untouched: bool) -> dict:
+    ckpt = ver.checkpoint
+    if (ckpt.root / ATTACHED_SHARD).exists():
+        raise CheckpointError(f"{ckpt.root / ATTACHED_SHARD} exists but holds no mtp.* tensor the index names.")
+    linked, copied = [], []
+    for entry in sorted(ckpt.root.iterdir()):
+        target = tmp / entry.name
+        if entry.name in ("config.json", INDEX_NAME):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True)
+        elif entry.suffix == ".safetensors" and not copy_untouched and _try_link(entry, target):
+            linked.append(entry.name)
+        else:
+            shutil.copy2(entry, target)
+            if entry.suffix == ".safetensors":
+                copied.append(entry.name)
+    save_file(native, tmp / ATTACHED_SHARD, metadata={"format": "pt", "producer": "mtptune", "mtp_family": family.name})
+    index = dict(ckpt.index) if ckpt.index is not None else {"metadata": {}}
+    weight_map = {**ckpt.weight_map, **dict.fromkeys(native, ATTACHED_SHARD)}
+    metadata = dict(index.get("metadata") or {})
+    metadata["total_size"] = sum(
+        (tmp / shard).stat().st_size for shard in sorted(set(weight_map.values()))
+    )  # file sizes: an upper bound like transformers' own, never read for loading
+    index.update(metadata=metadata, weight_map=dict(sorted(weight_map.items())))
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    config = read_config_dict(ckpt.root)
+    config.update(family.attach_config_fields())
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return {
+        "replaced": len(native),
+        "rewritten_shards": [ATTACHED_SHARD],
+        "linked_shards": linked,
+        "copied_shards": copied,
+        "changed": len(native),
+        "attached": True,
+    }
+
+
+def _verify_attached(ver: Verifier, family, native: dict[str, torch.Tensor], out_dir: Path) -> None:
+    original = ver.checkpoint
+    stitched = SafetensorsCheckpoint.open(out_dir)
+    expected_map = {**original.weight_map, **dict.fromkeys(native, ATTACHED_SHARD)}
+    if stitched.weight_map != expected_map:
+        raise CheckpointError("attach verification failed: the index does not list the verifier's and head's tensors.")
+    for key, shard in expected_map.items():
+        new = stitched.get(key)
+        expected = native[key] if key in native else original.get(key)
+        if new.dtype != expected.dtype or new.shape != expected.shape or not torch.equal(new, expected):
+            what = "head tensor was not written" if key in native else "verifier tensor changed"
+            raise CheckpointError(f"attach verification failed: {key} in {shard}: {what}.")
+    before, after = read_config_dict(original.root), read_config_dict(out_dir)
+    fields = family.attach_config_fields()
+    if {k: v for k, v in after.items() if k not in fields} != {k: v for k, v in before.items() if k not in fields}:
+        raise CheckpointError("attach verification failed: config.json changed beyond the MTP fields.")
+    if any(after.get(k) != v for k, v in fields.items()):
+        raise CheckpointError(f"attach verification failed: config.json lacks {fields}.")
+    if original.index is None and not (out_dir / SINGLE_NAME).is_file():
+        raise CheckpointError(f"attach verification failed: {SINGLE_NAME} is missing from the output.")

@@ -122,11 +122,11 @@ def test_bad_inputs_name_the_culprit(tiny_verifiers, tiny_verifier, tmp_path):
     with pytest.raises(CheckpointError, match="hidden_size differs"):
         convert_model(tiny_verifier, verifier=small, output_path=tmp_path / "o5")
 
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(FamilyError, match="model_type 'llama' has no MTP family.*qwen3_5"):
-        convert_model(llama, output_path=tmp_path / "o6")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(FamilyError, match="model_type 'gpt2' has no MTP family.*qwen3_5"):
+        convert_model(gpt2, output_path=tmp_path / "o6")
 
     with pytest.raises(ConfigError, match="'eagle3' is not supported"):
         convert_model(tiny_verifier, algorithm="eagle3", output_path=tmp_path / "o7")

@@ -24,11 +24,16 @@ SINGLE_NAME = "model.safetensors"
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     """A local folder as-is; otherwise a hub id resolved from the local HF cache (never downloads in tests/CI).
 
-    Set MTPTUNE_ALLOW_DOWNLOAD=1 to let huggingface_hub fetch a missing repo.
+    Set MTPTUNE_ALLOW_DOWNLOAD=1 to let huggingface_hub fetch a missing repo. Built-in names (`smollm2`) resolve
+    to a transformers folder built once from an offline package (`builtin_models`).
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    from mtptune.checkpoint.builtin_models import builtin_model_dir, is_builtin_model
+
+    if is_builtin_model(str(name_or_path)) and not path.exists():
+        return builtin_model_dir(str(name_or_path))
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a model folder holding config.json and safetensors.")
     name = str(name_or_path)

@@ -11,7 +11,7 @@ from mtptune.errors import ConfigError
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "convert",
-        help="extract the native mtp.* head into a standalone checkpoint",
+        help="extract the native mtp.* head (or create a fresh one with --init) into a standalone checkpoint",
         description="Read only the mtp.* tensors of MODEL (shard by shard) and write config.json + "
         "model.safetensors of a head checkpoint that `train --from-pretrained`, `stitch` and `evaluate` accept "
         "(--format speculators: in speculators' MTP format, which they accept too).",
@@ -30,6 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="output format: mtptune's head checkpoint (default) or speculators' MTP format (mtp_layers.0.* names), "
         "which speculators 0.9.0 loads, trains and stitches and mtptune reads back",
     )
+    parser.add_argument(
+        "--init",
+        choices=("fresh", "copy-last-layer", "random"),
+        default=None,
+        help="create a new head instead of extracting the native one; required for a verifier without mtp.* "
+        "tensors (Llama, e.g. SmolLM2). copy-last-layer: block = the verifier's last decoder layer, fc = [small "
+        "random | I]; random: N(0, initializer_range); fresh: the measured better of the two (docs/results.md)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh head's random parts (with --init)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.set_defaults(func=run)
 
@@ -57,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
         validate_device=args.validate_device,
         overwrite=args.overwrite,
         format=args.format,
+        init=args.init,
+        seed=args.seed,
         **kwargs,
     )
-    print(f"wrote head checkpoint {out} ({args.format} format)")
+    made = f"a fresh head (--init {args.init})" if args.init else "head checkpoint"
+    print(f"wrote {made} {out} ({args.format} format)")
     return 0

@@ -11,7 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="put a (finetuned) head back into a copy of the verifier",
         description="Copy VERIFIER to --output-path replacing only its mtp.* tensors with CKPT's head, in the "
         "verifier's own names, layout, dtype and shards. Untouched shards are hard-linked (--copy to copy). "
-        "The result is verified tensor by tensor; a failure leaves no output.",
+        "The result is verified tensor by tensor; a failure leaves no output. A verifier without a native head "
+        "(Llama, e.g. SmolLM2) gets the head attached instead: a new mtp.safetensors shard, an index, and config "
+        "fields mtp_num_hidden_layers / mtptune_mtp_family; its own tensors stay bit-identical.",
     )
     parser.add_argument("checkpoint", help="head checkpoint (convert output or a training epoch / checkpoint_best)")
     parser.add_argument("verifier", help="the verifier folder (or cached hub id) the head belongs to")
@@ -28,6 +30,12 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.verifier, output_path=args.output_path, copy_untouched=args.copy, overwrite=args.overwrite
     )
     untouched = f"{len(report.linked_shards)} hard-linked, {len(report.copied_shards)} copied"
+    if report.attached:
+        print(
+            f"attached {report.replaced} mtp.* tensors (new shard {report.rewritten_shards[0]}) to a copy of the "
+            f"verifier in {report.output}; verifier shards: {untouched}; verified bit-identical."
+        )
+        return 0
     print(
         f"stitched {report.replaced} mtp.* tensors ({report.changed} changed) into {report.output}; "
         f"rewrote {len(report.rewritten_shards)} shard(s), untouched shards: {untouched}; verified."

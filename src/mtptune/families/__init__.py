@@ -5,6 +5,7 @@ from __future__ import annotations
 from mtptune.errors import FamilyError
 from mtptune.families.base import MtpFamily, SharedTensorNames
 from mtptune.families.deepseek_v3 import DeepseekV3Family, Glm4MoeFamily
+from mtptune.families.llama import LlamaFamily
 from mtptune.families.mimo import MiMoFamily
 from mtptune.families.qwen3_5 import Qwen3_5Family
 from mtptune.families.qwen3_5_moe import Qwen3_5MoeFamily
@@ -19,6 +20,7 @@ FAMILIES: dict[str, MtpFamily] = {
         DeepseekV3Family(),
         Glm4MoeFamily(),
         MiMoFamily(),
+        LlamaFamily(),
     )
 }
 

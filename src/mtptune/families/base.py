@@ -44,6 +44,9 @@ class MtpFamily(ABC):
     # Head buffers that stay fp32 whatever the head dtype (transformers' `_keep_in_fp32_modules_strict`, e.g.
     # DeepSeek's router `e_score_correction_bias`, stored fp32 on disk): keeps the round trip bit-exact.
     fp32_buffers: tuple[str, ...] = ()
+    # A family whose verifiers have no native head: mtptune creates one (`convert --init`) and `stitch` attaches it
+    # as new `mtp.*` tensors plus config fields instead of replacing existing ones (families/attached.py).
+    attaches_head: bool = False
 
     # --- config ---------------------------------------------------------------------------------
     def load_config(self, root: Path, config_dict: dict) -> PretrainedConfig:
