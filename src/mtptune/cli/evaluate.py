@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     offline.add_argument("--data", required=True, help="prepared dataset folder or .jsonl of {input_ids, loss_mask}")
     offline.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
     offline.add_argument("--server", nargs="+", default=None, metavar="URL", help="hidden-state server endpoint(s)")
-    offline.add_argument("--server-model", default=None, help="model id the server serves (default: the verifier)")
+    offline.add_argument(
+        "--server-model", default=None, help="model id the server must serve (default: whatever it serves)"
+    )
     _report_args(offline)
     offline.set_defaults(func=run_offline)
 
@@ -136,7 +138,7 @@ def run_offline(args: argparse.Namespace) -> int:
     for source in [s for s in (args.baseline_head, args.head) if s]:
         source, head, verifier, k = _load(args, source)
         if args.server:
-            states = ServerHiddenStates(args.server, args.server_model or verifier.name_or_path, head)
+            states = ServerHiddenStates(args.server, args.server_model, head)
         else:
             forward = forward or VerifierForward.load(verifier, DTYPES[args.dtype], args.device)
             states = DirectForward(forward)

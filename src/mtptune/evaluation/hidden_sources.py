@@ -38,7 +38,7 @@ class ServerHiddenStates:
     verifier's final norm turns it into h_t (d4)."""
 
     endpoints: list[str]
-    model_id: str
+    model_id: str | None
     head: MtpHead
 
     def iter_post_norm(self, rows: Iterable[EvalRow]) -> Iterator[tuple[EvalRow, torch.Tensor]]:
@@ -50,11 +50,15 @@ class ServerHiddenStates:
                 "forward instead (omit --server)."
             ) from exc
         by_id = {row.row_id: row for row in rows}
-        client = HiddenStatesClient(self.endpoints, self.model_id, num_layers=1, hidden_size=self.head.hidden_size)
         items = [(row.row_id, row.input_ids) for row in by_id.values()]
-        for row_id, states in client.iter_fetch(items):
-            row = by_id[row_id]
-            residual = states.hidden_states[:, -1, :]  # [T, H], the last captured layer = N
-            if torch.as_tensor(states.token_ids).tolist() != row.input_ids:
-                raise ServerError(f"hidden-state server returned other token ids for row {row_id}.")
-            yield row, self.head.verifier_final_norm(residual.float()).to(self.head.fc.weight.dtype)
+        with HiddenStatesClient(
+            self.endpoints, self.model_id, num_layers=1, hidden_size=self.head.hidden_size
+        ) as client:
+            for row_id, states in client.iter_fetch(items):
+                if isinstance(states, Exception):
+                    raise ServerError(f"hidden-state server failed on row {row_id}: {states}") from states
+                row = by_id[row_id]
+                if torch.as_tensor(states.token_ids).tolist() != row.input_ids:
+                    raise ServerError(f"hidden-state server returned other token ids for row {row_id}.")
+                residual = states.hidden_states[:, -1, :]  # [T, H], the last captured layer = N
+                yield row, self.head.verifier_final_norm(residual.float()).to(self.head.fc.weight.dtype)

@@ -1,0 +1,27 @@
+"""Offline evaluation through a real hidden-state server (`mtptune serve --engine builtin`) equals the direct forward:
+the server returns the pre-norm residual r_t and the head's copy of the verifier's final norm makes h_t of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mtptune.evaluation.hidden_sources import DirectForward, ServerHiddenStates
+from mtptune.evaluation.offline import evaluate_offline
+from mtptune.modeling.load import load_head
+
+from .trained_tiny import NUM_STEPS, TinySetup
+
+serving = pytest.importorskip("tests.serving.conftest", reason="the serving tests' server launcher is not available")
+
+
+def test_server_hidden_states_give_the_same_tau_sim(tiny: TinySetup, tmp_path: Path) -> None:
+    head, _, _ = load_head(tiny.trained_head, str(tiny.verifier_dir))
+    rows = tiny.eval_rows[:4]
+    direct = evaluate_offline(head, rows, DirectForward(tiny.forward), NUM_STEPS)
+    with serving.running_server(tiny.verifier_dir, tmp_path / "hs") as base:
+        served = evaluate_offline(head, rows, ServerHiddenStates([base], None, head), NUM_STEPS)
+    assert served.counts.drafts == direct.counts.drafts
+    # Same states up to bf16 rounding of the residual before the final norm: allow a rare flipped near-tie.
+    assert served.counts.acceptance_length == pytest.approx(direct.counts.acceptance_length, abs=0.05)
