@@ -1,0 +1,150 @@
+"""Trainer-step benchmark on the peer's workload: prints ONE JSON line.
+
+Workload (benchmarks/peer/README-equivalent, shared with speculators' run in the same device call):
+a Qwen3.5-9B-shaped head (hidden 4096, vocab 248,320, one MTP layer), K=3, beta 0.6, --total-seq-len 8192,
+offline hidden-state files (`make_offline_data.py`, fixed seed) packed into 8192-token steps.
+
+It runs mtptune's real trainer (`run_training`, offline mode) for --steps optimizer steps, reads its per-step
+metrics.jsonl, and reports median real tokens/s and step time after --warmup steps, peak CUDA memory, and the
+compute floor of the measured batches: the FLOPs that must be done over the measured bf16 matmul rate.
+
+    python benchmarks/train_step.py --verifier W/verifier --data W/data --hidden-states W/hs [--peer W/runA/summary.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from mtptune.training.config import (
+    CheckpointConfig,
+    DataConfig,
+    HiddenStatesConfig,
+    LoggingConfig,
+    LossConfig,
+    TrainConfig,
+)
+from mtptune.training.train import run_training
+
+
+def matmul_rate(device: str) -> float:
+    """Measured dense bf16 matmul FLOP/s (8192^3, median of 10 after warm-up)."""
+    if device != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times)
+
+
+def step_flops(tokens: float, supervised_rows: float, hidden: int, inter: int, vocab: int, heads: int, kv: int,
+               head_dim: int, steps: int, mean_doc: float) -> float:  # fmt: skip
+    """FLOPs one optimizer step must do: forward + backward of the head (3x forward for trained weights),
+    forward + input-gradient of the frozen LM head (2x forward) on supervised rows only, attention of each
+    document (causal half) and the verifier's greedy reference over all rows once."""
+    per_token_macs = 2 * hidden * hidden + hidden * heads * head_dim * 2 + 2 * hidden * kv * head_dim
+    per_token_macs += heads * head_dim * hidden + 3 * hidden * inter
+    trunk = 3 * 2 * per_token_macs * tokens * steps
+    attention = 3 * 2 * 2 * heads * head_dim * (mean_doc / 2) * tokens * steps
+    lm_head = 2 * 2 * vocab * hidden * supervised_rows + 2 * vocab * hidden * tokens
+    return trunk + attention + lm_head
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verifier", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--hidden-states", required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--total-seq-len", type=int, default=8192)
+    parser.add_argument("--chunk-rows", type=int, default=2048)
+    parser.add_argument("--peer", default=None, help="the peer's summary.json from the same device call")
+    parser.add_argument("--label", default="mtptune")
+    args = parser.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = Path(tempfile.mkdtemp(prefix="mtptune-bench-"))
+    config = TrainConfig(
+        verifier=args.verifier,
+        data=DataConfig(data_path=args.data, total_seq_len=args.total_seq_len, train_data_ratio=1.0),
+        checkpoint=CheckpointConfig(save_path=str(work / "ckpt"), save_best=False, resume=False),
+        hidden_states=HiddenStatesConfig(hidden_states_path=args.hidden_states, on_missing="raise", prefetch=64),
+        loss=LossConfig(chunk_rows=args.chunk_rows),
+        logging=LoggingConfig(log_dir=str(work / "logs"), progress_bar=False),
+        num_speculative_steps=3,
+        epochs=1,
+        max_steps=args.steps,
+        validate_at_start=False,
+        device=device,
+    )
+    t0 = time.perf_counter()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run_training(config)
+    wall = time.perf_counter() - t0
+    records = [json.loads(line) for line in (work / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("split") == "train"]
+    steady = train[args.warmup :] or train
+    tok_s = statistics.median(r["tokens_per_s"] for r in steady)
+    tokens = statistics.mean(r["tokens"] for r in steady) if "tokens" in steady[0] else float("nan")
+    step_s = statistics.median(r.get("step_seconds", float("nan")) for r in steady)
+    result = {
+        "benchmark": "train_step",
+        "label": args.label,
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "steps_measured": len(steady),
+        "real_tokens_per_s": round(tok_s, 1),
+        "step_ms": round(step_s * 1e3, 1),
+        "tokens_per_step": round(tokens, 1),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        "wait_fraction": round(statistics.median(r.get("wait_fraction", 0.0) for r in steady), 4),
+        "wall_s": round(wall, 1),
+    }
+    if device == "cuda":
+        rate = matmul_rate(device)
+        sup = statistics.mean(r.get("supervised_rows", tokens * 3 * 0.86) for r in steady)
+        doc = statistics.mean(r.get("mean_doc_len", 900.0) for r in steady)
+        flops = step_flops(tokens, sup, 4096, 12288, 248320, 16, 4, 256, 3, doc)
+        result.update(
+            matmul_tflops=round(rate / 1e12, 1),
+            floor_ms=round(flops / rate * 1e3, 1),
+            floor_fraction=round(flops / rate / step_s, 3) if step_s == step_s else None,
+        )
+    if args.peer and Path(args.peer).is_file():
+        peer = json.loads(Path(args.peer).read_text())
+        peer_tok = (
+            (peer.get("tokens_per_s") or {}).get("median") if isinstance(peer.get("tokens_per_s"), dict) else None
+        )
+        peer_tok = peer_tok or peer.get("real_tokens_per_s_aggregate")
+        result["peer"] = {
+            "real_tokens_per_s": peer_tok,
+            "step_ms": (peer.get("step_ms") or {}).get("median"),
+            "peak_memory_gib": peer.get("peak_mem_alloc_gib"),
+        }
+        if peer_tok:
+            result["speedup_vs_peer"] = round(tok_s / peer_tok, 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
