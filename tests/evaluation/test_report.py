@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mtptune.cli.main import main
-from mtptune.evaluation.report import format_table, write_report
+from mtptune.evaluation.report import format_table, read_training_curves, write_report
 from mtptune.evaluation.result import EvaluationResult, GenerationStats
 from mtptune.metrics.acceptance import AcceptanceCounts
 
@@ -29,9 +29,12 @@ def test_report_files_round_trip(tmp_path: Path) -> None:
     metrics = tmp_path / "run" / "metrics.jsonl"
     metrics.parent.mkdir()
     metrics.write_text(
-        "".join(json.dumps({"global_step": s, "loss": 1 / (s + 1), "tau_sim": 1 + s / 10}) + "\n" for s in range(5))
+        "".join(
+            json.dumps({"split": "val", "step": s, "loss": 1 / (s + 1), "tau_sim": 1 + s / 10}) + "\n" for s in range(5)
+        )
     )
     files = write_report(tmp_path / "report", after, before, training_metrics=metrics.parent)
+    assert read_training_curves(metrics)["val/tau_sim"][-1] == (4.0, pytest.approx(1.4))
     assert EvaluationResult.load(files.result) == after
     assert EvaluationResult.load(tmp_path / "report") == after
     assert EvaluationResult.load(files.baseline) == before

@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=0.0, help="> 0: rejection sampling (no lossless check)")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the verifier's)")
+    generate.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder, .gguf or `qwen3.5` (default: the verifier's)"
+    )
     generate.add_argument(
         "--tie-tolerance",
         type=float,

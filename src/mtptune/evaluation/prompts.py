@@ -104,7 +104,14 @@ def _prompt(data: Any, prompt_id: str, where: str) -> Prompt:
 
 
 def load_tokenizer(model_dir: str | Path) -> Any | None:
-    """The verifier's tokenizer, or None for a folder without one (then prompts must be token ids)."""
+    """The verifier's tokenizer (a folder, a .gguf, or an offline name such as `qwen3.5`), or None for a model folder
+    without one (then prompts must be token ids)."""
+    try:
+        from mtptune.data.tokenizers import load_tokenizer as load_data_tokenizer
+    except ImportError:
+        load_data_tokenizer = None
+    if load_data_tokenizer is not None:
+        return load_data_tokenizer(model_dir)
     path = Path(model_dir)
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if path.is_dir() and not any((path / n).is_file() for n in names):

@@ -119,11 +119,13 @@ def read_training_curves(path: str | Path) -> dict[str, list[tuple[float, float]
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON: {exc}") from exc
             x = row.get("global_step", row.get("step", lineno))
+            split = row.get("split")  # the trainer logs {"split": "train" | "val", "step": ..., metrics}
+            prefix = f"{split}/" if isinstance(split, str) else ""
             for key, value in row.items():
                 if key in ("global_step", "step", "epoch", "time", "timestamp") or isinstance(value, bool):
                     continue
                 if isinstance(value, (int, float)) and math.isfinite(value):
-                    series.setdefault(key, []).append((float(x), float(value)))
+                    series.setdefault(prefix + key, []).append((float(x), float(value)))
     return series
 
 
@@ -149,14 +151,23 @@ def plot(
     ax.set_title("Per-position acceptance")
     ax.legend()
     if curves:
+        # Losses on the left axis; acceptance-like curves (tau_sim, acc, p_k) on the right.
         ax = axes[0][1]
+        right = ax.twinx()
         for name, points in sorted(curves.items()):
-            if "loss" in name or "acc" in name or "tau" in name:
-                ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            if "loss" in name:
+                ax.plot(xs, ys, label=name)
+            elif "tau" in name or "acc" in name or "acceptance" in name:
+                right.plot(xs, ys, linestyle="--", label=name)
         ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        right.set_ylabel("acceptance")
         ax.set_title("Training curves")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+        handles = ax.get_legend_handles_labels()
+        more = right.get_legend_handles_labels()
+        if handles[0] or more[0]:
+            ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

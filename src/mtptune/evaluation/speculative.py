@@ -66,7 +66,7 @@ def propose_drafts(head: MtpHead, sequence: torch.Tensor, hidden: torch.Tensor, 
 def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # the generator lives on the CPU
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -80,7 +80,7 @@ def _verify(
             if draft != target:
                 return i, target
             continue
-        p = torch.softmax(logits[i].float() / temperature, dim=-1)
+        p = torch.softmax(logits[i].float().cpu() / temperature, dim=-1)
         u = torch.rand((), generator=generator)
         if u < p[draft]:  # min(1, p(x) / q(x)) with q one-hot at x
             continue
