@@ -68,7 +68,10 @@ def test_cli_offline_generate_compare(tiny: TinySetup, tmp_path: Path, capsys: p
     )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in tiny.eval_prompts[:2]))
-    head = ["--head", str(tiny.trained_head), "--verifier", str(tiny.verifier_dir)]
+    run_dir = tmp_path / "run"  # a training run root resolves to its checkpoint_best (contracts a7)
+    run_dir.mkdir()
+    (run_dir / "checkpoint_best").symlink_to(tiny.trained_head, target_is_directory=True)
+    head = ["--head", str(run_dir), "--verifier", str(tiny.verifier_dir)]
     offline = ["evaluate", "offline", *head, "--baseline-head", str(tiny.random_head), "--data", str(rows)]
     assert main([*offline, "--output", str(tmp_path / "off")]) == 0
     generate = ["evaluate", "generate", *head, "--prompts", str(prompts), "--max-new-tokens", "12"]

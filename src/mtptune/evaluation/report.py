@@ -154,12 +154,16 @@ def plot(
         # Losses on the left axis; acceptance-like curves (tau_sim, acc, p_k) on the right.
         ax = axes[0][1]
         right = ax.twinx()
+        color = 0
         for name, points in sorted(curves.items()):
             xs, ys = [p[0] for p in points], [p[1] for p in points]
             if "loss" in name:
-                ax.plot(xs, ys, label=name)
+                ax.plot(xs, ys, color=f"C{color % 10}", label=name)
             elif "tau" in name or "acc" in name or "acceptance" in name:
-                right.plot(xs, ys, linestyle="--", label=name)
+                right.plot(xs, ys, color=f"C{color % 10}", linestyle="--", label=name)
+            else:
+                continue
+            color += 1
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         right.set_ylabel("acceptance")
