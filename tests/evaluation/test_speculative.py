@@ -6,19 +6,37 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mtptune.checkpoint.verifier import Verifier
 from mtptune.evaluation.hidden_sources import DirectForward
 from mtptune.evaluation.offline import evaluate_offline, slot_hits
-from mtptune.evaluation.speculative import LosslessError, propose_drafts, run_generation, speculative_decode
+from mtptune.evaluation.speculative import (
+    Decoded,
+    GreedyMargin,
+    LosslessError,
+    check_lossless,
+    propose_drafts,
+    run_generation,
+    speculative_decode,
+)
+from mtptune.evaluation.verifier_forward import VerifierForward
 from mtptune.metrics.acceptance import AcceptanceCounts
 from mtptune.modeling.load import load_head
 
 from .trained_tiny import NEW_TOKENS, NUM_STEPS, TinySetup
 
 
-def generate(tiny: TinySetup, head_source, num_prompts: int | None = None, new_tokens: int = NEW_TOKENS, **kwargs):
+def generate(
+    tiny: TinySetup,
+    head_source,
+    num_prompts: int | None = None,
+    new_tokens: int = NEW_TOKENS,
+    forward: VerifierForward | None = None,
+    **kwargs,
+):
     head, _, _ = load_head(head_source, str(tiny.verifier_dir))
     prompts = [(f"p{i}", p) for i, p in enumerate(tiny.eval_prompts[:num_prompts])]
-    run = run_generation(tiny.forward, head, prompts, new_tokens, NUM_STEPS, stop_tokens=set(), **kwargs)
+    forward = forward or tiny.forward
+    run = run_generation(forward, head, prompts, new_tokens, NUM_STEPS, stop_tokens=set(), **kwargs)
     return head, run, AcceptanceCounts.from_accept_lengths(NUM_STEPS, run.accept_lengths)
 
 
@@ -72,8 +90,20 @@ def test_lossless_assertion_catches_a_broken_verification_step(tiny: TinySetup) 
         broken[0, (int(logits[0].argmax()) + 1) % logits.shape[-1]] = logits[0].max() + 10.0
         return broken
 
+    # An fp32 verifier: its logits round finely, so no mismatch can pass for a bf16 near-tie.
+    forward = VerifierForward.load(Verifier.open(str(tiny.verifier_dir)), dtype=torch.float32)
     with pytest.raises(LosslessError, match=r"prompt p0: .*new token \d+"):
-        generate(tiny, tiny.trained_head, num_prompts=2, verify_hook=perturb_one_token)
+        generate(tiny, tiny.trained_head, num_prompts=2, forward=forward, verify_hook=perturb_one_token)
+
+
+def test_a_mismatch_at_a_numerical_near_tie_is_counted_not_raised() -> None:
+    spec, greedy = Decoded(tokens=[5, 6, 9]), Decoded(tokens=[5, 6, 7])
+    decided = [GreedyMargin(1.0, 0.01)] * 3
+    assert check_lossless("p", spec, spec, decided, 0.0)
+    with pytest.raises(LosslessError, match="new token 2 is 9, plain greedy decoding gives 7"):
+        check_lossless("p", spec, greedy, decided, 0.0)
+    assert not check_lossless("p", spec, greedy, [*decided[:2], GreedyMargin(0.005, 0.01)], 0.0)
+    assert not check_lossless("p", spec, greedy, decided, tie_tolerance=1.5)
 
 
 def test_drafts_are_the_head_chain_on_the_last_slot(tiny: TinySetup) -> None:

@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tie-tolerance",
         type=float,
         default=0.0,
-        help="a greedy mismatch where the top-2 logit margin is <= this is reported as a numerical tie, not an error",
+        help="a greedy mismatch whose top-2 logit margin is <= this (or within the dtype's rounding) counts as a numerical tie, not an error",
     )
     _report_args(generate)
     generate.set_defaults(func=run_generate)

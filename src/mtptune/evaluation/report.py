@@ -62,6 +62,7 @@ def format_table(results: list[tuple[str, EvaluationResult]]) -> str:
             ("tokens/s speculative", [cell(x.tokens_per_s if x else None, ".1f") for x in g]),
             ("tokens/s greedy", [cell(x.baseline_tokens_per_s if x else None, ".1f") for x in g]),
             ("lossless checked", [cell(("yes" if x.lossless_checked else "no") if x else None) for x in g]),
+            ("numerical ties", [cell(x.numerical_ties if x else None) for x in g]),
         ]
     header = ("", [label for label, _ in results])
     rows = [header, *lines]

@@ -138,22 +138,36 @@ def speculative_decode(
     return out
 
 
+@dataclass(frozen=True)
+class GreedyMargin:
+    """How decided a greedy choice was: the top-1 minus top-2 logit, and the rounding step of the logits' dtype
+    at the top logit (2 ulps). A choice within rounding may flip between forwards of different lengths."""
+
+    margin: float
+    rounding: float
+
+    def is_tie(self, tolerance: float) -> bool:
+        return self.margin <= max(tolerance, self.rounding)
+
+
 @torch.no_grad()
 def greedy_decode(
     verifier: VerifierForward, prompt: list[int], max_new_tokens: int, stop_tokens: set[int] | None = None
-) -> tuple[Decoded, list[float]]:
-    """Plain greedy decoding, one full verifier forward per token. Also returns each step's top-1/top-2 logit
-    margin so that a mismatch can be told apart from a numerical near-tie."""
+) -> tuple[Decoded, list[GreedyMargin]]:
+    """Plain greedy decoding, one full verifier forward per token. Also returns each step's margin so that a
+    mismatch can be told apart from a numerical near-tie."""
     stop_tokens = stop_tokens or set()
     start = time.perf_counter()
     sequence = list(prompt)
     out = Decoded(tokens=[])
-    margins: list[float] = []
+    margins: list[GreedyMargin] = []
     while len(out.tokens) < max_new_tokens and not (out.tokens and out.tokens[-1] in stop_tokens):
         hidden = verifier.hidden_states(torch.tensor(sequence, device=verifier.device))
-        logits = verifier.logits(hidden[-1]).float()
+        raw = verifier.logits(hidden[-1])
+        logits = raw.float()
         top = logits.topk(2).values
-        margins.append(float(top[0] - top[1]))
+        eps = torch.finfo(raw.dtype).eps
+        margins.append(GreedyMargin(float(top[0] - top[1]), 2 * eps * float(top[0].abs())))
         token = int(logits.argmax())
         out.tokens.append(token)
         out.verifier_steps += 1
@@ -163,18 +177,18 @@ def greedy_decode(
 
 
 def check_lossless(
-    prompt_id: str, speculative: Decoded, greedy: Decoded, margins: list[float], tie_tolerance: float
+    prompt_id: str, speculative: Decoded, greedy: Decoded, margins: list[GreedyMargin], tie_tolerance: float
 ) -> bool:
     """Raise LosslessError at the first differing position unless the greedy choice there was a near-tie
-    (top-2 logit margin <= tie_tolerance), which numerics of different forward lengths may legitimately flip.
+    (top-2 margin within the logits' rounding or tie_tolerance), which forwards of different lengths may flip.
     Returns False for such a tie (the texts diverge from there), True when identical."""
     for pos, (a, b) in enumerate(zip(speculative.tokens, greedy.tokens)):
         if a != b:
-            if margins[pos] <= tie_tolerance:
+            if margins[pos].is_tie(tie_tolerance):
                 return False
             raise LosslessError(
                 f"prompt {prompt_id}: speculative decoding is not lossless — new token {pos} is {a}, plain greedy "
-                f"decoding gives {b} (greedy top-2 logit margin {margins[pos]:.4g}, not a numerical tie). "
+                f"decoding gives {b} (greedy top-2 logit margin {margins[pos].margin:.4g}, not a numerical tie). "
                 "The verification step or the draft acceptance is broken."
             )
     if len(speculative.tokens) != len(greedy.tokens):
