@@ -8,7 +8,8 @@ Methods
   copy of its final norm, so the untrained head maps its input through the same last computation as the trunk;
   `fc = [εR | I]` (hidden half the identity, embedding half N(0, initializer_range)), input norms the identity.
   Step 0 then starts as "run the last layer once more on h_t" and training learns how much of E[x_{t+1}] to mix in.
-* `fresh`: the default, which of the two trained better on SmolLM2 / GSM8K (docs/results.md).
+* `fresh`: the default. Meant to be whichever of the two trains better on SmolLM2 / GSM8K (docs/results.md); until
+  that comparison has been run it is `copy-last-layer` (untrained, both give AL 1.0).
 """
 
 from __future__ import annotations
