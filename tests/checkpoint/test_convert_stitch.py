@@ -125,7 +125,7 @@ def test_bad_inputs_name_the_culprit(tiny_verifiers, tiny_verifier, tmp_path):
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(FamilyError, match="model_type 'gpt2' has no MTP family.*qwen3_5"):
+    with pytest.raises(FamilyError, match=r"model_type 'gpt2' has no MTP family.*qwen3_5"):
         convert_model(gpt2, output_path=tmp_path / "o6")
 
     with pytest.raises(ConfigError, match="'eagle3' is not supported"):
