@@ -103,7 +103,9 @@ def build_optimizer(config: TrainConfig, head: MtpHead) -> torch.optim.Optimizer
         {"params": decay, "weight_decay": config.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas)
+    # fused: one kernel for the whole update on CUDA (the foreach default launches several per tensor group)
+    fused = all(p.is_cuda for p in head.parameters())
+    return torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas, fused=fused)
 
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):

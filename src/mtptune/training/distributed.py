@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -77,7 +78,12 @@ def wrap_head(head: nn.Module, info: DistInfo, fsdp_shard: bool) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(head, device_ids=device_ids, broadcast_buffers=False)
+    # Never sync the frozen shared tensors, neither at init nor per forward (every rank loaded its own copy).
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(head, [n for n, _ in head.named_buffers()])
+    with warnings.catch_warnings():
+        # Newer torch deprecates the flag in favour of forward_sync_buffers, which still syncs at init.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DistributedDataParallel(head, device_ids=device_ids, broadcast_buffers=False)
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

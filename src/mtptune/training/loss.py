@@ -1,10 +1,10 @@
 """The MTP objective, computed chunk by chunk so full-vocabulary logits never exist for all rows at once.
 
 For step k, row t predicts x_{t+k+2} (contracts d6) and is supervised iff that token is in the same document and
-has loss_mask 1; only those rows reach the LM head, `chunk_rows` at a time. Each chunk runs under activation
-checkpointing, so its `[chunk_rows, V]` logits are freed after the forward and recomputed in the backward: peak
-memory is one chunk of logits, whatever the sequence length and K (248k vocab x 8192 tokens x 3 steps would
-need ~24 GB in fp32).
+has loss_mask 1; only those rows reach the LM head, `chunk_rows` at a time, through `fused_linear_loss`, which
+computes each chunk's input gradient in the forward pass: peak memory is one chunk of logits whatever the
+sequence length and K (248k vocab x 8192 tokens x 3 steps would need ~24 GB in fp32), and the vocabulary matmul
+is never recomputed in the backward.
 
 Losses per step k (each averaged over its own supervised tokens N_k, then weighted by FastMTP alpha_k, d7):
 * `ce`: cross-entropy against the dataset token x_{t+k+2};
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from mtptune.modeling.head import shift_left, step_targets
+from mtptune.training.fused_linear_loss import fused_linear_loss
 from mtptune.training.metrics import StepMetrics
 
 
@@ -45,37 +45,6 @@ def reference_tokens(hidden_post_norm: torch.Tensor, lm_head: torch.Tensor, chun
     return out.reshape(B, T)
 
 
-def _chunk_loss(
-    outputs: torch.Tensor,
-    targets: torch.Tensor,
-    teacher_hidden: torch.Tensor | None,
-    lm_head: torch.Tensor,
-    kind: str,
-    kl_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(objective sum, ce sum, kl sum, tv sum, argmax) over one chunk of supervised rows."""
-    logits = F.linear(outputs.to(lm_head.dtype), lm_head).float()
-    logq = torch.log_softmax(logits, dim=-1)
-    ce = -logq.gather(-1, targets[:, None]).sum()
-    zero = logits.new_zeros(())
-    kl, tv = zero, zero
-    if teacher_hidden is not None:
-        with torch.no_grad():
-            logp = torch.log_softmax(F.linear(teacher_hidden.to(lm_head.dtype), lm_head).float(), dim=-1)
-            p = logp.exp()
-        kl = (p * (logp - logq)).sum()
-        tv = 0.5 * (p - logq.exp()).abs().sum()
-    if kind == "ce":
-        objective = ce
-    elif kind == "kl":
-        objective = kl
-    elif kind == "tv":
-        objective = tv
-    else:
-        objective = ce + kl_weight * kl
-    return objective, ce.detach(), kl.detach(), tv.detach(), logits.argmax(-1).detach()
-
-
 def mtp_loss(
     outputs: list[torch.Tensor],
     input_ids: torch.Tensor,
@@ -96,7 +65,7 @@ def mtp_loss(
     exactly zero without a graph when nothing is supervised) and this micro-batch's metric sums.
     """
     K = len(outputs)
-    metrics = StepMetrics.zeros(K)
+    metrics = StepMetrics.zeros(K, device=input_ids.device)
     ref = reference_tokens(teacher_hidden, lm_head, chunk_rows)
     need_teacher = kind != "ce"
     loss: torch.Tensor | None = None
@@ -112,33 +81,23 @@ def mtp_loss(
             continue
         step_ref = shift_left(ref, k + 1)[rows]  # the verifier's greedy token for x_{t+k+2}
         step_targets_ = targets[rows]
-        step_out = o[rows]
         teacher = shift_left_hidden(teacher_hidden, k + 1)[rows] if need_teacher else None
         train = o.requires_grad and step_weights[k] > 0 and normalizers[k] > 0
         scale = step_weights[k] / normalizers[k] if normalizers[k] > 0 else 0.0
-        argmaxes = []
-        for start in range(0, n, chunk_rows):
-            sl = slice(start, start + chunk_rows)
-            args = (step_out[sl], step_targets_[sl], None if teacher is None else teacher[sl], lm_head, kind, kl_weight)
-            if train:
-                objective, ce, kl, tv, argmax = checkpoint(_chunk_loss, *args, use_reentrant=False)
-                term = objective * scale
-                loss = term if loss is None else loss + term
-            else:
-                with torch.no_grad():
-                    objective, ce, kl, tv, argmax = _chunk_loss(*args)
-            metrics.add("ce", k, ce)
-            metrics.add("kl", k, kl)
-            metrics.add("tv", k, tv)
-            argmaxes.append(argmax)
-        argmax = torch.cat(argmaxes)
-        predictions[k][rows] = argmax
-        metrics.add("correct_label", k, (argmax == step_targets_).sum())
-        metrics.add("correct_verifier", k, (argmax == step_ref).sum())
+        step_out = o[rows] if train else o.detach()[rows]
+        term, sums = fused_linear_loss(step_out, lm_head, step_targets_, teacher, scale, kind, kl_weight, chunk_rows)
+        if train:
+            loss = term if loss is None else loss + term
+        metrics.add("ce", k, sums.ce)
+        metrics.add("kl", k, sums.kl)
+        metrics.add("tv", k, sums.tv)
+        predictions[k][rows] = sums.argmax
+        metrics.add("correct_label", k, (sums.argmax == step_targets_).sum())
+        metrics.add("correct_verifier", k, (sums.argmax == step_ref).sum())
         metrics.add("verifier_label_agree", k, (step_ref == step_targets_).sum())
     # Teacher-forced acceptance over rows where every step is supervised: accepted up to the first miss.
     hits = torch.stack([predictions[k] == shift_left(ref, k + 1) for k in range(K)])[:, valid_all]
-    metrics.drafts = float(hits.shape[1])
+    metrics.drafts = hits.shape[1]
     accepted = torch.cumprod(hits.to(torch.int64), dim=0).sum(dim=1)
     for k in range(K):
         metrics.add("accepted", k, accepted[k])

@@ -22,25 +22,29 @@ class StepMetrics:
     """Sums for K steps; `drafts` counts rows where all K steps are supervised (the simulated drafts)."""
 
     num_steps: int
-    values: torch.Tensor  # [len(_FIELDS), K] float64
-    drafts: float = 0.0
+    values: torch.Tensor  # [len(_FIELDS), K] float64, on the device the step runs on (no per-add sync)
+    drafts: float | torch.Tensor = 0.0
 
     @classmethod
-    def zeros(cls, num_steps: int) -> StepMetrics:
-        return cls(num_steps, torch.zeros(len(_FIELDS), num_steps, dtype=torch.float64))
+    def zeros(cls, num_steps: int, device: torch.device | str = "cpu") -> StepMetrics:
+        return cls(num_steps, torch.zeros(len(_FIELDS), num_steps, dtype=torch.float64, device=device))
 
     def field(self, name: str) -> torch.Tensor:
         return self.values[_FIELDS.index(name)]
 
     def add(self, name: str, k: int, value: float | torch.Tensor) -> None:
-        self.values[_FIELDS.index(name), k] += float(value)
+        if isinstance(value, torch.Tensor):
+            value = value.to(self.values.device, torch.float64)
+        self.values[_FIELDS.index(name), k] += value
 
     def merge(self, other: StepMetrics) -> StepMetrics:
-        return StepMetrics(self.num_steps, self.values + other.values, self.drafts + other.drafts)
+        values = self.values + other.values.to(self.values.device)
+        return StepMetrics(self.num_steps, values, self.drafts + other.drafts)
 
     def to_flat(self) -> torch.Tensor:
         """One float64 vector, for a single all-reduce across ranks."""
-        return torch.cat([self.values.flatten(), torch.tensor([self.drafts], dtype=torch.float64)])
+        drafts = torch.as_tensor(self.drafts, dtype=torch.float64, device=self.values.device).reshape(1)
+        return torch.cat([self.values.flatten(), drafts.to(self.values.device)])
 
     @classmethod
     def from_flat(cls, num_steps: int, flat: torch.Tensor) -> StepMetrics:

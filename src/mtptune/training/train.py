@@ -108,9 +108,10 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
                     lr=p.scheduler.get_last_lr()[0],
                     wait_fraction=(prefetcher.wait_seconds - wait0) / max(elapsed, 1e-9),
                 )
-                summary["tokens_per_s"] = (
-                    sum(b.num_tokens for b in micro if b is not None) * info.world_size / max(elapsed, 1e-9)
-                )
+                tokens = sum(b.num_tokens for b in micro if b is not None) * info.world_size
+                summary.update(tokens=tokens, step_seconds=elapsed, tokens_per_s=tokens / max(elapsed, 1e-9))
+                if info.device.type == "cuda":
+                    summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
                 result.train_losses.append(summary["loss"])
                 if state.global_step % config.logging.log_every == 0:
                     p.logger.log("train", state.global_step, summary)
