@@ -19,6 +19,8 @@ from mtptune.evaluation.result import RESULT_FILE, EvaluationResult
 BASELINE_FILE = "baseline.json"
 CSV_FILE = "acceptance.csv"
 PLOT_FILE = "acceptance.png"
+# Plotted when present (train/ and val/); everything else only when none of these exist.
+HEADLINE_CURVES = ("loss", "tau_sim", "acceptance_length")
 
 
 @dataclass(frozen=True)
@@ -155,16 +157,14 @@ def plot(
         # Losses on the left axis; acceptance-like curves (tau_sim, acc, p_k) on the right.
         ax = axes[0][1]
         right = ax.twinx()
-        color = 0
-        for name, points in sorted(curves.items()):
+        headline = {n: p for n, p in curves.items() if n.rsplit("/", 1)[-1] in HEADLINE_CURVES}
+        for color, (name, points) in enumerate(sorted((headline or curves).items())):
             xs, ys = [p[0] for p in points], [p[1] for p in points]
+            style = {"color": f"C{color % 10}", "label": name, "marker": "o" if len(points) < 12 else None}
             if "loss" in name:
-                ax.plot(xs, ys, color=f"C{color % 10}", label=name)
-            elif "tau" in name or "acc" in name or "acceptance" in name:
-                right.plot(xs, ys, color=f"C{color % 10}", linestyle="--", label=name)
-            else:
-                continue
-            color += 1
+                ax.plot(xs, ys, **style)
+            elif "tau" in name or "acc" in name:
+                right.plot(xs, ys, linestyle="--", **style)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         right.set_ylabel("acceptance")
