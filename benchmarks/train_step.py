@@ -101,7 +101,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     run_training(config)
     wall = time.perf_counter() - t0
-    records = [json.loads(line) for line in (work / "logs" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (work / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("split") == "train"]
     steady = train[args.warmup :] or train
     tok_s = statistics.median(r["tokens_per_s"] for r in steady)
@@ -122,7 +122,7 @@ def main() -> None:
     }
     if device == "cuda":
         rate = matmul_rate(device)
-        sup = statistics.mean(r.get("supervised_rows", tokens * 3 * 0.86) for r in steady)
+        sup = statistics.mean(sum(r[f"tokens_step_{k}"] for k in range(3)) for r in steady)
         doc = statistics.mean(r.get("mean_doc_len", 900.0) for r in steady)
         flops = step_flops(tokens, sup, 4096, 12288, 248320, 16, 4, 256, 3, doc)
         result.update(
