@@ -98,6 +98,10 @@ class MtpHead(nn.Module):
         if self.family.concat_order == "hidden_first":
             parts.reverse()
         x = self.fc(torch.cat(parts, dim=-1))
+        if hasattr(self.rotary_emb, "mrope_section") and position_ids.dim() == 2:
+            # Qwen3.5's interleaved mRoPE takes [3, B, T] ids (equal rows for text, contracts d3); transformers 5.19
+            # broadcasts [B, T] itself but 5.17 (the GPU image) indexes a third dim and fails on 2-D ids.
+            position_ids = position_ids[None].expand(3, *position_ids.shape)
         position_embeddings = self.rotary_emb(x, position_ids)
         x = self.layers[0](x, position_embeddings=position_embeddings, attention_mask=None, mtp_chain=chain)
         chain.step += 1
