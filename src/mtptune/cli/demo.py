@@ -1,16 +1,52 @@
-"""`mtptune demo` (not implemented yet)."""
+"""`mtptune demo`: the whole tutorial (convert -> serve -> data -> prepare -> train -> stitch -> evaluate) on a
+built-in tiny verifier, on CPU, in a few minutes. Each step's command is printed as you would type it."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from mtptune.errors import MtpTuneError
+from mtptune.demo import DemoConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("demo", help="(not implemented yet)")
+    d = DemoConfig()
+    parser = sub.add_parser(
+        "demo",
+        help="run the whole tutorial on a built-in tiny verifier (CPU, minutes) and print acceptance before/after",
+        description="Build (or reuse) a tiny Qwen3.5 verifier with a native MTP head, then run convert, the "
+        "built-in hidden-state server, target-regenerated data + prepare, online training, stitch and evaluation "
+        "(offline tau_sim and real speculative decoding) on a held-out split; every command is printed. "
+        "Re-running reuses the cached verifier and redoes the rest (--keep: also reuse finished steps; "
+        "--overwrite: rebuild everything).",
+    )
+    parser.add_argument("--output", type=Path, default=d.output, help="output folder (default ./%(default)s)")
+    parser.add_argument("--samples", type=int, default=None, help=f"training rows (default {d.samples}; --quick 64)")
+    parser.add_argument("--test-samples", type=int, default=None, help=f"held-out rows (default {d.test_samples})")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="learning rate (default %(default)s)")
+    parser.add_argument("--port", type=int, default=d.port, help="server port (default: a free one)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--keep", action="store_true", help="reuse the steps a previous run finished (resume)")
+    mode.add_argument("--overwrite", action="store_true", help="start from scratch, rebuilding the verifier too")
+    parser.add_argument("--quick", action="store_true", help="smaller run for smoke tests (CI): about a minute")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise MtpTuneError("`mtptune demo` is not implemented yet.")
+    from dataclasses import replace
+
+    from mtptune.demo import quick_config, run_demo
+
+    config = DemoConfig(
+        output=args.output, epochs=args.epochs, lr=args.lr, port=args.port, keep=args.keep,
+        overwrite=args.overwrite, quick=args.quick,
+    )  # fmt: skip
+    if args.quick:
+        config = quick_config(config)
+    if args.samples is not None:
+        config = replace(config, samples=args.samples)
+    if args.test_samples is not None:
+        config = replace(config, test_samples=args.test_samples)
+    run_demo(config)
+    return 0
