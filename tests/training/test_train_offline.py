@@ -100,7 +100,9 @@ def test_on_missing_skip_counts_and_raise_fails(learnable, tmp_path):
     skip = HiddenStatesConfig(on_missing="skip", hidden_states_path=str(partial))
     result = run_training(offline_config(learnable, tmp_path / "a", data=data, hidden_states=skip, epochs=1))
     # 20 train rows (10 missing) + 20 val rows (10 missing) validated twice (before and after).
-    assert result.source_stats == {"loaded": 10 + 20, "missing": 10 + 20, "invalid": 0, "failed": 0}
+    counts = {k: result.source_stats[k] for k in ("loaded", "missing", "invalid", "failed")}
+    assert counts == {"loaded": 10 + 20, "missing": 10 + 20, "invalid": 0, "failed": 0}
+    assert result.source_stats["train_row_uses_total"] == 10 and result.source_stats["truncated_rows"] == 0
     with pytest.raises(DataError, match=r"hs_\d*[13579]\.safetensors is missing"):
         run_training(
             offline_config(

@@ -216,9 +216,25 @@ def run(args: argparse.Namespace) -> int:
     if after is not None:
         cond = " ".join(f"{after[f'cond_accept_step_{k}']:.3f}" for k in range(config.num_speculative_steps))
         print(f"validation tau_sim after:  {after['tau_sim']:.3f}  (conditional acceptance per step: {cond})")
+    print(_data_summary(result.source_stats))
     if result.best_checkpoint is not None:
         print(f"best checkpoint: {result.best_checkpoint} -> {os.readlink(result.best_checkpoint)}")
     if result.interrupted:
         print(f"interrupted: saved {result.save_path / 'interrupted'}; rerun the same command to resume.")
         return 130
     return 0
+
+
+def _data_summary(stats: dict) -> str:
+    """One line that accounts for every sample: loaded, skipped (and why), truncated, server retries."""
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("invalid_reasons", {}).items()))
+    line = (
+        f"hidden states: {stats.get('loaded', 0)} loaded, {stats.get('invalid', 0)} invalid"
+        f"{f' ({reasons})' if reasons else ''}, {stats.get('missing', 0)} missing, {stats.get('failed', 0)} failed; "
+        f"{stats.get('truncated_rows', 0)} rows truncated to --total-seq-len"
+    )
+    if server := stats.get("server"):
+        line += (
+            f"; server: {server['generated']} generated, {server['cache_hits']} cache hits, {server['retried']} retries"
+        )
+    return line

@@ -25,6 +25,7 @@ import httpx
 
 from mtptune.errors import ServerError
 from mtptune.serving.hidden_state_files import (
+    PARTIAL_SUFFIX,
     HiddenStates,
     HiddenStatesInvalid,
     lock_path_for,
@@ -57,8 +58,17 @@ def normalize_endpoint(url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
+class ServerUnavailable(ServerError):
+    """No server answered (connection refused, 5xx, 429) for longer than the wait limit; the trainer must stop
+    (saving a resumable checkpoint) rather than skip the sample."""
+
+
 class _Retryable(Exception):
-    """An attempt failed in a way another attempt may fix (connection, 5xx, 429, invalid file)."""
+    """An attempt failed in a way another attempt may fix (invalid file)."""
+
+
+class _Unavailable(_Retryable):
+    """The server did not answer properly (connection error, 5xx, 429): it may be restarting."""
 
 
 class HiddenStatesClient:
@@ -77,6 +87,7 @@ class HiddenStatesClient:
         server_wait_timeout: float = 0.0,
         backoff_base: float = 2.0,
         lock_timeout: float = 10.0,
+        backoff_max: float = 5.0,
     ) -> None:
         if not endpoints:
             raise ServerError("no hidden-state server endpoint given (--vllm-endpoint).")
@@ -98,6 +109,7 @@ class HiddenStatesClient:
         self.api_key = api_key
         self.server_wait_timeout = server_wait_timeout
         self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
         self.lock_timeout = lock_timeout
         self.stats = ClientStats()
         self._round_robin = itertools.cycle(range(len(self.endpoints)))
@@ -199,25 +211,42 @@ class HiddenStatesClient:
                 cached.unlink(missing_ok=True)
         http, semaphore = self._state()
         last_error: Exception | None = None
-        for attempt in range(self.max_retries + 1):
+        down_since: float | None = None  # first "server unavailable" failure of this fetch
+        attempt = 0
+        while True:
             if attempt:
                 self._count(retried=1)
-                await asyncio.sleep(self.backoff_base * 2 ** (attempt - 1))
+                await asyncio.sleep(min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)))
+            attempt += 1
             try:
                 async with semaphore:
                     states = await self._attempt(http, row_id, token_ids)
                 self._count(succeeded=1)
                 return states
+            except _Unavailable as exc:
+                # A restarting server is waited for up to server_wait_timeout (at least max_retries retries).
+                last_error = exc.__cause__ or exc
+                down_since = time.monotonic() if down_since is None else down_since
+                waited = time.monotonic() - down_since
+                log.debug("row %d attempt %d: server unavailable: %s", row_id, attempt, exc)
+                if attempt > self.max_retries and waited >= self.server_wait_timeout:
+                    self._count(failed=1)
+                    raise ServerUnavailable(
+                        f"hidden-state server {', '.join(self.endpoints)} unavailable: row {row_id} got no answer "
+                        f"after {attempt} attempts over {waited:.0f} s (--server-wait-timeout "
+                        f"{self.server_wait_timeout:g}); last error: {exc}"
+                    ) from last_error
             except _Retryable as exc:
                 last_error = exc.__cause__ or exc
-                log.debug("row %d attempt %d failed: %s", row_id, attempt + 1, exc)
+                log.debug("row %d attempt %d failed: %s", row_id, attempt, exc)
+                if attempt > self.max_retries:
+                    self._count(failed=1)
+                    raise ServerError(
+                        f"row {row_id}: no valid hidden states after {attempt} attempts; last error: {last_error}"
+                    ) from last_error
             except ServerError:
                 self._count(failed=1)
                 raise
-        self._count(failed=1)
-        raise ServerError(
-            f"row {row_id}: no valid hidden states after {self.max_retries + 1} attempts; last error: {last_error}"
-        ) from last_error
 
     async def _attempt(self, http: httpx.AsyncClient, row_id: int, token_ids: list[int]) -> HiddenStates:
         base = self.endpoints[next(self._round_robin)]
@@ -227,9 +256,9 @@ class HiddenStatesClient:
         try:
             response = await http.post(base + "/completions", json=body)
         except httpx.HTTPError as exc:
-            raise _Retryable(f"POST {base}/completions: {type(exc).__name__}: {exc}") from exc
+            raise _Unavailable(f"POST {base}/completions: {type(exc).__name__}: {exc}") from exc
         if response.status_code == 429 or response.status_code >= 500:
-            raise _Retryable(f"POST {base}/completions: HTTP {response.status_code}: {response.text[:200]}")
+            raise _Unavailable(f"POST {base}/completions: HTTP {response.status_code}: {response.text[:200]}")
         if response.status_code != 200:
             raise ServerError(
                 f"row {row_id}: POST {base}/completions returned HTTP {response.status_code}: {response.text[:500]}"
@@ -262,6 +291,8 @@ class HiddenStatesClient:
 
     def _discard(self, path: str | os.PathLike) -> None:
         Path(path).unlink(missing_ok=True)
+        # A server killed mid-write leaves its temp file behind (write_hidden_states_file's `.partial`).
+        Path(str(path) + PARTIAL_SUFFIX).unlink(missing_ok=True)
         lock_path_for(path).unlink(missing_ok=True)
 
     def _dispose(self, row_id: int, path: str) -> None:

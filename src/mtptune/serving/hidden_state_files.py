@@ -25,6 +25,7 @@ from mtptune.errors import ServerError
 log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"
+PARTIAL_SUFFIX = ".partial"  # a file being written; renamed to its final name when complete
 LOCK_POLL_INTERVAL = 0.1
 INVALID_REASONS = ("missing_key", "token_mismatch", "shape", "non_finite", "all_zero", "unreadable")
 _FINITE_CHUNK_ROWS = 256
@@ -71,7 +72,7 @@ class HiddenStatesWriteLock:
 def write_hidden_states_file(path: str | os.PathLike, hidden_states: torch.Tensor, token_ids: torch.Tensor) -> None:
     """Write one request's file; the temp-name + rename keeps a half-written file from ever carrying the final name."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     tensors = {
         "hidden_states": hidden_states.detach().to("cpu").contiguous(),
         "token_ids": token_ids.detach().to("cpu", torch.int64).contiguous(),

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mtptune.errors import DataError, ServerError
+from mtptune.serving.client import ServerUnavailable
 from mtptune.serving.hidden_state_files import HiddenStates, HiddenStatesInvalid, read_hidden_states_file
 from mtptune.training.batching import Row
 from mtptune.training.config import HiddenStatesConfig
@@ -55,7 +56,13 @@ class SourceStats:
     reasons: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"loaded": self.loaded, "missing": self.missing, "invalid": self.invalid, "failed": self.failed}
+        return {
+            "loaded": self.loaded,
+            "missing": self.missing,
+            "invalid": self.invalid,
+            "failed": self.failed,
+            "invalid_reasons": dict(self.reasons),
+        }
 
 
 class FolderSource:
@@ -216,6 +223,8 @@ def take_rows(
         row_id, result = prefetcher.next()
         if row_id != row.row_id:
             raise RuntimeError(f"hidden states arrived out of order: expected row {row.row_id}, got {row_id}")
+        if isinstance(result, ServerUnavailable):
+            raise result  # skipping would lose the sample; the trainer saves a checkpoint and stops
         if isinstance(result, MissingHiddenStates):
             stats.missing += 1
             if on_missing == "warn":

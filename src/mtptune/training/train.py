@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mtptune.serving.client import ServerUnavailable
 from mtptune.training import checkpointing as ckpt
 from mtptune.training.batching import PackedBatch, collate, pack_rows, plan_epoch
 from mtptune.training.build import Parts, build_parts
@@ -75,9 +76,11 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
     if state is None:
         state = ckpt.TrainingState(epoch=0, local_step=0, global_step=0)
         if config.validate_at_start and p.val_ids:
-            result.val_before = validate(p)
+            with _checkpoint_if_server_lost(p, state):
+                result.val_before = validate(p)
             p.logger.log("val", 0, result.val_before)
             _report_val("untrained head", result.val_before, info)
+    row_uses = torch.zeros(len(p.rows), dtype=torch.int32)  # training uses of each row in this process
     bar = tqdm(
         total=p.total_steps, initial=state.global_step, disable=not (info.is_main and config.logging.progress_bar)
     )
@@ -93,7 +96,11 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
                     result.interrupted = True
                     break
                 t0, wait0 = time.perf_counter(), prefetcher.wait_seconds
-                micro = [_load_micro(p, prefetcher, ids) for ids in plan.steps[local]]
+                with _checkpoint_if_server_lost(p, state):
+                    micro = [_load_micro(p, prefetcher, ids) for ids in plan.steps[local]]
+                for b in micro:
+                    if b is not None:
+                        row_uses[list(b.row_ids)] += 1
                 metrics, stepped = train_step(p, micro)
                 state = replace(state, local_step=local + 1, global_step=state.global_step + 1)
                 if not stepped:
@@ -122,7 +129,8 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
                 )
                 bar.update(1)
                 if config.val_every and state.global_step % config.val_every == 0 and p.val_ids:
-                    p.logger.log("val", state.global_step, validate(p))
+                    with _checkpoint_if_server_lost(p, state):
+                        p.logger.log("val", state.global_step, validate(p))
                 if _mid_epoch_checkpoint_due(config, plan.num_steps, local + 1):
                     _save(p, save_path / f"step{state.global_step}", state, None)
                 if config.max_steps is not None and state.global_step >= config.max_steps:
@@ -140,8 +148,17 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
     bar.close()
     result.global_step, result.skipped_steps = state.global_step, state.skipped_steps
     result.source_stats = p.stats.to_dict()
+    trained = row_uses[p.train_ids] if p.train_ids else torch.zeros(1, dtype=torch.int32)
+    result.source_stats.update(
+        truncated_rows=p.rows.truncated,
+        train_rows=len(p.train_ids),
+        train_row_uses_min=int(trained.min()),
+        train_row_uses_max=int(trained.max()),
+        train_row_uses_total=int(trained.sum()),
+    )
     if server := p.source.server_stats():
         result.source_stats["server"] = server
+    p.logger.log("summary", state.global_step, result.source_stats)
     best = save_path / ckpt.BEST_LINK
     result.best_checkpoint = best if best.exists() else None
     barrier(info)
@@ -221,7 +238,8 @@ def validate(p: Parts) -> dict:
 
 def _end_of_epoch(p: Parts, epoch: int, state: ckpt.TrainingState, result: TrainResult, complete: bool):
     config, save_path = p.config, Path(p.config.checkpoint.save_path)
-    val = validate(p) if p.val_ids else None
+    with _checkpoint_if_server_lost(p, state):
+        val = validate(p) if p.val_ids else None
     if val is not None:
         val = {"epoch": epoch, "global_step": state.global_step, **val}
         result.val_history.append(val)
@@ -248,6 +266,21 @@ def _end_of_epoch(p: Parts, epoch: int, state: ckpt.TrainingState, result: Train
     if complete:
         result.epochs_completed += 1
     return state
+
+
+@contextlib.contextmanager
+def _checkpoint_if_server_lost(p: Parts, state: ckpt.TrainingState):
+    """The hidden-state server stayed away past --server-wait-timeout: save `interrupted/` at the last finished
+    step (nothing of it is lost) and stop with the endpoint in the message; rerunning the command resumes."""
+    try:
+        yield
+    except ServerUnavailable as exc:
+        path = Path(p.config.checkpoint.save_path) / ckpt.INTERRUPTED
+        _save(p, path, state, None)
+        raise ServerUnavailable(
+            f"{exc}\nSaved a resumable checkpoint at global step {state.global_step} to {path}; start the server "
+            "again and rerun the same command to resume."
+        ) from exc
 
 
 def _save(p: Parts, path: Path, state: ckpt.TrainingState, val: dict | None) -> None:
