@@ -54,3 +54,14 @@ def test_collate_resets_positions_per_document(tmp_path):
     batch = collate([prepared[0], prepared[1]], [torch.zeros(3, 4), torch.ones(2, 4)])
     assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1]]
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9]] and batch.hidden_states.shape == (1, 5, 4)
+
+
+def test_padding_is_a_separate_unsupervised_document(tmp_path):
+    import torch
+
+    from mtptune.training.batching import Row
+
+    row = Row(0, torch.tensor([5, 6, 7]), torch.tensor([0, 1, 1]))
+    batch = collate([row], [torch.ones(3, 4)], pad_to=6)
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2]]
+    assert batch.loss_mask.tolist() == [[0, 1, 1, 0, 0, 0]] and batch.hidden_states[0, 3:].abs().sum() == 0

@@ -147,14 +147,29 @@ def plan_epoch(batches: list[list[int]], rank: int, world_size: int, grad_accum:
     return EpochPlan(steps)
 
 
-def collate(rows: list[Row], hidden: list[torch.Tensor]) -> PackedBatch:
-    """Concatenate rows (and their [T, H] hidden states) into one packed sequence with position resets."""
+def collate(rows: list[Row], hidden: list[torch.Tensor], pad_to: int | None = None) -> PackedBatch:
+    """Concatenate rows (and their [T, H] hidden states) into one packed sequence with position resets.
+
+    `pad_to` appends a padding document (its own position reset, loss mask 0, zero states) up to that length, so
+    every micro-batch has the same shape (static shapes for compiled attention kernels on GPU). No real token can
+    attend to it (it comes last and is a separate document) and it is never supervised.
+    """
     if not rows:
         raise ValueError("collate needs at least one row")
+    input_ids = [r.input_ids for r in rows]
+    loss_mask = [r.loss_mask for r in rows]
+    positions = [torch.arange(r.input_ids.numel()) for r in rows]
+    total = sum(r.input_ids.numel() for r in rows)
+    if pad_to is not None and pad_to > total:
+        n = pad_to - total
+        input_ids.append(torch.zeros(n, dtype=torch.int64))
+        loss_mask.append(torch.zeros(n, dtype=torch.int64))
+        positions.append(torch.arange(n))
+        hidden = [*hidden, hidden[0].new_zeros(n, hidden[0].shape[-1])]
     return PackedBatch(
         row_ids=tuple(r.row_id for r in rows),
-        input_ids=torch.cat([r.input_ids for r in rows])[None],
-        loss_mask=torch.cat([r.loss_mask for r in rows])[None],
-        position_ids=torch.cat([torch.arange(r.input_ids.numel()) for r in rows])[None],
+        input_ids=torch.cat(input_ids)[None],
+        loss_mask=torch.cat(loss_mask)[None],
+        position_ids=torch.cat(positions)[None],
         hidden_states=torch.cat(hidden)[None],
     )

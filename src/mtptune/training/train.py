@@ -310,7 +310,9 @@ def _load_micro(p: Parts, prefetcher: Prefetcher, ids: list[int]) -> PackedBatch
     kept, hidden = take_rows(prefetcher, rows, p.stats, p.config.hidden_states.on_missing, _warn)
     if not kept:
         return None
-    b = collate(kept, hidden)
+    # On GPU every micro-batch is padded to --total-seq-len (contracts a5): one shape, no recompiles.
+    pad_to = p.config.data.total_seq_len if p.info.device.type == "cuda" else None
+    b = collate(kept, hidden, pad_to)
     dtype = p.autocast_dtype or torch.float32
     dev = p.info.device
     return PackedBatch(
