@@ -53,7 +53,7 @@ class DemoConfig:
     output: Path = Path("demo_output")
     samples: int = 128  # training rows (target-regenerated continuations of distinct prompts)
     test_samples: int = 16  # held-out rows (prompts never trained on)
-    epochs: int = 3
+    epochs: int = 10
     lr: float = 3e-3
     total_seq_len: int = 256
     generate_prompts: int = 4  # held-out prompts decoded speculatively (lossless check)
@@ -67,8 +67,8 @@ class DemoConfig:
 
 
 def quick_config(config: DemoConfig) -> DemoConfig:
-    """`--quick` (CI smoke test): fewer rows and prompts; still clearly learns."""
-    return replace(config, samples=min(config.samples, 64), test_samples=8, generate_prompts=2, max_new_tokens=24)
+    """`--quick` (CI smoke test, ~40 s on 2 cores): fewer rows, epochs and prompts; still clearly learns."""
+    return replace(config, samples=64, test_samples=8, epochs=6, generate_prompts=2, max_new_tokens=24)
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,7 @@ class Demo:
         self.result = DemoResult(config.output)
         self.stack = contextlib.ExitStack()
         self.server_url: str | None = None
+        self.ran: set[str] = set()  # steps that ran (not kept) in this invocation: their dependents rerun
         self.model = display_path(self.paths.verifier)  # also the server's model id (the trainer sends it)
 
     # ---------------------------------------------------------------- plumbing
@@ -343,6 +344,7 @@ class Demo:
         if c.keep and self.data_done():
             self.say(f"kept {display_path(p.data)} and {display_path(p.prepared)} (--keep)")
             return
+        self.ran.add("data")
         if p.data.exists():
             shutil.rmtree(p.data)
         if p.prepared.exists():
@@ -375,9 +377,12 @@ class Demo:
     def train(self) -> None:
         p, c = self.paths, self.config
         best = p.checkpoints / "checkpoint_best"
-        if c.keep and self.train_done():
+        if c.keep and "data" not in self.ran and self.train_done():
             self.say(f"kept {display_path(p.checkpoints)} (--keep)")
             return
+        if "data" in self.ran and p.checkpoints.exists():
+            shutil.rmtree(p.checkpoints)  # never resume a run on other data
+        self.ran.add("train")
         from mtptune.checkpoint.verifier import Verifier
 
         n_layers = Verifier.open(str(p.verifier)).text_config.num_hidden_layers
@@ -406,7 +411,7 @@ class Demo:
 
     def stitch(self) -> None:
         p = self.paths
-        if self.config.keep and (p.stitched / "config.json").is_file():
+        if self.config.keep and "train" not in self.ran and (p.stitched / "config.json").is_file():
             self.say(f"kept {display_path(p.stitched)} (--keep)")
             return
         if p.stitched.exists():

@@ -22,8 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--output", type=Path, default=d.output, help="output folder (default ./%(default)s)")
     parser.add_argument("--samples", type=int, default=None, help=f"training rows (default {d.samples}; --quick 64)")
-    parser.add_argument("--test-samples", type=int, default=None, help=f"held-out rows (default {d.test_samples})")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (default %(default)s)")
+    parser.add_argument(
+        "--test-samples", type=int, default=None, help=f"held-out rows (default {d.test_samples}; --quick 8)"
+    )
+    parser.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {d.epochs}; --quick 6)")
     parser.add_argument("--lr", type=float, default=d.lr, help="learning rate (default %(default)s)")
     parser.add_argument("--port", type=int, default=d.port, help="server port (default: a free one)")
     mode = parser.add_mutually_exclusive_group()
@@ -39,14 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from mtptune.demo import quick_config, run_demo
 
     config = DemoConfig(
-        output=args.output, epochs=args.epochs, lr=args.lr, port=args.port, keep=args.keep,
-        overwrite=args.overwrite, quick=args.quick,
-    )  # fmt: skip
+        output=args.output, lr=args.lr, port=args.port, keep=args.keep, overwrite=args.overwrite, quick=args.quick
+    )
     if args.quick:
         config = quick_config(config)
-    if args.samples is not None:
-        config = replace(config, samples=args.samples)
-    if args.test_samples is not None:
-        config = replace(config, test_samples=args.test_samples)
+    given = {"samples": args.samples, "test_samples": args.test_samples, "epochs": args.epochs}
+    config = replace(config, **{k: v for k, v in given.items() if v is not None})
     run_demo(config)
     return 0
