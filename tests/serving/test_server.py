@@ -133,6 +133,33 @@ def test_greedy_generation_equals_model_generate(server, tiny_verifier: Path, wo
     assert response["choices"][0]["text"] == tokenizer.decode(got, skip_special_tokens=True)
 
 
+def test_concurrent_greedy_generation_is_batched_and_equals_one_by_one(server) -> None:
+    """Concurrent generation requests share one left-padded decode; each row equals its unbatched greedy output."""
+    base, _ = server
+    prompts = [[11, 22, 33, 44, 55], [7, 8], [100, 200, 300, 400, 500, 600, 700, 800], [3, 1, 4, 1, 5, 9, 2]]
+    limits = [12, 6, 9, 12]
+
+    def body(ids: list[int], limit: int) -> dict:
+        return {"prompt": ids, "max_tokens": limit, "temperature": 0, "return_token_ids": True}
+
+    one_by_one = [
+        httpx.post(base + "/v1/completions", json=body(ids, n), timeout=60).json()["choices"][0]
+        for ids, n in zip(prompts, limits)
+    ]
+
+    async def all_at_once() -> list[dict]:
+        async with httpx.AsyncClient(timeout=60) as http:
+            responses = await asyncio.gather(
+                *(http.post(base + "/v1/completions", json=body(ids, n)) for ids, n in zip(prompts, limits))
+            )
+        return [r.json()["choices"][0] for r in responses]
+
+    for single, batched, limit in zip(one_by_one, asyncio.run(all_at_once()), limits):
+        assert batched["token_ids"] == single["token_ids"]  # fp32-exact here; bf16 may differ only at near-ties
+        assert batched["finish_reason"] == single["finish_reason"]
+        assert 1 <= len(batched["token_ids"]) <= limit
+
+
 def test_sampling_is_reproducible_with_a_seed(server) -> None:
     base, _ = server
     body = {"prompt": [3, 4, 5], "max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "seed": 7, "return_token_ids": True}

@@ -6,9 +6,12 @@ position +1 per step). One verifier forward over [sequence + drafts] checks them
 longest matching prefix plus the verifier's bonus token, or (temperature > 0) the standard rejection rule for a
 one-hot (argmax) draft: accept x with probability p(x), else resample from normalize(max(0, p - q)).
 
-Correctness over speed: the head and the verifier are recomputed over the whole sequence every round, so no
-linear-attention state ever has to be rolled back. The greedy baseline recomputes the same way, so the
-tokens/s ratio measures the verifier steps saved, not a serving speedup.
+Verifier: when every verifier layer is full attention (Llama, Qwen2, DeepSeek) it keeps a KV cache, runs only
+[newest token + drafts] per round and crops the rejected drafts off the cache (`DynamicCache.crop`); verifiers with
+linear-attention / recurrent state (Qwen3.5, Qwen3-Next) recompute the whole sequence every round, so no such state
+ever has to be rolled back. The greedy baseline uses the same path (cache or recompute), so the tokens/s ratio
+measures the verifier steps saved. Head: the first pass runs over every slot; steps k >= 1 run on the last slot
+only (it attends to the prefix's step-0 keys plus its own chain, exactly as the full-width computation does).
 """
 
 from __future__ import annotations
@@ -47,19 +50,22 @@ VerifyHook = Callable[[torch.Tensor], torch.Tensor]
 @torch.no_grad()
 def propose_drafts(head: MtpHead, sequence: torch.Tensor, hidden: torch.Tensor, num_steps: int) -> list[int]:
     """K argmax drafts after `sequence` [L] given the verifier's post-norm states `hidden` [L-1, H] of its first
-    L-1 tokens. Mirrors MtpHead.forward, but step k's input token is the head's own draft k-1."""
+    L-1 tokens. Mirrors MtpHead.forward, but step k's input token is the head's own draft k-1; steps k >= 1 are
+    computed for the last slot only (the other rows of those steps never feed the draft)."""
     T = hidden.shape[0]  # slots with a hidden state; the last one reads the newest token x_{L-1}
-    ids = torch.cat([sequence, sequence.new_zeros(num_steps)])
     positions = torch.arange(T, device=hidden.device)[None]
-    chain = ChainAttentionState(doc_ids=document_ids(positions))
-    g = hidden.to(head.fc.weight.dtype)[None]
-    drafts: list[int] = []
-    for k in range(num_steps):
-        tokens = ids[k + 1 : k + 1 + T][None]  # slot t reads x_{t+k+1}; for the last slot that is draft k-1
-        g = head.step(tokens, g, positions + k, chain)
+    chain = ChainAttentionState(doc_ids=document_ids(positions), backend="dense")
+    g = head.step(sequence[1 : T + 1][None], hidden.to(head.fc.weight.dtype)[None], positions, chain)
+    g = g[:, -1:]
+    # Later steps: one query row (slot T-1) against the step-0 keys of every slot plus its own chain.
+    chain._mask_cache[0] = chain.prefix_mask()[:, :, -1:, :]
+    last = positions[:, -1:]
+    draft = int(head.logits(g[0, -1]).argmax())
+    drafts = [draft]
+    for k in range(1, num_steps):
+        g = head.step(sequence.new_tensor([[draft]]), g, last + k, chain)
         draft = int(head.logits(g[0, -1]).argmax())
         drafts.append(draft)
-        ids[T + k + 1] = draft
     return drafts
 
 
@@ -107,17 +113,21 @@ def speculative_decode(
     stop_tokens = stop_tokens or set()
     start = time.perf_counter()
     sequence = torch.tensor(prompt, device=verifier.device)
-    hidden = verifier.hidden_states(sequence)  # prefill: the first token comes from the verifier alone
+    cache = verifier.new_cache() if verifier.supports_kv_rollback else None
+    # prefill: the first token comes from the verifier alone
+    hidden = cache.extend(sequence) if cache is not None else verifier.hidden_states(sequence)
     first = _pick(verifier.logits(hidden[-1]), temperature, generator)
     out = Decoded(tokens=[first], verifier_steps=1)
     sequence = torch.cat([sequence, sequence.new_tensor([first])])
     while len(out.tokens) < max_new_tokens and out.tokens[-1] not in stop_tokens:
         drafts = propose_drafts(head, sequence, hidden, num_steps)
-        candidate = torch.cat([sequence, sequence.new_tensor(drafts)])
-        hidden_all = verifier.hidden_states(candidate)
-        out.verifier_steps += 1
         L = sequence.shape[0]
-        logits = verifier.logits(hidden_all[L - 1 :])  # predicts drafts 0..K-1 and the bonus
+        if cache is not None:  # the cache holds tokens 0..L-2; run [x_{L-1}, drafts] at positions L-1..L+K-1
+            hidden_new = cache.extend(torch.cat([sequence[-1:], sequence.new_tensor(drafts)]))
+        else:
+            hidden_new = verifier.hidden_states(torch.cat([sequence, sequence.new_tensor(drafts)]))[L - 1 :]
+        out.verifier_steps += 1
+        logits = verifier.logits(hidden_new)  # predicts drafts 0..K-1 and the bonus
         if verify_hook is not None:
             logits = verify_hook(logits)
         accepted, bonus = _verify(drafts, logits, temperature, generator)
@@ -132,7 +142,9 @@ def speculative_decode(
         out.tokens.extend(new)
         sequence = torch.cat([sequence, sequence.new_tensor(new)])
         # States of the accepted prefix are exact (causal); the bonus token's state comes next round.
-        hidden = hidden_all[: sequence.shape[0] - 1]
+        hidden = torch.cat([hidden, hidden_new[: accepted + 1]])[: sequence.shape[0] - 1]
+        if cache is not None:
+            cache.crop(sequence.shape[0] - 1)  # drop the rejected drafts' keys and values
     out.tokens = out.tokens[:max_new_tokens]
     out.seconds = time.perf_counter() - start
     return out
@@ -161,8 +173,13 @@ def greedy_decode(
     sequence = list(prompt)
     out = Decoded(tokens=[])
     margins: list[GreedyMargin] = []
+    cache = verifier.new_cache() if verifier.supports_kv_rollback else None
+    pending = torch.tensor(sequence, device=verifier.device)
     while len(out.tokens) < max_new_tokens and not (out.tokens and out.tokens[-1] in stop_tokens):
-        hidden = verifier.hidden_states(torch.tensor(sequence, device=verifier.device))
+        if cache is not None:
+            hidden = cache.extend(pending)
+        else:
+            hidden = verifier.hidden_states(torch.tensor(sequence, device=verifier.device))
         raw = verifier.logits(hidden[-1])
         logits = raw.float()
         top = logits.topk(2).values
@@ -172,6 +189,7 @@ def greedy_decode(
         out.tokens.append(token)
         out.verifier_steps += 1
         sequence.append(token)
+        pending = torch.tensor([token], device=verifier.device)
     out.seconds = time.perf_counter() - start
     return out, margins
 

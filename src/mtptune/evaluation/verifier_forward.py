@@ -1,7 +1,9 @@
 """The verifier run with transformers: post-norm hidden states h_t and its own greedy tokens.
 
-The whole forward is recomputed for every call (no KV cache): the hybrid verifiers' linear-attention state
-cannot be rolled back cheaply after a rejected draft, and recomputing is always correct.
+`hidden_states` recomputes the whole forward (always correct). When every decoder layer is full attention (Llama,
+Qwen2, DeepSeek) `supports_kv_rollback` is true and speculative decoding instead extends a KV cache (`extend`) and
+crops it back after a rejected draft; hybrid verifiers (Qwen3.5 / Qwen3-Next: Gated DeltaNet / linear-attention
+state that cannot be rolled back by cropping) keep the recompute path.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ import torch
 
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.errors import CheckpointError
+
+# Verifiers with recurrent / linear-attention layers: a cropped cache would keep the rejected drafts in their state.
+RECURRENT_MODEL_TYPES = frozenset(
+    {"qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "mamba", "mamba2", "jamba"}
+)
 
 # Full-vocabulary logits of a long row are large (8192 x 248k in fp32 = 8 GB): take argmaxes in row chunks.
 ARGMAX_CHUNK = 1024
@@ -65,6 +72,20 @@ class VerifierForward:
         hidden = out.last_hidden_state  # already post-norm (contracts d4)
         return hidden[0] if squeeze else hidden
 
+    @property
+    def supports_kv_rollback(self) -> bool:
+        """True when every layer is full attention, so a DynamicCache cropped to a prefix equals that prefix's forward."""
+        text_config = self.model.config.get_text_config()
+        if getattr(text_config, "model_type", "") in RECURRENT_MODEL_TYPES:
+            return False
+        layer_types = getattr(text_config, "layer_types", None)
+        if layer_types is not None and any(t != "full_attention" for t in layer_types):
+            return False
+        return not getattr(text_config, "sliding_window", None) or not getattr(text_config, "use_sliding_window", True)
+
+    def new_cache(self) -> KvCache:
+        return KvCache(self)
+
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
@@ -72,3 +93,38 @@ class VerifierForward:
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """The verifier's greedy next token after each position: argmax W_lm h_t."""
         return greedy_tokens(hidden, self.logits)
+
+
+class KvCache:
+    """A verifier KV cache over a growing token sequence that can be cut back (rejected drafts): only for verifiers
+    whose `supports_kv_rollback` is true."""
+
+    def __init__(self, forward: VerifierForward) -> None:
+        from transformers import DynamicCache
+
+        if not forward.supports_kv_rollback:
+            raise CheckpointError("this verifier has recurrent / linear-attention layers: its cache cannot roll back.")
+        self.forward = forward
+        self.cache = DynamicCache(config=forward.model.config)
+        self.length = 0
+
+    @torch.no_grad()
+    def extend(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Append tokens [T] at positions length..length+T-1; returns their post-norm hidden states [T, H]."""
+        ids = input_ids.to(self.forward.device)[None]
+        positions = torch.arange(self.length, self.length + ids.shape[1], device=self.forward.device)
+        out = self.forward.model.model(
+            input_ids=ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            cache_position=positions,
+            position_ids=positions[None],
+        )
+        self.length += ids.shape[1]
+        return out.last_hidden_state[0]
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` tokens' keys and values."""
+        if length < self.length:
+            self.cache.crop(length)
+            self.length = length

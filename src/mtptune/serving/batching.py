@@ -136,3 +136,144 @@ class DynamicBatcher(Generic[Result]):
             for p, result in zip(batch, results):
                 if not p.future.done():
                     p.future.set_result(result)
+
+
+@dataclass
+class GenerationRequest:
+    """One generation request as the generation batcher queues it."""
+
+    token_ids: Sequence[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    future: asyncio.Future | None = None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def group(self) -> tuple:
+        """Requests of one group can share a decode: all greedy ones, or sampled ones with the same temperature and
+        top_p. A seeded sampled request runs alone so that its seed alone decides its tokens (reproducibility)."""
+        if self.temperature <= 0:
+            return ("greedy",)
+        if self.seed is not None:
+            return ("seeded", id(self))
+        return ("sampled", self.temperature, self.top_p)
+
+
+class GenerationBatcher(Generic[Result]):
+    """Batches concurrent generation requests into one padded decode (`run_batch(requests) -> results`).
+
+    Static batching: a batch is cut from the queue's first request plus every queued request of the same sampling
+    group, in arrival order, up to `max_rows` rows and `max_batch_tokens` padded slots (rows × (longest prompt +
+    largest max_tokens)). Requests arriving while a batch decodes wait for the next one.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[GenerationRequest]], list[Result]],
+        executor: Executor,
+        max_rows: int,
+        max_batch_tokens: int,
+        window_s: float = 0.02,
+        max_queue: int = 1024,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        self.run_batch = run_batch
+        self.executor = executor
+        self.max_rows = max(1, max_rows)
+        self.max_batch_tokens = max_batch_tokens
+        self.window_s = window_s
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self.running = 0
+        self._queue: list[GenerationRequest] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue) + self.running
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="generation-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for pending in self._queue:
+            if pending.future is not None and not pending.future.done():
+                pending.future.set_exception(RuntimeError("server shutting down"))
+        self._queue.clear()
+
+    async def submit(self, request: GenerationRequest) -> Result:
+        if self._wakeup is None:
+            raise RuntimeError("GenerationBatcher.start() was not called")
+        if self.depth >= self.max_queue:
+            raise QueueFull(f"{self.depth} generation requests already queued (limit {self.max_queue})")
+        request.future = asyncio.get_running_loop().create_future()
+        self._queue.append(request)
+        self._wakeup.set()
+        return await request.future
+
+    @staticmethod
+    def _slots(batch: list[GenerationRequest]) -> int:
+        return len(batch) * (max(len(r.token_ids) for r in batch) + max(r.max_tokens for r in batch))
+
+    def _cut(self) -> list[GenerationRequest]:
+        self._queue = [r for r in self._queue if r.future is not None and not r.future.cancelled()]
+        if not self._queue:
+            return []
+        group = self._queue[0].group
+        batch: list[GenerationRequest] = []
+        for request in self._queue:
+            if len(batch) >= self.max_rows:
+                break
+            if request.group != group:
+                continue
+            if batch and self._slots([*batch, request]) > self.max_batch_tokens:
+                continue
+            batch.append(request)
+        taken = {id(r) for r in batch}
+        self._queue = [r for r in self._queue if id(r) not in taken]
+        return batch
+
+    async def _loop(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Give concurrent requests a moment to join (generation takes far longer than the window).
+            deadline = self._queue[0].enqueued + self.window_s
+            while len(self._queue) < self.max_rows and (wait := deadline - time.perf_counter()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._cut()
+            if not batch:
+                continue
+            start = time.perf_counter()
+            self.running = len(batch)
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, batch)
+            except Exception as exc:  # one failure fails the batch's requests, never the loop
+                log.exception("generation batch of %d requests failed", len(batch))
+                for r in batch:
+                    if r.future is not None and not r.future.done():
+                        r.future.set_exception(exc)
+                continue
+            finally:
+                self.running = 0
+            if self.on_batch is not None:
+                self.on_batch(len(batch), self._slots(batch), time.perf_counter() - start)
+            for r, result in zip(batch, results):
+                if r.future is not None and not r.future.done():
+                    r.future.set_result(result)

@@ -7,7 +7,6 @@ carries `kv_transfer_params.hidden_states_path`. Longer `max_tokens` generate (g
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -21,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from mtptune.serving.batching import DynamicBatcher, QueueFull
+from mtptune.serving.batching import DynamicBatcher, GenerationBatcher, GenerationRequest, QueueFull
 from mtptune.serving.hidden_state_files import HiddenStatesWriteLock, write_hidden_states_file
 from mtptune.serving.metrics import ServerMetrics
 from mtptune.serving.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
@@ -57,8 +56,16 @@ class HiddenStatesServer:
             window_s=config.batch_window_ms / 1000.0,
             max_queue=config.max_queue,
         )
-        self.generating = 0
-        self.metrics = ServerMetrics(lambda: self.batcher.depth + self.generating)
+        # Concurrent generation requests with the same sampling parameters share one left-padded decode.
+        self.generator: GenerationBatcher[Generation] = GenerationBatcher(
+            self._generate_batch,
+            self.model_executor,
+            max_rows=config.max_generate_batch,
+            max_batch_tokens=max(config.max_generate_batch_tokens, 1),
+            window_s=max(config.batch_window_ms, 20.0) / 1000.0,
+            max_queue=config.max_queue,
+        )
+        self.metrics = ServerMetrics(lambda: self.batcher.depth + self.generator.depth)
         self.batcher.on_batch = self.metrics.record_batch
 
     # --- request checks ------------------------------------------------------------------------------------
@@ -190,17 +197,24 @@ class HiddenStatesServer:
         self.writer_executor.submit(write)
         return sample_token(result.next_token_logits, body.temperature, body.top_p, body.seed)
 
+    def _generate_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
+        first = requests[0]
+        return self.runtime.generate_batch(
+            [r.token_ids for r in requests],
+            [r.max_tokens for r in requests],
+            first.temperature,
+            first.top_p,
+            first.seed,
+        )
+
     async def generate(self, ids: list[int], body: SamplingFields, max_tokens: int) -> Generation:
-        if self.batcher.depth + self.generating >= self.config.max_queue:
+        if self.batcher.depth + self.generator.depth >= self.config.max_queue:
             raise Rejected(503, "server overloaded: too many queued requests; retry later.", "ServiceUnavailableError")
-        self.generating += 1
+        request = GenerationRequest(ids, max_tokens, body.temperature, body.top_p, body.seed)
         try:
-            loop = asyncio.get_running_loop()
-            gen = await loop.run_in_executor(
-                self.model_executor, self.runtime.generate, ids, max_tokens, body.temperature, body.top_p, body.seed
-            )
-        finally:
-            self.generating -= 1
+            gen = await self.generator.submit(request)
+        except QueueFull as exc:
+            raise Rejected(503, f"server overloaded: {exc}; retry later.", "ServiceUnavailableError") from exc
         return self.apply_stop(gen, body.stop_strings())
 
     def apply_stop(self, gen: Generation, stops: list[str]) -> Generation:
@@ -377,6 +391,7 @@ class HiddenStatesServer:
 
     async def _lifespan(self, app: FastAPI):
         self.batcher.start()
+        self.generator.start()
         log.info(
             "serving %s as %r: layer ids %s, storage %s, max_model_len %d, batch budget %d tokens",
             self.config.model,
@@ -390,6 +405,7 @@ class HiddenStatesServer:
             yield
         finally:
             await self.batcher.stop()
+            await self.generator.stop()
             self.writer_executor.shutdown(wait=True)
             self.model_executor.shutdown(wait=False, cancel_futures=True)
 

@@ -27,6 +27,8 @@ class ServerConfig:
     max_model_len: int | None = None  # None: the verifier's max_position_embeddings
     max_batch_tokens: int = 8192  # padded token slots per capture forward
     batch_window_ms: float = 2.0
+    max_generate_batch: int = 32  # rows per batched generation decode
+    max_generate_batch_tokens: int = 65536  # padded slots (rows × (prompt + max_tokens)) per generation batch
     max_queue: int = 1024  # waiting requests before 503
     max_tokens_limit: int = 4096  # hard cap on max_tokens per generation request
     writer_threads: int = 4

@@ -152,9 +152,33 @@ class VerifierRuntime:
     def generate(
         self, prompt: Sequence[int], max_tokens: int, temperature: float, top_p: float, seed: int | None
     ) -> Generation:
-        input_ids = torch.as_tensor([list(prompt)], dtype=torch.long, device=self.device)
+        return self.generate_batch([prompt], [max_tokens], temperature, top_p, seed)[0]
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: Sequence[int],
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> list[Generation]:
+        """One left-padded `model.generate` over several prompts that share sampling parameters.
+
+        Row i stops at its first EOS or after `max_tokens[i]` tokens; greedy rows equal unbatched greedy decoding up
+        to numerical near-ties (padding changes the matmul shapes, not the math).
+        """
+        if len(prompts) != len(max_tokens) or not prompts:
+            raise ValueError("generate_batch needs one max_tokens per prompt and at least one prompt")
+        pad_id = self.eos_token_ids[0] if self.eos_token_ids else 0
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
         sample = temperature > 0
-        kwargs: dict = dict(do_sample=sample, max_new_tokens=max_tokens, min_new_tokens=0)
+        kwargs: dict = dict(do_sample=sample, max_new_tokens=max(max_tokens), min_new_tokens=0)
         if sample:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
             if seed is not None:
@@ -162,13 +186,20 @@ class VerifierRuntime:
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if self.eos_token_ids:
-            kwargs.update(eos_token_id=self.eos_token_ids, pad_token_id=self.eos_token_ids[0])
-        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        tokens = out[0, input_ids.shape[1] :].tolist()
-        for i, tok in enumerate(tokens):  # generate pads finished rows; keep up to the first EOS
-            if tok in self.eos_token_ids:
-                return Generation(tokens[: i + 1], "stop")
-        return Generation(tokens, "length")
+            kwargs.update(eos_token_id=self.eos_token_ids, pad_token_id=pad_id)
+        else:
+            kwargs.update(pad_token_id=pad_id)
+        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        results = []
+        for row, limit in enumerate(max_tokens):
+            tokens = out[row, width:].tolist()[:limit]
+            for i, tok in enumerate(tokens):  # generate pads finished rows; keep up to the first EOS
+                if tok in self.eos_token_ids:
+                    results.append(Generation(tokens[: i + 1], "stop"))
+                    break
+            else:
+                results.append(Generation(tokens, "length"))
+        return results
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, seed: int | None) -> int:
