@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["flex"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[7554, 8011, 7320, 8192])
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--chunk-rows", type=int, default=4096)
+    parser.add_argument("--chunk-rows", type=int, default=2048)
+    parser.add_argument("--profile", default=None, help="write a torch.profiler kernel table of one step here")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     config = Qwen3_5TextConfig(**QWEN35_9B)
@@ -100,6 +101,15 @@ def main() -> None:
                 per.append(time.perf_counter() - t0)
             firsts[T] = round(per[0] * 1e3, 1)
             times[T] = round(statistics.median(per[1:]) * 1e3, 1)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step(head, opt, batch, backend, 3, weights, args.chunk_rows)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+            Path(args.profile).write_text(table)
+            print(table[:6000])
         tokens = sum(args.lengths) / len(args.lengths)
         ms = statistics.mean(times.values())
         result[backend] = {
