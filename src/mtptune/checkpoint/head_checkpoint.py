@@ -112,9 +112,18 @@ def save_head_checkpoint(
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp made it 0700
+        # Move the old folder aside before the new one takes its name, and delete it only afterwards: deleting
+        # in place could leave a half-deleted folder that still has config.json (looks complete) after a crash.
+        old = None
         if path.exists():
-            shutil.rmtree(path)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
         os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {exc} (disk full or not writable?)") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

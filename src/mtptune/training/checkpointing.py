@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from mtptune.checkpoint.head_checkpoint import HeadConfig, save_head_checkpoint
-from mtptune.errors import CheckpointError
+from mtptune.errors import CheckpointError, ConfigError
 from mtptune.modeling.head import MtpHead
 from mtptune.training.config import TrainConfig
 
@@ -53,10 +53,14 @@ class TrainingState:
 
 
 def write_run_files(save_path: Path, config: TrainConfig) -> None:
-    save_path.mkdir(parents=True, exist_ok=True)
-    (save_path / "run.yaml").write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
-    if config.command:
-        (save_path / "train_command.txt").write_text(shlex.join(config.command) + "\n")
+    """Also the early check that --save-path is writable, before any GPU time is spent."""
+    try:
+        save_path.mkdir(parents=True, exist_ok=True)
+        (save_path / "run.yaml").write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+        if config.command:
+            (save_path / "train_command.txt").write_text(shlex.join(config.command) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"--save-path {save_path} is not writable: {exc}") from exc
 
 
 def _plain(value):
