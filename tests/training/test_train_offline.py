@@ -109,3 +109,16 @@ def test_on_missing_skip_counts_and_raise_fails(learnable, tmp_path):
                 learnable, tmp_path / "b", data=data, hidden_states=replace(skip, on_missing="raise"), epochs=1
             )
         )
+
+
+def test_max_steps_stops_exactly_even_at_an_epoch_boundary(learnable, tmp_path):
+    from mtptune.training.batching import PreparedRows, pack_rows, split_train_val
+
+    data = DataConfig(str(learnable.data), 128, 0.8, max_rows=32)
+    rows = PreparedRows(learnable.data, 128, 32)
+    train_ids, _ = split_train_val(len(rows), 0.8)
+    first_epoch = len(pack_rows(train_ids, rows.lengths, 128, seed=0, epoch=0))
+    for max_steps in (first_epoch, first_epoch + 1):
+        config = offline_config(learnable, tmp_path / str(max_steps), data=data, max_steps=max_steps)
+        result = run_training(replace(config, validate_at_start=False))
+        assert result.global_step == len(result.train_losses) == max_steps

@@ -100,6 +100,11 @@ class FolderSource:
                         "token_mismatch", f"{path}: token_ids differ from row {row.row_id} of the prepared data."
                     )
             except ServerError as exc:
+                if self.on_missing == "raise":
+                    raise DataError(
+                        f"{exc} (--on-missing raise). Delete the file and regenerate it (--on-missing generate "
+                        "--vllm-endpoint URL), or pass --on-missing skip to count and skip such rows."
+                    ) from exc
                 yield row.row_id, exc
                 continue
             yield row.row_id, mtp_input(states, self.dtype)[:n]

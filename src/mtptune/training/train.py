@@ -85,6 +85,8 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
         total=p.total_steps, initial=state.global_step, disable=not (info.is_main and config.logging.progress_bar)
     )
     for epoch in range(state.epoch, config.epochs):
+        if _max_steps_reached(config, state):  # a resumed run that already reached --max-steps
+            break
         plan = plan_epoch(_epoch_batches(p, epoch), info.rank, info.world_size, config.optim.grad_accum)
         start = state.local_step if epoch == state.epoch else 0
         rows = (p.rows[i] for step in plan.steps[start:] for micro in step for i in micro)
@@ -133,7 +135,7 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
                         p.logger.log("val", state.global_step, validate(p))
                 if _mid_epoch_checkpoint_due(config, plan.num_steps, local + 1):
                     _save(p, save_path / f"step{state.global_step}", state, None)
-                if config.max_steps is not None and state.global_step >= config.max_steps:
+                if _max_steps_reached(config, state):
                     break
         finally:
             prefetcher.close()
@@ -143,7 +145,7 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
         if finished_epoch:
             state = replace(state, epoch=epoch + 1, local_step=0)
         state = _end_of_epoch(p, epoch, state, result, finished_epoch)
-        if not finished_epoch:  # --max-steps ended the run inside the epoch
+        if not finished_epoch or _max_steps_reached(config, state):  # --max-steps ended the run
             break
     bar.close()
     result.global_step, result.skipped_steps = state.global_step, state.skipped_steps
@@ -329,6 +331,10 @@ def _empty_batch(p: Parts) -> PackedBatch:
 
 def _epoch_batches(p: Parts, epoch: int) -> list[list[int]]:
     return pack_rows(p.train_ids, p.rows.lengths, p.config.data.total_seq_len, p.config.seed, epoch)
+
+
+def _max_steps_reached(config: TrainConfig, state: ckpt.TrainingState) -> bool:
+    return config.max_steps is not None and state.global_step >= config.max_steps
 
 
 def _mid_epoch_checkpoint_due(config: TrainConfig, steps_in_epoch: int, done: int) -> bool:
