@@ -105,3 +105,13 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def online_server(corpus, tmp_path_factory):
+    """One real built-in server for the tests that only need it alive: (base URL, its storage folder)."""
+    from tests.serving.conftest import running_server
+
+    storage = tmp_path_factory.mktemp("online") / "hs"
+    with running_server(corpus.verifier, storage) as base:
+        yield base, storage
