@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mtptune.data.prepare import load_prepared
 from mtptune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class PreparedRows:
 
     def __init__(self, data_path: str | Path, max_len: int, max_rows: int | None = None):
         self.path = Path(data_path)
-        self.dataset = _load_prepared(self.path)
+        self.dataset = load_prepared(self.path)
         for column in ("input_ids", "loss_mask"):
             if column not in self.dataset.column_names:
                 raise DataError(f"{self.path}: prepared dataset lacks column {column!r} (run `mtptune prepare`).")
@@ -77,21 +78,6 @@ class PreparedRows:
         if ids.shape != mask.shape:
             raise DataError(f"{self.path}: row {row_id} has {ids.numel()} input_ids but {mask.numel()} loss_mask.")
         return Row(int(row_id), ids, mask)
-
-
-def _load_prepared(path: Path):
-    if not path.exists():
-        raise DataError(f"prepared data {path} does not exist (create it with `mtptune prepare`).")
-    try:
-        from mtptune.data.prepare import load_prepared
-    except ImportError:  # the data stage is optional for library users with their own prepared folders
-        import datasets
-
-        try:
-            return datasets.load_from_disk(str(path))
-        except Exception as exc:
-            raise DataError(f"{path} is not a prepared dataset folder: {exc}") from exc
-    return load_prepared(path)
 
 
 def split_train_val(num_rows: int, train_data_ratio: float) -> tuple[list[int], list[int]]:
