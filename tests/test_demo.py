@@ -15,6 +15,8 @@ import pytest
 
 from mtptune.demo import SUMMARY_FILE, mtp_only_difference
 
+pytestmark = pytest.mark.slow  # ~70 s for the module on the 2-core CI box
+
 
 def demo(output: Path, *flags: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mtptune.cli.main", "demo", "--output", str(output), *flags]
@@ -103,4 +105,5 @@ def test_interrupt_stops_the_server(quick_run):
     assert pid is not None, "".join(lines)
     assert proc.returncode == 130, "".join(lines) + rest
     assert f"server pid {pid} stopped" in rest
+    assert "--keep` resumes" in rest
     assert not alive(pid)

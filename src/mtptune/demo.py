@@ -682,5 +682,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
     try:
         with sigterm_as_interrupt():
             return Demo(config).run()
+    except KeyboardInterrupt:
+        again = shlex.join(["mtptune", "demo", "--output", display_path(config.output), "--keep"])
+        print(f"\ninterrupted; `{again}` resumes where it stopped", flush=True)
+        raise
     finally:
         torch.set_num_threads(threads)
