@@ -174,47 +174,54 @@ class ExistingServer:
         pass
 
 
-def evaluate(out: Path, logs: Path, head: str, args: argparse.Namespace, data: Path, prompts: dict[str, Path]) -> dict:
-    """Offline tau_sim on held-out prepared rows (at K and every --eval-num-steps) + real speculative decoding on
-    held-out GSM8K and MT-Bench first turns (at K, unless --no-generate-eval)."""
+def evaluate(
+    out: Path,
+    logs: Path,
+    head: str,
+    args: argparse.Namespace,
+    data: Path,
+    prompts: dict[str, Path],
+    extra_steps: list[int] | None = None,
+) -> dict:
+    """Offline tau_sim on held-out prepared rows + real speculative decoding on held-out GSM8K and MT-Bench first
+    turns (at K, unless --no-generate-eval). Offline runs once at the largest K asked for: drafting more steps never
+    changes the earlier ones, so tau_sim at every smaller K is 1 + the sum of the first K unconditional p_k."""
     results = {}
     base = ["--head", head, "--verifier", "smollm2", "--device", args.device]
-    jobs = []
-    for k in sorted({args.num_steps, *args.eval_num_steps}):
-        key = "offline_gsm8k" if k == args.num_steps else f"offline_gsm8k_k{k}"
-        offline = ["evaluate", "offline", *base, "--num-steps", str(k), "--data", str(data)]
-        jobs.append((key, offline + (["--max-rows", str(args.test_samples)] if args.test_samples else [])))
+    k_max = max([args.num_steps, *(extra_steps or [])])
+    offline = ["evaluate", "offline", *base, "--num-steps", str(k_max), "--data", str(data)]
+    jobs = [
+        (f"offline_gsm8k_k{k_max}", offline + (["--max-rows", str(args.test_samples)] if args.test_samples else []))
+    ]
     if args.generate_eval:
         for set_name, path in prompts.items():
-            jobs.append(
-                (
-                    f"generate_{set_name}",
-                    [
-                        "evaluate",
-                        "generate",
-                        *base,
-                        "--num-steps",
-                        str(args.num_steps),
-                        "--prompts",
-                        str(path),
-                        "--max-new-tokens",
-                        str(args.eval_max_tokens),
-                    ],
-                )
-            )
+            generate = ["evaluate", "generate", *base, "--num-steps", str(args.num_steps), "--prompts", str(path)]
+            jobs.append((f"generate_{set_name}", [*generate, "--max-new-tokens", str(args.eval_max_tokens)]))
     for key, cmd in jobs:
         target = out / key
         if not (target / "result.json").is_file():
             sh([*cmd, "--output", str(target)], log=logs / f"eval_{out.name}_{key}.log")
         body = json.loads((target / "result.json").read_text())
         counts = body["counts"]
-        results[key] = {
+        entry = {
             "acceptance_length": body["acceptance_length"],
-            "per_position": counts.get("unconditional") or counts.get("p_k"),
+            "per_position": counts.get("p") or counts.get("unconditional") or counts.get("p_k"),
             "conditional": counts.get("conditional"),
             "drafts": counts["drafts"],
             "generation": body.get("generation"),
         }
+        if not key.startswith("offline"):
+            results[key] = entry
+            continue
+        for k in sorted({args.num_steps, *(extra_steps or [])}):
+            p_k = entry["per_position"][:k]
+            name = "offline_gsm8k" if k == args.num_steps else f"offline_gsm8k_k{k}"
+            results[name] = {
+                **entry,
+                "acceptance_length": 1 + sum(p_k),
+                "per_position": p_k,
+                "conditional": (entry["conditional"] or [])[:k],
+            }
     return results
 
 
@@ -359,7 +366,9 @@ def main() -> int:
         stitched = exp / "stitched"
         if not (stitched / "config.json").is_file():
             sh(["stitch", str(save / "checkpoint_best"), "smollm2", "--output-path", str(stitched)])
-        results["trained"] = evaluate(exp / "eval", logs, str(stitched), args, data["test"], prompts)
+        results["trained"] = evaluate(
+            exp / "eval", logs, str(stitched), args, data["test"], prompts, extra_steps=args.eval_num_steps
+        )
     finally:
         server.stop()
     (exp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
