@@ -37,10 +37,12 @@ class PackedBatch:
     loss_mask: torch.Tensor  # [1, L]
     position_ids: torch.Tensor  # [1, L], 0 at each document start
     hidden_states: torch.Tensor  # [1, L, H] the verifier's layer-N (pre-norm) states
+    real_tokens: int | None = None  # tokens of real rows (L minus any padding document); None: all of L
 
     @property
     def num_tokens(self) -> int:
-        return self.input_ids.shape[1]
+        """Real (non-padding) tokens: what throughput is counted in."""
+        return self.input_ids.shape[1] if self.real_tokens is None else self.real_tokens
 
 
 class PreparedRows:
@@ -158,4 +160,5 @@ def collate(rows: list[Row], hidden: list[torch.Tensor], pad_to: int | None = No
         loss_mask=torch.cat(loss_mask)[None],
         position_ids=torch.cat(positions)[None],
         hidden_states=torch.cat(hidden)[None],
+        real_tokens=total,
     )

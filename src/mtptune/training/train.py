@@ -318,7 +318,12 @@ def _load_micro(p: Parts, prefetcher: Prefetcher, ids: list[int]) -> PackedBatch
     dtype = p.autocast_dtype or torch.float32
     dev = p.info.device
     return PackedBatch(
-        b.row_ids, b.input_ids.to(dev), b.loss_mask.to(dev), b.position_ids.to(dev), b.hidden_states.to(dev, dtype)
+        b.row_ids,
+        b.input_ids.to(dev),
+        b.loss_mask.to(dev),
+        b.position_ids.to(dev),
+        b.hidden_states.to(dev, dtype),
+        real_tokens=b.real_tokens,
     )
 
 
