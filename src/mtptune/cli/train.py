@@ -89,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="compute dtype (auto: bf16 autocast on GPU, fp32 on CPU); master weights stay fp32")  # fmt: skip
     g.add_argument("--fsdp-shard", action="store_true", help="FSDP2 instead of DDP under torchrun")
+    g.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="on CUDA, keep the head's norms eager (default: compiled into fused kernels)")  # fmt: skip
 
     g = parser.add_argument_group("checkpoints and logging")
     g.add_argument("--save-path", default="./output/checkpoints")
@@ -197,6 +199,7 @@ def build_config(args: argparse.Namespace):
         val_every=args.val_every,
         validate_at_start=not args.no_initial_val,
         fsdp_shard=args.fsdp_shard,
+        compile=args.compile,
         command=tuple(sys.argv),
     ).validate()
 

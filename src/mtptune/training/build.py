@@ -92,6 +92,18 @@ def build_head(config: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype 
     return head, head_config
 
 
+def compile_norms(head: MtpHead) -> None:
+    """Compile every RMSNorm of the head in place (state-dict keys unchanged). Eager, each norm is ~6 fp32 passes
+    over its input forward and more backward; compiled, one fused kernel each way. A compile failure falls back
+    to eager instead of stopping the run."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    for module in head.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.compile()
+
+
 def build_optimizer(config: TrainConfig, head: MtpHead) -> torch.optim.Optimizer:
     if config.optim.name == "muon":
         log.warning(
@@ -136,6 +148,8 @@ def count_total_steps(config: TrainConfig, rows: PreparedRows, train_ids: list[i
 def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
     autocast_dtype = compute_dtype(config, info.device)
     head, head_config = build_head(config, info, autocast_dtype)
+    if config.compile and info.device.type == "cuda":
+        compile_norms(head)
     rows = PreparedRows(config.data.data_path, config.data.total_seq_len, config.data.max_rows)
     train_ids, val_ids = split_train_val(len(rows), config.data.train_data_ratio)
     if not val_ids and info.is_main:

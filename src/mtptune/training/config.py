@@ -107,6 +107,7 @@ class TrainConfig:
     val_every: int | None = None  # extra validations every N optimizer steps (always at each epoch end)
     validate_at_start: bool = True  # the untrained head's val metrics, the "before" of before/after
     fsdp_shard: bool = False
+    compile: bool = True  # CUDA only: compile the head's RMSNorms into fused kernels (CPU stays eager)
     command: tuple[str, ...] = ()  # the command line, for train_command.txt
 
     def validate(self) -> TrainConfig:

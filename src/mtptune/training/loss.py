@@ -34,15 +34,31 @@ def supervised_counts(
 
 
 @torch.no_grad()
-def reference_tokens(hidden_post_norm: torch.Tensor, lm_head: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    """[B, T] the verifier's greedy next token at every position, argmax W_lm h_p, computed in chunks."""
+def reference_tokens(
+    hidden_post_norm: torch.Tensor, lm_head: torch.Tensor, chunk_rows: int, needed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, T] the verifier's greedy next token argmax W_lm h_p, computed in chunks for the `needed` positions
+    only (all when None; -1 elsewhere): the reference is one full-vocabulary matmul per row, so padding and
+    unsupervised rows are skipped."""
     B, T, H = hidden_post_norm.shape
     flat = hidden_post_norm.reshape(B * T, H)
-    out = torch.empty(B * T, dtype=torch.int64, device=flat.device)
-    for start in range(0, B * T, chunk_rows):
-        logits = F.linear(flat[start : start + chunk_rows].to(lm_head.dtype), lm_head)
-        out[start : start + chunk_rows] = logits.argmax(-1)
+    out = torch.full((B * T,), -1, dtype=torch.int64, device=flat.device)
+    index = needed.reshape(-1).nonzero().squeeze(-1) if needed is not None else None
+    rows = flat if index is None else flat[index]
+    argmax = torch.empty(rows.shape[0], dtype=torch.int64, device=flat.device)
+    for start in range(0, rows.shape[0], chunk_rows):
+        logits = F.linear(rows[start : start + chunk_rows].to(lm_head.dtype), lm_head)
+        argmax[start : start + chunk_rows] = logits.argmax(-1)
+    if index is None:
+        out = argmax
+    else:
+        out[index] = argmax
     return out.reshape(B, T)
+
+
+def shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x[:, t - n] at column t; the first n columns are False/0."""
+    return torch.cat([torch.zeros_like(x[:, :n]), x[:, : x.shape[1] - n]], dim=1)
 
 
 def mtp_loss(
@@ -66,13 +82,18 @@ def mtp_loss(
     """
     K = len(outputs)
     metrics = StepMetrics.zeros(K, device=input_ids.device)
-    ref = reference_tokens(teacher_hidden, lm_head, chunk_rows)
+    step_valid = [step_targets(input_ids, loss_mask, position_ids, k) for k in range(K)]
+    # Step k row t compares with the verifier's token at position t+k+1: compute the reference only there.
+    needed = torch.zeros_like(input_ids, dtype=torch.bool)
+    for k, (_, valid) in enumerate(step_valid):
+        needed |= shift_right(valid, k + 1)
+    ref = reference_tokens(teacher_hidden, lm_head, chunk_rows, needed)
     need_teacher = kind != "ce"
     loss: torch.Tensor | None = None
     predictions = torch.full((K, *input_ids.shape), -1, dtype=torch.int64, device=input_ids.device)
     valid_all = torch.ones_like(input_ids, dtype=torch.bool)
     for k, o in enumerate(outputs):
-        targets, valid = step_targets(input_ids, loss_mask, position_ids, k)
+        targets, valid = step_valid[k]
         valid_all &= valid
         rows = valid.nonzero(as_tuple=True)
         n = rows[0].numel()
