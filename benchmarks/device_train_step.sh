@@ -22,5 +22,5 @@ else
 fi
 echo "== mtptune ($(elapsed)s)"
 python3 benchmarks/train_step.py --verifier $W/verifier --data $W/data --hidden-states $W/hs \
-  --peer $OUT/runA/summary.json ${TRAIN_STEP_ARGS:-} 2>&1 | tee $OUT/train_step_log.txt | grep -E "^\{|Error|error" | tail -5
+  --peer ${PEER_SUMMARY:-$OUT/runA/summary.json} ${TRAIN_STEP_ARGS:-} 2>&1 | tee $OUT/train_step_log.txt | grep -E "^\{|Error|error" | tail -5
 echo "== done ($(elapsed)s)"
