@@ -29,8 +29,8 @@ demo: $(STAMP)
 	$(VENV)/bin/mtptune demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests scripts benchmarks
-	$(VENV)/bin/ruff format --check src tests scripts benchmarks
+	$(VENV)/bin/ruff check src tests scripts benchmarks examples
+	$(VENV)/bin/ruff format --check src tests scripts benchmarks examples
 	$(VENV)/bin/python -m pytest -q -m "not gpu and not interop" $(PYTEST_ARGS)
 
 $(INTEROP_STAMP):
@@ -48,8 +48,8 @@ test-interop: $(STAMP) $(INTEROP_STAMP)
 	MTPTUNE_INTEROP_VENV=$(INTEROP_VENV) $(VENV)/bin/python -m pytest -q -m interop tests/interop $(PYTEST_ARGS)
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix src tests scripts benchmarks
-	$(VENV)/bin/ruff format src tests scripts benchmarks
+	$(VENV)/bin/ruff check --fix src tests scripts benchmarks examples
+	$(VENV)/bin/ruff format src tests scripts benchmarks examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info

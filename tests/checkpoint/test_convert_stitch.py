@@ -98,7 +98,7 @@ def test_bad_inputs_name_the_culprit(tiny_verifiers, tiny_verifier, tmp_path):
     no_head = copy_verifier(
         tiny_verifier, tmp_path / "nohead", lambda t: [t.pop(k) for k in list(t) if k.startswith("mtp.")]
     )
-    with pytest.raises(CheckpointError, match="no tensor starts with 'mtp.'"):
+    with pytest.raises(CheckpointError, match=r"no tensor starts with 'mtp.'"):
         convert_model(no_head, output_path=tmp_path / "o1")
 
     missing = copy_verifier(tiny_verifier, tmp_path / "missing", lambda t: t.pop("mtp.fc.weight"))
@@ -108,7 +108,7 @@ def test_bad_inputs_name_the_culprit(tiny_verifiers, tiny_verifier, tmp_path):
     extra = copy_verifier(
         tiny_verifier, tmp_path / "extra", lambda t: t.__setitem__("mtp.bogus.weight", torch.zeros(2))
     )
-    with pytest.raises(CheckpointError, match="unexpected 1 .*mtp.bogus.weight"):
+    with pytest.raises(CheckpointError, match=r"unexpected 1 .*mtp.bogus.weight"):
         convert_model(extra, output_path=tmp_path / "o3")
 
     def bad_shape(t):
@@ -119,7 +119,7 @@ def test_bad_inputs_name_the_culprit(tiny_verifiers, tiny_verifier, tmp_path):
         convert_model(wrong, output_path=tmp_path / "o4")
 
     small = write_tiny_verifier(tmp_path / "small", TinySpec(hidden_size=32, intermediate_size=64))
-    with pytest.raises(CheckpointError, match="hidden_size differs"):
+    with pytest.raises(CheckpointError, match=r"hidden_size differs"):
         convert_model(tiny_verifier, verifier=small, output_path=tmp_path / "o5")
 
     gpt2 = tmp_path / "gpt2"
@@ -128,23 +128,23 @@ def test_bad_inputs_name_the_culprit(tiny_verifiers, tiny_verifier, tmp_path):
     with pytest.raises(FamilyError, match=r"model_type 'gpt2' has no MTP family.*qwen3_5"):
         convert_model(gpt2, output_path=tmp_path / "o6")
 
-    with pytest.raises(ConfigError, match="'eagle3' is not supported"):
+    with pytest.raises(ConfigError, match=r"'eagle3' is not supported"):
         convert_model(tiny_verifier, algorithm="eagle3", output_path=tmp_path / "o7")
 
     converted = convert_model(tiny_verifier, output_path=tmp_path / "conv")
-    with pytest.raises(CheckpointError, match="already exists; pass --overwrite"):
+    with pytest.raises(CheckpointError, match=r"already exists; pass --overwrite"):
         convert_model(tiny_verifier, output_path=converted)
 
     # Stitch onto a verifier of another family, or one the head does not fit.
-    with pytest.raises(CheckpointError, match="cannot stitch a qwen3_5 head into .* qwen3_next verifier"):
+    with pytest.raises(CheckpointError, match=r"cannot stitch a qwen3_5 head into .* qwen3_next verifier"):
         stitch(converted, tiny_verifiers["qwen3_next-per_expert-sharded"], output_path=tmp_path / "s1")
-    with pytest.raises(CheckpointError, match="has shape .* this head does not fit"):
+    with pytest.raises(CheckpointError, match=r"has shape .* this head does not fit"):
         stitch(converted, small, output_path=tmp_path / "s2")
-    with pytest.raises(CheckpointError, match="is the verifier itself"):
+    with pytest.raises(CheckpointError, match=r"is the verifier itself"):
         stitch(converted, tiny_verifier, output_path=tiny_verifier)
-    with pytest.raises(CheckpointError, match="not an mtptune head checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not an mtptune head checkpoint"):
         stitch(tiny_verifier, tiny_verifier, output_path=tmp_path / "s3")
-    with pytest.raises(CheckpointError, match="has no mtp.\\* tensors"):
+    with pytest.raises(CheckpointError, match=r"has no mtp.\* tensors"):
         stitch(converted, no_head, output_path=tmp_path / "s4")
     assert not any(p.name.startswith(".s") for p in tmp_path.iterdir())  # no temp folders left behind
 
@@ -158,7 +158,7 @@ def test_failed_verification_leaves_no_output(tiny_verifier, tmp_path, monkeypat
         raise CheckpointError("stitch verification failed: simulated")
 
     monkeypatch.setattr(stitch_module, "_verify", broken_verify)
-    with pytest.raises(CheckpointError, match="simulated"):
+    with pytest.raises(CheckpointError, match=r"simulated"):
         stitch(converted, tiny_verifier, output_path=tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv"]
 
