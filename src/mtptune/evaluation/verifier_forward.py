@@ -43,14 +43,12 @@ class VerifierForward:
     def load(
         cls, verifier: Verifier, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
     ) -> VerifierForward:
-        from transformers import AutoModelForCausalLM
+        from mtptune.checkpoint.verifier import load_causal_lm
 
         # A *ForConditionalGeneration checkpoint loads as its text *ForCausalLM; model.visual.* is dropped silently
-        # (contracts f), which is what we want: evaluation is text-only.
-        try:
-            model = AutoModelForCausalLM.from_pretrained(verifier.root, dtype=dtype)
-        except Exception as exc:
-            raise CheckpointError(f"transformers cannot load verifier {verifier.root} for a forward: {exc}") from exc
+        # (contracts f), which is what we want: evaluation is text-only. Families transformers lacks (MiMo) supply
+        # their config.
+        model = load_causal_lm(verifier.root, dtype=dtype)
         device = torch.device(device)
         return cls(model.to(device).eval(), verifier, device)
 
