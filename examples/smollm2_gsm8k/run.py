@@ -187,7 +187,9 @@ def evaluate(
     turns (at K, unless --no-generate-eval). Offline runs once at the largest K asked for: drafting more steps never
     changes the earlier ones, so tau_sim at every smaller K is 1 + the sum of the first K unconditional p_k."""
     results = {}
-    base = ["--head", head, "--verifier", "smollm2", "--device", args.device]
+    # A stitched folder is its own verifier (SmolLM2 + the attached mtp.* shard); a bare head names smollm2.
+    verifier = head if (Path(head) / "mtp.safetensors").is_file() else "smollm2"
+    base = ["--head", head, "--verifier", verifier, "--device", args.device]
     k_max = max([args.num_steps, *(extra_steps or [])])
     offline = ["evaluate", "offline", *base, "--num-steps", str(k_max), "--data", str(data)]
     jobs = [
@@ -200,7 +202,10 @@ def evaluate(
     for key, cmd in jobs:
         target = out / key
         if not (target / "result.json").is_file():
-            sh([*cmd, "--output", str(target)], log=logs / f"eval_{out.name}_{key}.log")
+            sh(
+                [*cmd, "--output", str(target)],
+                log=logs / f"eval_{out.parent.name if out.name == 'eval' else out.name}_{key}.log",
+            )
         body = json.loads((target / "result.json").read_text())
         counts = body["counts"]
         entry = {
