@@ -86,3 +86,37 @@ def test_garbage_file_is_unreadable(tmp_path: Path) -> None:
     with pytest.raises(HiddenStatesInvalid) as info:
         read_hidden_states_file(path, None, None, None)
     assert info.value.reason == "unreadable"
+
+
+def test_abandoned_locks_and_partials_are_removed_but_live_and_complete_files_kept(tmp_path):
+    import fcntl
+    import os
+
+    from mtptune.serving.hidden_state_files import (
+        HiddenStatesWriteLock,
+        lock_path_for,
+        remove_abandoned_writes,
+        write_hidden_states_file,
+    )
+
+    # A killed writer: lock file (nobody holds it) + half-written partial, no data file.
+    dead = tmp_path / "dead.safetensors"
+    lock_path_for(dead).touch()
+    (tmp_path / "dead.safetensors.partial").write_bytes(b"half")
+    # A stray partial without a lock.
+    (tmp_path / "stray.safetensors.partial").write_bytes(b"x")
+    # A live writer still holding its lock.
+    live = HiddenStatesWriteLock(tmp_path / "live.safetensors")
+    # A completed file a client has not read yet.
+    done = tmp_path / "done.safetensors"
+    write_hidden_states_file(done, torch.zeros(2, 1, 4), torch.tensor([1, 2]))
+    lock_path_for(done).touch()
+
+    assert remove_abandoned_writes(tmp_path) == 2
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["done.safetensors", "done.safetensors.lock", "live.safetensors.lock"]
+    live.release()
+    fd = os.open(lock_path_for(tmp_path / "live.safetensors"), os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released: now abandoned
+    os.close(fd)
+    assert remove_abandoned_writes(tmp_path) == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from mtptune.errors import ServerError
 
@@ -77,9 +77,41 @@ def write_hidden_states_file(path: str | os.PathLike, hidden_states: torch.Tenso
         "hidden_states": hidden_states.detach().to("cpu").contiguous(),
         "token_ids": token_ids.detach().to("cpu", torch.int64).contiguous(),
     }
-    save_file(tensors, tmp)
+    # Serialise in memory and write the bytes ourselves: safetensors' save_file goes through its own hidden temp
+    # file (`.tmpXXXXXX`), which a killed server would leave behind where no one cleans it up.
+    with open(tmp, "wb") as f:
+        f.write(save(tensors))
     os.chmod(tmp, 0o644)  # the trainer may run as another user on the shared storage
     os.replace(tmp, path)
+
+
+def remove_abandoned_writes(storage_dir: str | os.PathLike) -> int:
+    """Delete what a killed writer left behind in `storage_dir`: `.partial` files and `.lock` files that no live
+    process holds and whose data file never appeared (their request never got a response, so no client will
+    ever delete them). Completed files are kept: a client may still be about to read one. Returns the count."""
+    removed = 0
+    for lock in Path(storage_dir).glob("*" + LOCK_SUFFIX):
+        data = Path(str(lock)[: -len(LOCK_SUFFIX)])
+        if data.exists():
+            continue
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live writer (another server sharing the folder) holds it
+        finally:
+            os.close(fd)
+        data.with_name(data.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
+        removed += 1
+    for partial in Path(storage_dir).glob("*" + PARTIAL_SUFFIX):
+        if not lock_path_for(Path(str(partial)[: -len(PARTIAL_SUFFIX)])).exists():
+            partial.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 # --- reader side (the trainer's client) ------------------------------------------------------------------------

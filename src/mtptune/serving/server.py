@@ -21,7 +21,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mtptune.serving.batching import DynamicBatcher, GenerationBatcher, GenerationRequest, QueueFull
-from mtptune.serving.hidden_state_files import HiddenStatesWriteLock, write_hidden_states_file
+from mtptune.serving.hidden_state_files import (
+    HiddenStatesWriteLock,
+    remove_abandoned_writes,
+    write_hidden_states_file,
+)
 from mtptune.serving.metrics import ServerMetrics
 from mtptune.serving.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
 from mtptune.serving.server_config import ServerConfig
@@ -44,6 +48,10 @@ class HiddenStatesServer:
         self.runtime = runtime
         self.storage_dir = Path(config.storage_dir).resolve()
         self.storage_dir.mkdir(parents=True, exist_ok=True)
+        if removed := remove_abandoned_writes(self.storage_dir):
+            log.warning(
+                "removed %d abandoned lock/partial file(s) a killed server left in %s", removed, self.storage_dir
+            )
         text_config = runtime.model.config.get_text_config()
         self.max_model_len = int(config.max_model_len or getattr(text_config, "max_position_embeddings", 4096))
         # One model thread: torch calls are serialised; file writes overlap with the next forward.
