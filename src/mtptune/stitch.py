@@ -155,14 +155,8 @@ def _write(ckpt: SafetensorsCheckpoint, native: dict[str, torch.Tensor], tmp: Pa
                         tensors[key] = f.get_tensor(key)
             save_file(tensors, target, metadata=metadata)
             rewritten.append(entry.name)
-        elif entry.is_dir():
-            shutil.copytree(entry, target, symlinks=True)
-        elif entry.suffix == ".safetensors" and not copy_untouched and _try_link(entry, target):
-            linked.append(entry.name)
         else:
-            shutil.copy2(entry, target)
-            if entry.suffix == ".safetensors":
-                copied.append(entry.name)
+            _copy_untouched(entry, target, copy_untouched, linked, copied)
     return {
         "replaced": len(native),
         "rewritten_shards": rewritten,
@@ -177,6 +171,19 @@ def _make_readable(folder: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
+
+
+def _copy_untouched(entry: Path, target: Path, copy_untouched: bool, linked: list[str], copied: list[str]) -> None:
+    """Bring a verifier file the head does not touch into the output: shards hard-linked (copied when asked or
+    when linking fails), folders and other files copied."""
+    if entry.is_dir():
+        shutil.copytree(entry, target, symlinks=True)
+    elif entry.suffix == ".safetensors" and not copy_untouched and _try_link(entry, target):
+        linked.append(entry.name)
+    else:
+        shutil.copy2(entry, target)
+        if entry.suffix == ".safetensors":
+            copied.append(entry.name)
 
 
 def _try_link(src: Path, dst: Path) -> bool:
@@ -223,14 +230,7 @@ def _write_attached(ver: Verifier, family, native: dict[str, torch.Tensor], tmp:
         target = tmp / entry.name
         if entry.name in ("config.json", INDEX_NAME):
             continue
-        if entry.is_dir():
-            shutil.copytree(entry, target, symlinks=True)
-        elif entry.suffix == ".safetensors" and not copy_untouched and _try_link(entry, target):
-            linked.append(entry.name)
-        else:
-            shutil.copy2(entry, target)
-            if entry.suffix == ".safetensors":
-                copied.append(entry.name)
+        _copy_untouched(entry, target, copy_untouched, linked, copied)
     save_file(native, tmp / ATTACHED_SHARD, metadata={"format": "pt", "producer": "mtptune", "mtp_family": family.name})
     index = dict(ckpt.index) if ckpt.index is not None else {"metadata": {}}
     weight_map = {**ckpt.weight_map, **dict.fromkeys(native, ATTACHED_SHARD)}
