@@ -103,3 +103,60 @@ def test_local_tokenization_fallback_matches_the_template(smollm2):
 def test_unreachable_endpoint_fails_with_a_server_error(tmp_path):
     with pytest.raises(ServerError, match="ConnectError"):
         regenerate(["mt_bench"], tmp_path / "x.jsonl", f"http://127.0.0.1:{free_port()}", max_retries=1, max_samples=1)
+
+
+def test_token_id_prompts_go_to_completions_with_the_servers_ids_and_resume(chat_server, tmp_path, smollm2):
+    url, root = chat_server
+    data = tmp_path / "prompts.jsonl"
+    rows = [
+        {"id": "a", "prompt_ids": [1, 520, 9531, 198]},
+        {"id": "b", "prompt_token_ids": [1, 2, 3], "max_tokens": 2},  # the row's own limit wins
+        {"id": "c", "input_ids": [5, 6, 7, 8, 9], "loss_mask": [0, 0, 0, 1, 1]},  # prompt = masked-out prefix
+        {"id": "d", "prompt": "Hello there"},  # text: chat in auto mode
+        {"id": "e", "input_ids": [5, 6]},  # no loss_mask: cannot tell the prompt apart
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "regen.jsonl"
+    sampling = SamplingConfig(temperature=0.0, max_tokens=3)
+    report = regenerate([str(data)], out, url, sampling=sampling, concurrency=4)
+    assert (report.regenerated, report.rows_written, report.tokenized_locally) == (4, 4, 0)
+    assert report.skipped == {"token_id_row": 1} and report.settings["completions"] == 3
+    by_id = {r["id"]: r for r in read_rows(out)}
+    for cid, prompt, n in (("a", [1, 520, 9531, 198], 3), ("b", [1, 2, 3], 2), ("c", [5, 6, 7], 3)):
+        row = by_id[cid]
+        assert row["input_ids"][: len(prompt)] == prompt and len(row["input_ids"]) == len(prompt) + n
+        assert row["loss_mask"] == [0] * len(prompt) + [1] * n and "messages" not in row
+    assert by_id["d"]["messages"][0] == {"role": "user", "content": "Hello there"}  # chat path
+    assert report.prompt_tokens == 4 + 3 + 3 + by_id["d"]["loss_mask"].count(0)
+    assert report.generated_tokens == 3 + 2 + 3 + 3
+
+    # the same greedy continuation as a direct /v1/completions call
+    direct = httpx.post(
+        url + "/v1/completions",
+        json={"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0, "return_token_ids": True},
+    ).json()["choices"][0]["token_ids"]
+    assert by_id["b"]["input_ids"][3:] == direct
+
+    again = regenerate([str(data)], out, url, sampling=sampling)
+    assert (again.skipped_existing, again.regenerated) == (4, 0)
+    prepared = prepare_dataset(str(root), [str(out)], tmp_path / "prepared")
+    assert prepared.rows_out == 4
+
+
+def test_forced_apis_route_text_prompts_to_completions_and_skip_token_rows_in_chat(chat_server, tmp_path, smollm2):
+    from mtptune.cli.main import main
+
+    url, _ = chat_server
+    data = tmp_path / "prompts.jsonl"
+    rows = [{"id": "t", "prompt": "Hello there"}, {"id": "ids", "prompt_ids": [1, 2, 3]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "completions.jsonl"
+    argv = ["regenerate", "--data", str(data), "--output", str(out), "--endpoint", url, "--temperature", "0"]
+    assert main([*argv, "--max-tokens", "2", "--api", "completions"]) == 0
+    by_id = {r["id"]: r for r in read_rows(out)}
+    text_prompt = smollm2("Hello there", add_special_tokens=False)["input_ids"]  # tokenized by the server
+    assert by_id["t"]["input_ids"][:-2] == text_prompt and by_id["t"]["loss_mask"][-3:] == [0, 1, 1]
+    assert "messages" not in by_id["t"]
+
+    chat_only = regenerate([str(data)], tmp_path / "chat.jsonl", url, sampling=SamplingConfig(max_tokens=1), api="chat")
+    assert chat_only.skipped == {"token_id_row": 1} and chat_only.regenerated == 1

@@ -13,8 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "regenerate",
         help="regenerate assistant turns with the target model through an OpenAI-compatible endpoint",
         description="Send each conversation's user turns (or prompts / presets) to /v1/chat/completions, feeding "
-        "the model its own earlier answers, and write token-id rows (input_ids, loss_mask) from the ids the "
-        "server returns. Re-running resumes: conversations already in --output are skipped. "
+        "the model its own earlier answers, and token-id prompts (prompt_ids / prompt_token_ids rows, or input_ids "
+        "+ loss_mask rows whose masked-out prefix is the prompt) to /v1/completions; write token-id rows "
+        "(input_ids, loss_mask) from the ids the server returns. Re-running resumes: rows already in --output are "
+        "skipped. "
         "Then: mtptune prepare --model M --data OUTPUT.jsonl",
     )
     parser.add_argument("--data", required=True, action="append", help="repeatable: .jsonl/.json file, folder, preset")
@@ -24,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--max-tokens", type=int, default=2048, help="per assistant turn")
+    parser.add_argument(
+        "--max-tokens", type=int, default=2048, help="per assistant turn (a row's own max_tokens overrides it)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="sampling seed sent to the server")
     parser.add_argument(
         "--chat-template-kwargs", default=None, help="JSON passed to the server, e.g. '{\"enable_thinking\": false}'"
@@ -34,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--max-samples", type=int, default=None, help="first N rows of --data")
     parser.add_argument("--one-row-per", choices=("turn", "conversation"), default="turn")
+    parser.add_argument(
+        "--api",
+        choices=("auto", "chat", "completions"),
+        default="auto",
+        help="auto (default): token-id prompts -> /v1/completions, conversations and text prompts -> "
+        "/v1/chat/completions; completions: also send text `prompt` rows raw to /v1/completions (the server "
+        "tokenizes them); chat: chat only (token-id rows are skipped)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="start --output afresh instead of resuming")
     parser.add_argument(
         "--tokenizer",
@@ -66,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         one_row_per=args.one_row_per,
         overwrite=args.overwrite,
         tokenizer=args.tokenizer,
+        api=args.api,
     )
     print(report.summary())
     print(f"wrote {report.output} (report: {report.output}.report.json)")

@@ -1,10 +1,15 @@
-"""`regenerate`: let the target model write the answers, through any OpenAI-compatible chat endpoint.
+"""`regenerate`: let the target model write the answers, through any OpenAI-compatible endpoint.
 
 MTP heads learn best on the target's own text. Each conversation's user turns are sent in order to
 `/v1/chat/completions` with `return_token_ids: true`; every assistant turn is the model's answer to a history made
 of its own earlier answers. Rows are written as format (a) (`input_ids` = the server's prompt ids + generated ids,
 `loss_mask` 0 / 1), so no re-tokenization drift is possible. Only when a server returns no ids do we tokenize the
 text locally (needs `tokenizer`), and every such row is counted and warned about.
+
+Prompts given as token ids (`prompt_ids` / `prompt_token_ids` rows, or `input_ids` + `loss_mask` rows whose
+masked-out prefix is the prompt) go to `/v1/completions` instead (`"prompt": ids`, `return_token_ids: true`), as do
+plain-text `prompt` rows with `api="completions"` (the server tokenizes them). A row's own `max_tokens` overrides
+the global one. `api="auto"` (default) picks per row: token ids -> completions, everything else -> chat.
 
 Rows are appended to a jsonl as conversations finish (all rows of a conversation in one write); a re-run skips
 conversation ids already in the file (resume).
@@ -20,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from tqdm.auto import tqdm
@@ -29,13 +34,16 @@ from transformers import PreTrainedTokenizerBase
 from mtptune.data.chat_render import OneRowPer, is_chat_row, parse_conversation
 from mtptune.data.presets import read_source
 from mtptune.data.readers import SourceRow
-from mtptune.data.token_rows import Dropped, is_token_row
+from mtptune.data.token_rows import Dropped
 from mtptune.errors import DataError, ServerError
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress bar
 
 RETRYABLE_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
+Api = Literal["auto", "chat", "completions"]
+APIS: tuple[Api, ...] = ("auto", "chat", "completions")
+TOKEN_PROMPT_KEYS = ("prompt_ids", "prompt_token_ids")
 
 
 @dataclass(frozen=True)
@@ -60,11 +68,18 @@ class ClientConfig:
 
 @dataclass(frozen=True)
 class PromptConversation:
-    """What to send: `turns[k]` are the non-assistant messages before assistant answer k."""
+    """What to send: `turns[k]` are the non-assistant messages before assistant answer k (chat), or one `prompt`
+    (token ids or text) for /v1/completions when `prompt` is set."""
 
     id: str
     where: str
     turns: list[list[dict[str, Any]]]
+    prompt: list[int] | str | None = None
+    max_tokens: int | None = None  # the row's own limit; None: SamplingConfig.max_tokens
+
+    @property
+    def is_completion(self) -> bool:
+        return self.prompt is not None
 
 
 @dataclass(frozen=True)
@@ -96,13 +111,62 @@ class RegenerateReport:
         )
 
 
-def conversation_turns(src: SourceRow) -> PromptConversation | Dropped:
-    """The user turns of a row: chat rows (assistant answers are dropped and regenerated) or prompt rows."""
+def _ids(value: Any) -> list[int] | None:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return None
+    return [int(v) for v in value]
+
+
+def token_prompt(data: dict[str, Any]) -> list[int] | Dropped | None:
+    """The prompt ids of a token-id row (None: not a token-id row)."""
+    for key in TOKEN_PROMPT_KEYS:
+        if key in data:
+            ids = _ids(data[key])
+            if not ids:
+                return Dropped("bad_type", f"{key} must be a non-empty list of token ids")
+            return ids
+    if isinstance(data.get("prompt"), list) and data["prompt"] and (ids := _ids(data["prompt"])):
+        return ids  # an OpenAI completions-style token-id prompt
+    if "input_ids" not in data:
+        return None
+    ids, mask = _ids(data["input_ids"]), _ids(data.get("loss_mask"))
+    if ids is None:
+        return Dropped("bad_type", "input_ids must be a list of token ids")
+    if mask is None or len(mask) != len(ids):
+        return Dropped("token_id_row", "input_ids without a loss_mask of the same length: no prompt to tell apart")
+    prompt = ids[: mask.index(1)] if 1 in mask else ids
+    if not prompt:
+        return Dropped("no_prompt", "loss_mask supervises the first token: the row has no prompt prefix")
+    return prompt
+
+
+def row_max_tokens(data: dict[str, Any]) -> int | Dropped | None:
+    value = data.get("max_tokens")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return Dropped("bad_type", f"max_tokens must be a positive integer, got {value!r}")
+    return value
+
+
+def conversation_turns(src: SourceRow, api: Api = "auto") -> PromptConversation | Dropped:
+    """What to send for a row: token-id prompts (completions), chat rows (assistant answers are dropped and
+    regenerated) or prompt rows (chat, or completions when `api="completions"`)."""
     data = src.data
     cid = str(data.get("id", src.where))
-    if is_token_row(data):
-        return Dropped("token_id_row", "row already holds token ids; nothing to regenerate")
+    max_tokens = row_max_tokens(data)
+    if isinstance(max_tokens, Dropped):
+        return max_tokens
+    ids = token_prompt(data)
+    if ids is not None:
+        if isinstance(ids, Dropped):
+            return ids
+        if api == "chat":
+            return Dropped("token_id_row", "row holds token ids; --api chat sends messages (use --api auto)")
+        return PromptConversation(cid, src.where, [], ids, max_tokens)
     if is_chat_row(data):
+        if api == "completions":
+            return Dropped("chat_row", "--api completions sends prompts, not conversations (use --api auto)")
         conv = parse_conversation(data)
         if isinstance(conv, Dropped):
             return conv
@@ -125,16 +189,20 @@ def conversation_turns(src: SourceRow) -> PromptConversation | Dropped:
             return Dropped("no_user_turn", "conversation has no user message to answer")
         if turns[0][0]["role"] == "system" and len(turns[0]) == 1:
             return Dropped("no_user_turn", "conversation has only a system message")
-        return PromptConversation(cid, src.where, turns)
+        return PromptConversation(cid, src.where, turns, None, max_tokens)
     prompts = data.get("turns", data.get("prompt", data.get("question", data.get("instruction"))))
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         return Dropped("missing_field", "row has no messages/conversations/prompt/turns/question to send")
+    if api == "completions":
+        if len(prompts) != 1:
+            return Dropped("multi_turn_prompt", "--api completions sends one prompt per row, not a list of turns")
+        return PromptConversation(cid, src.where, [], prompts[0], max_tokens)
     system = [{"role": "system", "content": data["system"]}] if isinstance(data.get("system"), str) else []
     turns = [[{"role": "user", "content": p}] for p in prompts]
     turns[0] = system + turns[0]
-    return PromptConversation(cid, src.where, turns)
+    return PromptConversation(cid, src.where, turns, None, max_tokens)
 
 
 @dataclass
@@ -190,18 +258,49 @@ class ChatClient:
             await asyncio.sleep(delay * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
-    async def answer(self, messages: list[dict[str, Any]]) -> TurnResult:
+    async def payload(self, max_tokens: int | None) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": await self.resolve_model(),
-            "messages": messages,
+            "max_tokens": self.sampling.max_tokens if max_tokens is None else max_tokens,
             "temperature": self.sampling.temperature,
             "top_p": self.sampling.top_p,
-            "max_tokens": self.sampling.max_tokens,
             "return_token_ids": True,
             "stream": False,
         }
         if self.sampling.seed is not None:
             payload["seed"] = self.sampling.seed
+        return payload
+
+    async def complete(self, prompt: list[int] | str, max_tokens: int | None = None) -> TurnResult:
+        """One POST /v1/completions: the continuation of `prompt` (token ids or text) with the server's ids."""
+        payload = await self.payload(max_tokens)
+        payload["prompt"] = prompt
+        body = await self.request("POST", "/completions", payload)
+        try:
+            choice = body["choices"][0]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ServerError(f"completion without choices[0]: {str(body)[:300]}") from exc
+        text = str(choice.get("text") or "")
+        answer = {"role": "assistant", "content": text}
+        finish = str(choice.get("finish_reason"))
+        prompt_ids = choice.get("prompt_token_ids") or body.get("prompt_token_ids")
+        generated = choice.get("token_ids")
+        if prompt_ids and generated is not None:
+            return TurnResult([int(t) for t in prompt_ids], [int(t) for t in generated], answer, finish, False)
+        tokenizer = self.tokenizer_factory()
+        if tokenizer is None:
+            raise ServerError(
+                "the server returned no token ids (return_token_ids unsupported?) and no tokenizer was given to "
+                "tokenize the completion; pass --tokenizer (the verifier folder)."
+            )
+        if isinstance(prompt, str):
+            prompt = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        gen = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return TurnResult(list(prompt), gen, answer, finish, True)
+
+    async def answer(self, messages: list[dict[str, Any]], max_tokens: int | None = None) -> TurnResult:
+        payload = await self.payload(max_tokens)
+        payload["messages"] = messages
         if self.sampling.chat_template_kwargs:
             payload["chat_template_kwargs"] = self.sampling.chat_template_kwargs
         body = await self.request("POST", "/chat/completions", payload)
@@ -252,6 +351,17 @@ class ChatClient:
 def rows_for(conv: PromptConversation, results: list[TurnResult], one_row_per: OneRowPer) -> tuple[list[dict], bool]:
     """Format-(a) rows for one regenerated conversation; returns (rows, split) where split means conversation mode
     fell back to one row per turn because a later prompt did not start with the earlier prompt + answer."""
+    if conv.is_completion:
+        [res] = results
+        row = {
+            "id": conv.id,
+            "turn": 0,
+            "input_ids": res.prompt_ids + res.generated_ids,
+            "loss_mask": [0] * len(res.prompt_ids) + [1] * len(res.generated_ids),
+            "finish_reason": res.finish_reason,
+            "source": conv.where,
+        }
+        return [row], False
     history: list[dict[str, Any]] = []
     per_turn: list[dict[str, Any]] = []
     for k, (turn, res) in enumerate(zip(conv.turns, results)):
@@ -343,8 +453,11 @@ async def _regenerate(
                 history: list[dict[str, Any]] = []
                 results: list[TurnResult] = []
                 try:
+                    if conv.is_completion:
+                        assert conv.prompt is not None
+                        results.append(await chat.complete(conv.prompt, conv.max_tokens))
                     for turn in conv.turns:
-                        res = await chat.answer([*history, *turn])
+                        res = await chat.answer([*history, *turn], conv.max_tokens)
                         results.append(res)
                         history = [*history, *turn, res.message]
                 except ServerError as exc:
@@ -391,9 +504,13 @@ def regenerate(
     one_row_per: OneRowPer = "turn",
     overwrite: bool = False,
     tokenizer: str | None = None,
+    api: Api = "auto",
 ) -> RegenerateReport:
     """Regenerate the assistant turns of `data` (files, folders, presets) through `endpoint` into the jsonl
-    `output` (resuming unless `overwrite`), and write `<output>.report.json`."""
+    `output` (resuming unless `overwrite`), and write `<output>.report.json`. `api`: "auto" sends token-id prompts
+    to /v1/completions and conversations/prompts to /v1/chat/completions; "chat" / "completions" force one."""
+    if api not in APIS:
+        raise DataError(f"--api must be one of {', '.join(APIS)}, got {api!r}.")
     if concurrency < 1:
         raise DataError(f"--concurrency must be at least 1, got {concurrency}.")
     output = Path(output)
@@ -416,7 +533,7 @@ def regenerate(
     seen: set[str] = set()
     skipped_existing = 0
     for src in sources:
-        conv = conversation_turns(src)
+        conv = conversation_turns(src, api)
         if isinstance(conv, Dropped):
             skipped[conv.reason] += 1
             log.debug("%s: skipped: %s", src.where, conv.detail)
@@ -476,6 +593,8 @@ def regenerate(
             "sampling": asdict(sampling),
             "concurrency": concurrency,
             "one_row_per": one_row_per,
+            "api": api,
+            "completions": sum(c.is_completion for c in todo),
             "data": list(data),
         },
     )
