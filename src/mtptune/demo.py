@@ -7,9 +7,9 @@ the hidden-state server is a real `mtptune serve --engine builtin` subprocess sp
                 native mtp.* head (cached in the output folder)
     1 convert   extract the native head (the "before" head)
     2 serve     the built-in hidden-state server (subprocess; /health polled)
-    3 data      the verifier's own greedy continuations of token-id prompts (POST /v1/completions with
-                return_token_ids), written as token-id rows; then `mtptune prepare`. A held-out test split of
-                distinct prompts is never trained on
+    3 data      the verifier's own greedy continuations of token-id prompts (`mtptune regenerate`: POST
+                /v1/completions with return_token_ids), written as token-id rows; then `mtptune prepare`. A
+                held-out test split of distinct prompts is never trained on
     4 train     online training with the tutorial's flags (--on-missing generate --on-generate delete)
     5 stitch    the finetuned head back into a copy of the verifier
     6 evaluate  offline tau_sim (teacher-forced) and real speculative decoding (lossless check) on the held-out
@@ -20,7 +20,6 @@ The server is always shut down, also on Ctrl-C, SIGTERM and errors.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -354,17 +353,14 @@ class Demo:
         _write_jsonl(p.train_prompts, [{"prompt_token_ids": ids, "max_tokens": n} for ids, n in train])
         _write_jsonl(p.test_prompts, [{"prompt_token_ids": ids, "max_tokens": n} for ids, n in test])
         base = self.ensure_server()
-        example = {"model": self.model, "prompt": train[0][0], "max_tokens": train[0][1], "temperature": 0}
-        example["return_token_ids"] = True
-        self.show(
-            ["curl", "-s", f"{base}/v1/completions", "-H", "Content-Type: application/json", "-d", json.dumps(example)],
-            f"one request per prompt of {display_path(p.train_prompts)} / {display_path(p.test_prompts)}",
-        )
         start = time.monotonic()
-        rows = asyncio.run(regenerate_token_rows(base + "/v1", self.model, train + test))
-        _write_jsonl(p.train_rows, rows[: len(train)])
-        _write_jsonl(p.test_rows, rows[len(train) :])
-        tokens = sum(sum(r["loss_mask"]) for r in rows)
+        for prompts, rows in ((p.train_prompts, p.train_rows), (p.test_prompts, p.test_rows)):
+            # greedy; each prompt row carries its own max_tokens
+            self.cli(
+                "regenerate", "--data", display_path(prompts), "--output", display_path(rows),
+                "--endpoint", f"{base}/v1", "--temperature", "0", "--concurrency", "8",
+            )  # fmt: skip
+        tokens = sum(sum(json.loads(line)["loss_mask"]) for f in (p.train_rows, p.test_rows) for line in f.open())
         self.say(
             f"the verifier wrote {tokens} tokens in {time.monotonic() - start:.1f} s: {len(train)} training rows -> "
             f"{display_path(p.train_rows)}, {len(test)} held-out rows -> {display_path(p.test_rows)} "
@@ -544,29 +540,6 @@ def demo_prompts(
     ]
     test = [(prompt(*pair), min(max_new_tokens, longest)) for pair in held_out]
     return train, test
-
-
-async def regenerate_token_rows(
-    endpoint: str, model: str, prompts: list[tuple[list[int], int]], concurrency: int = 8
-) -> list[dict[str, list[int]]]:
-    """The server's greedy continuation of each token-id prompt as a token-id row (prompt loss 0, answer loss 1)."""
-    semaphore = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=endpoint, timeout=120.0) as client:
-
-        async def one(ids: list[int], max_tokens: int) -> dict[str, list[int]]:
-            payload = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0}
-            payload["return_token_ids"] = True
-            async with semaphore:
-                response = await client.post("/completions", json=payload)
-            if response.status_code != 200:
-                raise ServerError(f"POST {endpoint}/completions: HTTP {response.status_code}: {response.text[:500]}")
-            choice = response.json()["choices"][0]
-            prompt_ids, out = choice.get("prompt_token_ids"), choice.get("token_ids")
-            if prompt_ids != ids or not out:
-                raise ServerError(f"POST {endpoint}/completions returned no token ids (return_token_ids unsupported?)")
-            return {"input_ids": ids + out, "loss_mask": [0] * len(ids) + [1] * len(out)}
-
-        return list(await asyncio.gather(*(one(ids, n) for ids, n in prompts)))
 
 
 def mtp_only_difference(original: Path, stitched: Path) -> list[str] | None:
