@@ -4,6 +4,11 @@ Starts `mtptune serve --engine builtin` on a small Qwen3.5 verifier, drives it w
 (so the number includes HTTP, batching, file write, lock, read, validation and delete), then runs the same prompts
 through the same decoder in batches of `--concurrency` in this process. Prints one JSON line.
 
+`--concurrency` is the batch size (the server's token budget is concurrency × prompt-len, the direct forward uses
+batches of that many rows); the client keeps `--in-flight` requests in flight (default 2 × concurrency, so that the
+next batch is already queued while the model runs one; with exactly `concurrency` in flight the model idles during
+every HTTP/file round trip and the batcher sees the next batch trickle in).
+
     .venv/bin/python benchmarks/serve_throughput.py --concurrency 8 --requests 32 --prompt-len 128
 """
 
@@ -41,7 +46,9 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch-window-ms", type=float, default=20.0)
+    parser.add_argument("--in-flight", type=int, default=None, help="client requests in flight (2 × concurrency)")
     args = parser.parse_args()
+    in_flight = args.in_flight or 2 * args.concurrency
 
     work = Path(tempfile.mkdtemp(prefix="mtptune-bench-"))
     spec = TinySpec(
@@ -81,10 +88,11 @@ def main() -> None:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"server did not start:\n{(work / 'server.log').read_text()[-2000:]}")
             time.sleep(0.2)
-        with HiddenStatesClient([base], concurrency=args.concurrency, hidden_size=spec.hidden_size) as client:
+        with HiddenStatesClient([base], concurrency=in_flight, hidden_size=spec.hidden_size) as client:
             list(client.iter_fetch([(i, prompts[i]) for i in range(args.concurrency)]))  # warm-up
+            warm = httpx.get(base + "/metrics").text
             start = time.perf_counter()
-            results = list(client.iter_fetch(enumerate(prompts), prefetch=2 * args.concurrency))
+            results = list(client.iter_fetch(enumerate(prompts), prefetch=2 * in_flight))
             server_s = time.perf_counter() - start
         failed = sum(isinstance(r, Exception) for _, r in results)
         metrics = httpx.get(base + "/metrics").text
@@ -100,8 +108,12 @@ def main() -> None:
         runtime.capture(batch)
     direct_s = time.perf_counter() - start
 
-    def counter(name: str) -> int:
-        return int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(name + " ")))
+    def counter(name: str, text: str | None = None) -> float:
+        lines = (text or metrics).splitlines()
+        return float(next((line.split()[-1] for line in lines if line.startswith(name + " ")), "nan"))
+
+    batches = counter("mtptune_batches_total") - counter("mtptune_batches_total", warm)
+    forward_s = counter("mtptune_forward_seconds_sum") - counter("mtptune_forward_seconds_sum", warm)
 
     server_tps, direct_tps = tokens / server_s, tokens / direct_s
     print(
@@ -111,6 +123,8 @@ def main() -> None:
                 "device": "cpu",
                 "torch_threads": torch.get_num_threads(),
                 "concurrency": args.concurrency,
+                "in_flight": in_flight,
+                "batch_window_ms": args.batch_window_ms,
                 "requests": args.requests,
                 "prompt_len": args.prompt_len,
                 "hidden_size": spec.hidden_size,
@@ -118,7 +132,11 @@ def main() -> None:
                 "server_tokens_per_s": round(server_tps, 1),
                 "direct_tokens_per_s": round(direct_tps, 1),
                 "overhead": round(1 - server_tps / direct_tps, 4),
-                "server_batches": counter("mtptune_batches_total"),
+                "server_batches": int(batches),
+                "mean_batch_rows": round(args.requests / batches, 2),
+                "server_forward_s": round(forward_s, 2),
+                "server_wall_s": round(server_s, 2),
+                "direct_s": round(direct_s, 2),
                 "failed": failed,
             }
         )

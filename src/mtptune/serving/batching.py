@@ -2,7 +2,9 @@
 
 A batch is cut in arrival order while its padded size (rows × longest row) stays within the token budget; a lone
 request over the budget still runs (the max-length check bounds it). While the model is busy the queue simply
-fills, so under load batches form without waiting for the window at all.
+fills, so under load batches form without waiting for the window at all. The window is also cut short once as many
+requests wait as were in demand when the previous batch was cut (clients that keep N requests in flight send them
+back within a few ms of their answers; there is no point waiting the rest of the window for an N+1st).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class DynamicBatcher(Generic[Result]):
         self._queue: deque[_Pending[Result]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        # Requests waiting when the previous batch was cut (its rows + those left queued): the demand that a
+        # forming batch can expect to see again. 0 = unknown (wait the window).
+        self.expected = 0
 
     @property
     def depth(self) -> int:
@@ -103,6 +108,10 @@ class DynamicBatcher(Generic[Result]):
         width = max((len(p.token_ids) for p in self._queue), default=0)
         return width * (len(self._queue) + 1) <= self.max_batch_tokens
 
+    def _more_to_come(self) -> bool:
+        """Worth waiting for: the batch has room and fewer requests wait than the last batch saw in demand."""
+        return self._room_left() and (not self.expected or len(self._queue) < self.expected)
+
     async def _loop(self) -> None:
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
@@ -110,9 +119,9 @@ class DynamicBatcher(Generic[Result]):
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Give concurrent requests a moment to join, unless the batch is already full.
+            # Give concurrent requests a moment to join, unless the batch is already full or all expected are here.
             deadline = self._queue[0].enqueued + self.window_s
-            while self._room_left() and (wait := deadline - time.perf_counter()) > 0:
+            while self._more_to_come() and (wait := deadline - time.perf_counter()) > 0:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
@@ -121,6 +130,7 @@ class DynamicBatcher(Generic[Result]):
             batch = self._cut()
             if not batch:
                 continue
+            self.expected = len(batch) + len(self._queue)
             start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self.executor, self.run_batch, [p.token_ids for p in batch])
