@@ -67,7 +67,9 @@ def records(save: Path, split: str) -> list[dict]:
     path = save / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r for line in path.read_text().splitlines() if line and (r := json.loads(line))["split"] == split]
+    # The trainer may be writing right now: only newline-terminated lines are complete records.
+    complete = path.read_text().split("\n")[:-1]
+    return [r for line in complete if line and (r := json.loads(line))["split"] == split]
 
 
 def wait_for_step(save: Path, step: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,14 +114,16 @@ def read_training_curves(path: str | Path) -> dict[str, list[tuple[float, float]
             raise DataError(f"{path}: no metrics *.jsonl found for the training curves.")
         path = files[0]
     series: dict[str, list[tuple[float, float]]] = {}
+    broken: list[int] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON: {exc}") from exc
+            except json.JSONDecodeError:
+                broken.append(lineno)  # a run killed mid-write leaves one partial line; its resume goes on below
+                continue
             x = row.get("global_step", row.get("step", lineno))
             split = row.get("split")  # the trainer logs {"split": "train" | "val", "step": ..., metrics}
             prefix = f"{split}/" if isinstance(split, str) else ""
@@ -129,6 +132,15 @@ def read_training_curves(path: str | Path) -> dict[str, list[tuple[float, float]
                     continue
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     series.setdefault(prefix + key, []).append((float(x), float(value)))
+    if broken:
+        logging.getLogger(__name__).warning(
+            "%s: skipped %d line(s) that are not valid JSON (a killed run's partial write?): line %s",
+            path,
+            len(broken),
+            ", ".join(map(str, broken[:5])),
+        )
+    if not series and broken:
+        raise DataError(f"{path}: no valid metrics line (first invalid: line {broken[0]}).")
     return series
 
 

@@ -37,7 +37,12 @@ class MetricsLogger:
         if unknown:
             raise ConfigError(f"--logger {unknown[0]!r} is not supported; choose from {', '.join(KNOWN_LOGGERS)}.")
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (run_dir / "metrics.jsonl").open("a")
+        path = run_dir / "metrics.jsonl"
+        # A run killed mid-write leaves a partial last line; start the resumed run's records on a fresh line.
+        needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        self._jsonl = path.open("a")
+        if needs_newline:
+            self._jsonl.write("\n")
         for name in loggers:
             self._sinks.append(_open_sink(name, log_dir, run_name, config))
 
