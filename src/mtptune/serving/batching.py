@@ -35,8 +35,34 @@ class _Pending(Generic[Result]):
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-class DynamicBatcher(Generic[Result]):
+class _BatchLoop:
+    """What both batchers share: a background task woken by an event, and on stop every pending request failed."""
+
+    _task_name = "batcher"
+    _queue: deque | list
+    _wakeup: asyncio.Event | None
+    _task: asyncio.Task | None
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=self._task_name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for pending in self._queue:
+            if pending.future is not None and not pending.future.done():
+                pending.future.set_exception(RuntimeError("server shutting down"))
+        self._queue.clear()
+
+
+class DynamicBatcher(_BatchLoop, Generic[Result]):
     """Feeds `run_batch(list of token-id sequences) -> list of results` (run on `executor`) in padded batches."""
+
+    _task_name = "hidden-states-batcher"
 
     def __init__(
         self,
@@ -63,21 +89,6 @@ class DynamicBatcher(Generic[Result]):
     @property
     def depth(self) -> int:
         return len(self._queue)
-
-    def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="hidden-states-batcher")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        while self._queue:
-            pending = self._queue.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(RuntimeError("server shutting down"))
 
     async def submit(self, token_ids: Sequence[int]) -> Result:
         if self._wakeup is None:
@@ -171,13 +182,15 @@ class GenerationRequest:
         return ("sampled", self.temperature, self.top_p)
 
 
-class GenerationBatcher(Generic[Result]):
+class GenerationBatcher(_BatchLoop, Generic[Result]):
     """Batches concurrent generation requests into one padded decode (`run_batch(requests) -> results`).
 
     Static batching: a batch is cut from the queue's first request plus every queued request of the same sampling
     group, in arrival order, up to `max_rows` rows and `max_batch_tokens` padded slots (rows × (longest prompt +
     largest max_tokens)). Requests arriving while a batch decodes wait for the next one.
     """
+
+    _task_name = "generation-batcher"
 
     def __init__(
         self,
@@ -204,21 +217,6 @@ class GenerationBatcher(Generic[Result]):
     @property
     def depth(self) -> int:
         return len(self._queue) + self.running
-
-    def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="generation-batcher")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for pending in self._queue:
-            if pending.future is not None and not pending.future.done():
-                pending.future.set_exception(RuntimeError("server shutting down"))
-        self._queue.clear()
 
     async def submit(self, request: GenerationRequest) -> Result:
         if self._wakeup is None:
