@@ -78,6 +78,19 @@ class Verifier:
         return self.family.native_to_head(self.checkpoint.get_many(keys))
 
 
+def _family_config(root: Path, config_dict: dict) -> PretrainedConfig | None:
+    """The config a family supplies itself (MiMo: model_type transformers lacks); None = let transformers read it."""
+    from mtptune.errors import FamilyError
+
+    try:
+        family = family_for_model_type(config_dict.get("model_type", ""))
+    except FamilyError:
+        return None
+    if type(family).load_config is MtpFamily.load_config:
+        return None
+    return family.load_config(root, config_dict)
+
+
 def load_causal_lm(
     name_or_path: str | Path, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False
 ) -> torch.nn.Module:
@@ -86,20 +99,47 @@ def load_causal_lm(
     config; any other causal LM loads as usual."""
     from transformers import AutoModelForCausalLM
 
-    from mtptune.errors import FamilyError
-
     root = resolve_model_dir(name_or_path)
-    config_dict = read_config_dict(root)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    try:
-        family = family_for_model_type(config_dict.get("model_type", ""))
-        if type(family).load_config is not MtpFamily.load_config:
-            kwargs["config"] = family.load_config(root, config_dict)
-    except FamilyError:
-        pass
+    if (config := _family_config(root, read_config_dict(root))) is not None:
+        kwargs["config"] = config
     try:
         return AutoModelForCausalLM.from_pretrained(root, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"transformers cannot load the verifier {name_or_path!r} from {root}: {exc}") from exc
+
+
+def build_random_causal_lm(
+    name_or_path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """The causal LM `load_causal_lm` would return, with random weights and from config.json alone (vLLM's
+    `--load-format dummy`): safetensors are never opened, so a folder holding only config.json (or a config plus
+    a few shards) works. Parameters are created directly on `device` in `dtype` (`auto`/None: the checkpoint's
+    declared dtype, else float32), so a 9B model initialises on a GPU in seconds with no CPU copy."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = resolve_model_dir(name_or_path)
+    config = _family_config(root, read_config_dict(root))
+    try:
+        if config is None:
+            config = AutoConfig.from_pretrained(root, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"transformers cannot read {root / 'config.json'}: {exc}") from exc
+    if dtype in (None, "auto"):
+        declared = getattr(config.get_text_config(), "dtype", None) or getattr(config, "dtype", None)
+        dtype = getattr(torch, declared) if isinstance(declared, str) else declared
+    torch.manual_seed(seed)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+            )
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"transformers cannot build a causal LM from {root / 'config.json'}: {exc}") from exc
+    return model.eval()

@@ -28,6 +28,7 @@ _BUILTIN_ENGINE_FLAGS = {
     "--dtype": "dtype",
     "--device": "device",
     "--tokenizer": "tokenizer",
+    "--load-format": "load_format",
 }
 
 
@@ -56,6 +57,13 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per capture forward")
     parser.add_argument("--device", default=None, help="builtin: torch device (default cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="auto (checkpoint dtype), bfloat16, float16, float32")
+    parser.add_argument(
+        "--load-format",
+        choices=("auto", "dummy"),
+        default=None,
+        help="auto: read the checkpoint; dummy: random weights built from config.json alone (benchmarks; "
+        "same meaning as vLLM's --load-format dummy, passed through to vllm)",
+    )
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: MODEL)")
     parser.add_argument(
@@ -137,6 +145,7 @@ def _run_vllm(args: argparse.Namespace, layer_ids: list[int], storage: str) -> i
         max_model_len=args.max_model_len,
         max_batch_tokens=args.max_batch_tokens,
         dtype=args.dtype,
+        load_format=args.load_format,
         trust_remote_code=args.trust_remote_code,
         engine_args=list(args.engine_args),
     )
@@ -188,9 +197,14 @@ def builtin_overrides(engine_args: Sequence[str]) -> dict[str, str]:
 def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -> int:
     from pathlib import Path
 
-    from mtptune.serving.server_config import ServerConfig
+    from mtptune.serving.server_config import LOAD_FORMATS, ServerConfig
 
     over = builtin_overrides(list(args.engine_args))
+    if over.get("load_format", "auto") not in LOAD_FORMATS:
+        raise ConfigError(
+            f"--load-format {over['load_format']!r}: the built-in engine knows {', '.join(LOAD_FORMATS)}; "
+            "use --engine vllm for other formats."
+        )
 
     def pick(name: str, default, cast=str):
         value = getattr(args, name, None)
@@ -219,6 +233,7 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
         dtype=pick("dtype", None),
         trust_remote_code=args.trust_remote_code or "--trust-remote-code" in over,
         tokenizer=pick("tokenizer", None),
+        load_format=pick("load_format", "auto"),
     )
     if args.dry_run:
         shown = {k: (str(v) if k != "api_key" or v is None else "***") for k, v in vars(config).items()}

@@ -427,6 +427,7 @@ def serve(config: ServerConfig) -> None:
         dtype=config.dtype,
         trust_remote_code=config.trust_remote_code,
         tokenizer=config.tokenizer,
+        load_format=config.load_format,
     )
     server = HiddenStatesServer(config, runtime)
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:

@@ -6,6 +6,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+LOAD_FORMATS = ("auto", "dummy")  # vLLM's names: read the checkpoint / random weights from config.json
+
 
 def default_hidden_states_path() -> Path:
     """vLLM's connector defaults to the system temp dir; prefer RAM-backed /dev/shm where it exists (contracts b1)."""
@@ -36,6 +38,7 @@ class ServerConfig:
     dtype: str | None = None
     trust_remote_code: bool = False
     tokenizer: str | None = None  # default: the verifier folder
+    load_format: str = "auto"  # "dummy": random weights from config.json (benchmarks)
     max_body_bytes: int = 64 * 1024 * 1024
 
     @property

@@ -15,8 +15,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from mtptune.checkpoint.safetensors_io import resolve_model_dir
-from mtptune.checkpoint.verifier import load_causal_lm
+from mtptune.checkpoint.verifier import build_random_causal_lm, load_causal_lm
 from mtptune.errors import CheckpointError, ConfigError
+from mtptune.serving.server_config import LOAD_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -100,24 +101,42 @@ class VerifierRuntime:
         dtype: str | None = None,
         trust_remote_code: bool = False,
         tokenizer: str | None = None,
+        load_format: str = "auto",
     ) -> VerifierRuntime:
+        """`load_format` "auto" reads the checkpoint; "dummy" builds random weights from config.json (vLLM's
+        `--load-format dummy`, for benchmarks: the hidden states are then meaningless)."""
+        if load_format not in LOAD_FORMATS:
+            raise ConfigError(f"--load-format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}.")
         root = resolve_model_dir(model)
         torch_device = resolve_device(device)
         start = time.perf_counter()
-        # For a *ForConditionalGeneration checkpoint (Qwen3.5) this builds the text-only *ForCausalLM and skips the
+        # For a *ForConditionalGeneration checkpoint (Qwen3.5) both build the text-only *ForCausalLM and skip the
         # vision tower, which hidden-state capture never needs.
-        hf_model = load_causal_lm(root, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
-        hf_model = hf_model.to(torch_device).eval()
+        if load_format == "dummy":
+            hf_model = build_random_causal_lm(
+                root, dtype=resolve_dtype(dtype), device=torch_device, trust_remote_code=trust_remote_code
+            )
+        else:
+            hf_model = load_causal_lm(root, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+            hf_model = hf_model.to(torch_device).eval()
         hf_tokenizer = load_tokenizer(resolve_model_dir(tokenizer) if tokenizer else root, trust_remote_code)
         log.info(
-            "loaded verifier %s (%s, %s) on %s in %.1f s%s",
+            "%s verifier %s (%s, %s, %s parameters) on %s in %.1f s%s",
+            "built RANDOM-WEIGHT" if load_format == "dummy" else "loaded",
             model,
             type(hf_model).__name__,
             next(hf_model.parameters()).dtype,
+            f"{sum(p.numel() for p in hf_model.parameters()):,}",
             torch_device,
             time.perf_counter() - start,
             "" if hf_tokenizer is not None else "; no tokenizer: only token-id prompts are accepted",
         )
+        if load_format == "dummy":
+            log.warning(
+                "--load-format dummy: the verifier's weights are RANDOM (built from %s only, no safetensors read); "
+                "its hidden states and tokens are meaningless: use it for benchmarks, never for training data.",
+                root / "config.json",
+            )
         return cls(hf_model, hf_tokenizer, layer_ids, torch_device)
 
     @torch.inference_mode()

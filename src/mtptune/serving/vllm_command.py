@@ -27,6 +27,7 @@ class VllmServeSpec:
     max_model_len: int | None = None
     max_batch_tokens: int | None = None
     dtype: str | None = None
+    load_format: str | None = None
     trust_remote_code: bool = False
     engine_args: list[str] = field(default_factory=list)
 
@@ -83,6 +84,7 @@ def build_vllm_command(spec: VllmServeSpec) -> list[str]:
         ("--max-model-len", spec.max_model_len),
         ("--max-num-batched-tokens", spec.max_batch_tokens),
         ("--dtype", spec.dtype),
+        ("--load-format", spec.load_format),
     ]
     for flag, value in optional:
         if value is not None and not _has_flag(extra, flag, flag.replace("-", "_")):
