@@ -56,15 +56,16 @@ def matmul_rate(device: str) -> float:
 
 
 def step_flops(tokens: float, supervised_rows: float, hidden: int, inter: int, vocab: int, heads: int, kv: int,
-               head_dim: int, steps: int, mean_doc: float) -> float:  # fmt: skip
+               head_dim: int, steps: int, mean_doc: float, reference_fraction: float) -> float:  # fmt: skip
     """FLOPs one optimizer step must do: forward + backward of the head (3x forward for trained weights),
     forward + input-gradient of the frozen LM head (2x forward) on supervised rows only, attention of each
-    document (causal half) and the verifier's greedy reference over all rows once."""
+    document (causal half) and, on the `reference_fraction` of steps that log tau_sim, the verifier's greedy
+    reference over all rows once."""
     per_token_macs = 2 * hidden * hidden + hidden * heads * head_dim * 2 + 2 * hidden * kv * head_dim
     per_token_macs += heads * head_dim * hidden + 3 * hidden * inter
     trunk = 3 * 2 * per_token_macs * tokens * steps
     attention = 3 * 2 * 2 * heads * head_dim * (mean_doc / 2) * tokens * steps
-    lm_head = 2 * 2 * vocab * hidden * supervised_rows + 2 * vocab * hidden * tokens
+    lm_head = 2 * 2 * vocab * hidden * supervised_rows + reference_fraction * 2 * vocab * hidden * tokens
     return trunk + attention + lm_head
 
 
@@ -73,8 +74,9 @@ def main() -> None:
     parser.add_argument("--verifier", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--hidden-states", required=True)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--log-every", type=int, default=5, help="steps per logged interval (one device sync each)")
+    parser.add_argument("--warmup", type=int, default=2, help="logged intervals skipped (compilation, warm-up)")
     parser.add_argument("--total-seq-len", type=int, default=8192)
     parser.add_argument("--chunk-rows", type=int, default=2048)
     parser.add_argument("--peer", default=None, help="the peer's summary.json from the same device call")
@@ -89,7 +91,7 @@ def main() -> None:
         checkpoint=CheckpointConfig(save_path=str(work / "ckpt"), save_best=False, resume=False),
         hidden_states=HiddenStatesConfig(hidden_states_path=args.hidden_states, on_missing="raise", prefetch=64),
         loss=LossConfig(chunk_rows=args.chunk_rows),
-        logging=LoggingConfig(log_dir=str(work / "logs"), progress_bar=False),
+        logging=LoggingConfig(log_dir=str(work / "logs"), log_every=args.log_every, progress_bar=False),
         num_speculative_steps=3,
         epochs=1,
         max_steps=args.steps,
@@ -112,7 +114,8 @@ def main() -> None:
         "label": args.label,
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "torch": torch.__version__,
-        "steps_measured": len(steady),
+        "steps_measured": len(steady) * args.log_every,
+        "log_every": args.log_every,
         "real_tokens_per_s": round(tok_s, 1),
         "step_ms": round(step_s * 1e3, 1),
         "tokens_per_step": round(tokens, 1),
@@ -124,7 +127,7 @@ def main() -> None:
         rate = matmul_rate(device)
         sup = statistics.mean(sum(r[f"tokens_step_{k}"] for k in range(3)) for r in steady)
         doc = statistics.mean(r.get("mean_doc_len", 900.0) for r in steady)
-        flops = step_flops(tokens, sup, 4096, 12288, 248320, 16, 4, 256, 3, doc)
+        flops = step_flops(tokens, sup, 4096, 12288, 248320, 16, 4, 256, 3, doc, 1 / args.log_every)
         result.update(
             matmul_tflops=round(rate / 1e12, 1),
             floor_ms=round(flops / rate * 1e3, 1),

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from mtptune.metrics.acceptance import AcceptanceCounts
 from mtptune.modeling.load import load_head
-from mtptune.training.loss import mtp_loss, supervised_counts
+from mtptune.training.loss import mtp_loss
+from mtptune.training.loss_plan import LossPlan
 
 K = 3
 
@@ -66,8 +67,9 @@ def reference(head, ids, mask, pos, outputs, teacher, weights, kind="ce"):
 def run_loss(head, ids, mask, pos, residual, weights, kind="ce", chunk_rows=2048, steps=K):
     teacher = head.verifier_final_norm(residual)
     outputs = head(ids, teacher, pos, steps, "post_norm", False)
-    counts = [float(c) for c in supervised_counts(ids, mask, pos, steps)]
-    loss, metrics = mtp_loss(outputs, ids, mask, pos, teacher, head.lm_head, weights, counts, kind, chunk_rows)
+    plan = LossPlan.build(ids, mask, pos, steps)
+    counts = [float(c) for c in plan.counts]
+    loss, metrics = mtp_loss(outputs, plan, teacher, head.lm_head, weights, counts, kind, chunk_rows)
     return loss, metrics, outputs, teacher
 
 
@@ -154,3 +156,39 @@ def test_document_local_attention_perturbing_one_document_leaves_the_other(head)
     for k in range(K):
         torch.testing.assert_close(out[k][0, b_len:], out2[k][0, b_len:], rtol=0, atol=0)
         assert not torch.allclose(out[k][0, :b_len], out2[k][0, :b_len])
+
+
+def test_loss_without_reference_is_the_same_loss_and_skips_verifier_metrics(head):
+    ids, mask, pos, residual = hand_batch(head.lm_head.shape[0], head.hidden_size, seed=5)
+    teacher = head.verifier_final_norm(residual)
+    outputs = head(ids, teacher, pos, K, "post_norm", False)
+    plan = LossPlan.build(ids, mask, pos, K)
+    counts = [float(c) for c in plan.counts]
+    with_ref, m_ref = mtp_loss(outputs, plan, teacher, head.lm_head, [0.5, 0.3, 0.2], counts)
+    without, m_no = mtp_loss(outputs, plan, teacher, head.lm_head, [0.5, 0.3, 0.2], counts, with_reference=False)
+    torch.testing.assert_close(with_ref, without, rtol=0, atol=0)
+    assert m_ref.field("ref_tokens").tolist() == m_ref.field("tokens").tolist() and m_ref.drafts > 0
+    assert m_no.field("ref_tokens").sum() == 0 and m_no.drafts == 0 and m_no.field("accepted").sum() == 0
+    assert m_no.summary([0.5, 0.3, 0.2], "ce")["loss"] == pytest.approx(m_ref.summary([0.5, 0.3, 0.2], "ce")["loss"])
+
+
+def test_loss_plan_matches_the_per_row_rule_on_a_two_row_batch():
+    """Flat indices over [B, T]: row t of step k is supervised iff x_{t+k+2} is in its document and masked in."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(50, (2, 12), generator=gen)
+    mask = (torch.rand(2, 12, generator=gen) > 0.3).long()
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]])
+    plan = LossPlan.build(ids, mask, pos, K)
+    doc = torch.cumsum((pos == 0).int(), 1)
+    for k in range(K):
+        expected = [
+            b * 12 + t
+            for b in range(2)
+            for t in range(12)
+            if t + k + 2 < 12 and doc[b, t + k + 2] == doc[b, t] and mask[b, t + k + 2]
+        ]
+        assert plan.rows[k].tolist() == expected
+        assert plan.targets[k].tolist() == [int(ids.reshape(-1)[i + k + 2]) for i in expected]
+    every = set(plan.rows[0].tolist()).intersection(*(set(r.tolist()) for r in plan.rows[1:]))
+    assert plan.draft_rows.tolist() == sorted(every)
+    assert plan.reference_rows.tolist() == sorted({i + k + 1 for k in range(K) for i in plan.rows[k].tolist()})

@@ -102,7 +102,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--logger", action="append", default=None, help="tensorboard, trackio, wandb (comma list/repeat)")
     g.add_argument("--log-dir", default=None)
     g.add_argument("--run-name", default=None)
-    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument(
+        "--log-every",
+        "--log-freq",
+        type=int,
+        default=10,
+        help="log training metrics every N steps (default 10). Metrics stay on the GPU in between (one device sync "
+        "per logged step), and the verifier-reference metrics (acc_verifier, tau_sim) are computed on logged steps "
+        "only; validation always computes them.",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -19,6 +19,7 @@ import torch
 
 from mtptune.data.prepare import load_prepared
 from mtptune.errors import DataError
+from mtptune.training.loss_plan import LossPlan
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,35 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, L], 0 at each document start
     hidden_states: torch.Tensor  # [1, L, H] the verifier's layer-N (pre-norm) states
     real_tokens: int | None = None  # tokens of real rows (L minus any padding document); None: all of L
+    plan: LossPlan | None = None  # the supervised rows per step, worked out on the host
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> PackedBatch:
+        """Copy to `device` without blocking the host (the loader pinned the tensors)."""
+        non_blocking = device.type == "cuda"
+
+        def move(t: torch.Tensor, to_dtype: torch.dtype | None = None) -> torch.Tensor:
+            return t.to(device, to_dtype, non_blocking=non_blocking)
+
+        return PackedBatch(
+            self.row_ids,
+            move(self.input_ids),
+            move(self.loss_mask),
+            move(self.position_ids),
+            move(self.hidden_states, dtype),
+            self.real_tokens,
+            None if self.plan is None else self.plan.to(device, non_blocking),
+        )
+
+    def pin_memory(self) -> PackedBatch:
+        return PackedBatch(
+            self.row_ids,
+            self.input_ids.pin_memory(),
+            self.loss_mask.pin_memory(),
+            self.position_ids.pin_memory(),
+            self.hidden_states.pin_memory(),
+            self.real_tokens,
+            None if self.plan is None else self.plan.pin_memory(),
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -135,8 +165,11 @@ def plan_epoch(batches: list[list[int]], rank: int, world_size: int, grad_accum:
     return EpochPlan(steps)
 
 
-def collate(rows: list[Row], hidden: list[torch.Tensor], pad_to: int | None = None) -> PackedBatch:
-    """Concatenate rows (and their [T, H] hidden states) into one packed sequence with position resets.
+def collate(
+    rows: list[Row], hidden: list[torch.Tensor], pad_to: int | None = None, num_steps: int | None = None
+) -> PackedBatch:
+    """Concatenate rows (and their [T, H] hidden states) into one packed sequence with position resets;
+    with `num_steps`, also the batch's `LossPlan` for that many MTP steps.
 
     `pad_to` appends a padding document (its own position reset, loss mask 0, zero states) up to that length, so
     every micro-batch has the same shape (static shapes for compiled attention kernels on GPU). No real token can
@@ -154,11 +187,13 @@ def collate(rows: list[Row], hidden: list[torch.Tensor], pad_to: int | None = No
         loss_mask.append(torch.zeros(n, dtype=torch.int64))
         positions.append(torch.arange(n))
         hidden = [*hidden, hidden[0].new_zeros(n, hidden[0].shape[-1])]
+    ids, mask, pos = torch.cat(input_ids)[None], torch.cat(loss_mask)[None], torch.cat(positions)[None]
     return PackedBatch(
         row_ids=tuple(r.row_id for r in rows),
-        input_ids=torch.cat(input_ids)[None],
-        loss_mask=torch.cat(loss_mask)[None],
-        position_ids=torch.cat(positions)[None],
+        input_ids=ids,
+        loss_mask=mask,
+        position_ids=pos,
         hidden_states=torch.cat(hidden)[None],
         real_tokens=total,
+        plan=None if num_steps is None else LossPlan.build(ids, mask, pos, num_steps),
     )

@@ -170,6 +170,10 @@ def build_source(config: HiddenStatesConfig, data_path: str, verifier_name: str,
 _END = object()
 
 
+class PrefetcherClosed(RuntimeError):
+    """`next()` after (or while) the prefetcher was closed."""
+
+
 class Prefetcher:
     """Run `source.stream(rows)` in a background thread, at most `depth` rows ahead of the consumer."""
 
@@ -201,7 +205,13 @@ class Prefetcher:
 
     def next(self) -> FetchResult:
         start = time.perf_counter()
-        item = self._queue.get()
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise PrefetcherClosed("the prefetcher was closed") from None
         self.wait_seconds += time.perf_counter() - start
         if isinstance(item, _Failure):
             raise item.exc

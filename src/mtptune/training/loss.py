@@ -21,51 +21,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mtptune.modeling.head import shift_left, step_targets
 from mtptune.training.fused_linear_loss import fused_linear_loss
+from mtptune.training.loss_plan import LossPlan
 from mtptune.training.metrics import StepMetrics
 
 
-def supervised_counts(
-    input_ids: torch.Tensor, loss_mask: torch.Tensor, position_ids: torch.Tensor, K: int
-) -> list[int]:
-    """N_k for one micro-batch: how many rows step k supervises."""
-    return [int(step_targets(input_ids, loss_mask, position_ids, k)[1].sum()) for k in range(K)]
-
-
 @torch.no_grad()
-def reference_tokens(
-    hidden_post_norm: torch.Tensor, lm_head: torch.Tensor, chunk_rows: int, needed: torch.Tensor | None = None
-) -> torch.Tensor:
-    """[B, T] the verifier's greedy next token argmax W_lm h_p, computed in chunks for the `needed` positions
-    only (all when None; -1 elsewhere): the reference is one full-vocabulary matmul per row, so padding and
-    unsupervised rows are skipped."""
+def reference_tokens(hidden_post_norm: torch.Tensor, lm_head: torch.Tensor, chunk_rows: int, index: torch.Tensor):
+    """[B*T] the verifier's greedy next token argmax W_lm h_p at the flat positions `index` (-1 elsewhere),
+    in chunks: the reference is one full-vocabulary matmul per row, so only the positions compared are done."""
     B, T, H = hidden_post_norm.shape
     flat = hidden_post_norm.reshape(B * T, H)
     out = torch.full((B * T,), -1, dtype=torch.int64, device=flat.device)
-    index = needed.reshape(-1).nonzero().squeeze(-1) if needed is not None else None
-    rows = flat if index is None else flat[index]
-    argmax = torch.empty(rows.shape[0], dtype=torch.int64, device=flat.device)
-    for start in range(0, rows.shape[0], chunk_rows):
-        logits = F.linear(rows[start : start + chunk_rows].to(lm_head.dtype), lm_head)
-        argmax[start : start + chunk_rows] = logits.argmax(-1)
-    if index is None:
-        out = argmax
-    else:
-        out[index] = argmax
-    return out.reshape(B, T)
-
-
-def shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
-    """x[:, t - n] at column t; the first n columns are False/0."""
-    return torch.cat([torch.zeros_like(x[:, :n]), x[:, : x.shape[1] - n]], dim=1)
+    for start in range(0, index.numel(), chunk_rows):
+        chunk = index[start : start + chunk_rows]
+        out[chunk] = F.linear(flat[chunk].to(lm_head.dtype), lm_head).argmax(-1)
+    return out
 
 
 def mtp_loss(
     outputs: list[torch.Tensor],
-    input_ids: torch.Tensor,
-    loss_mask: torch.Tensor,
-    position_ids: torch.Tensor,
+    plan: LossPlan,
     teacher_hidden: torch.Tensor,
     lm_head: torch.Tensor,
     step_weights: list[float],
@@ -73,61 +49,58 @@ def mtp_loss(
     kind: str = "ce",
     chunk_rows: int = 2048,
     kl_weight: float = 1.0,
+    with_reference: bool = True,
 ) -> tuple[torch.Tensor, StepMetrics]:
     """sum_k alpha_k * (sum of step-k objective over its supervised rows) / normalizers[k].
 
-    outputs: the head's per-step post-norm outputs o^k [B, T, H]; teacher_hidden: the verifier's post-norm states
-    h [B, T, H] (reference tokens and distillation teacher). Returns the loss (a graph when outputs require grad;
-    exactly zero without a graph when nothing is supervised) and this micro-batch's metric sums.
+    outputs: the head's per-step post-norm outputs o^k [B, T, H]; plan: the supervised rows (`LossPlan`, on the
+    outputs' device); teacher_hidden: the verifier's post-norm states h [B, T, H] (reference tokens and
+    distillation teacher). `with_reference=False` skips the verifier's greedy reference (one more
+    full-vocabulary matmul per row) and with it the verifier-based metrics (acc_verifier, tau_sim) of this
+    micro-batch. Returns the loss (a graph when outputs require grad; exactly zero without a graph when nothing
+    is supervised) and this micro-batch's metric sums. Nothing here waits on the device.
     """
     K = len(outputs)
-    metrics = StepMetrics.zeros(K, device=input_ids.device)
-    step_valid = [step_targets(input_ids, loss_mask, position_ids, k) for k in range(K)]
-    # Step k row t compares with the verifier's token at position t+k+1: compute the reference only there.
-    needed = torch.zeros_like(input_ids, dtype=torch.bool)
-    for k, (_, valid) in enumerate(step_valid):
-        needed |= shift_right(valid, k + 1)
-    ref = reference_tokens(teacher_hidden, lm_head, chunk_rows, needed)
-    need_teacher = kind != "ce"
+    B, T, H = teacher_hidden.shape
+    device = teacher_hidden.device
+    metrics = StepMetrics.zeros(K, device=device)
+    ref = reference_tokens(teacher_hidden, lm_head, chunk_rows, plan.reference_rows) if with_reference else None
+    teacher_flat = teacher_hidden.reshape(B * T, H)
     loss: torch.Tensor | None = None
-    predictions = torch.full((K, *input_ids.shape), -1, dtype=torch.int64, device=input_ids.device)
-    valid_all = torch.ones_like(input_ids, dtype=torch.bool)
+    predictions = []
     for k, o in enumerate(outputs):
-        targets, valid = step_valid[k]
-        valid_all &= valid
-        rows = valid.nonzero(as_tuple=True)
-        n = rows[0].numel()
+        rows, targets = plan.rows[k], plan.targets[k]
+        n = rows.numel()
         metrics.add("tokens", k, n)
+        prediction = torch.full((B * T,), -1, dtype=torch.int64, device=device)
+        predictions.append(prediction)
         if n == 0:
             continue
-        step_ref = shift_left(ref, k + 1)[rows]  # the verifier's greedy token for x_{t+k+2}
-        step_targets_ = targets[rows]
-        teacher = shift_left_hidden(teacher_hidden, k + 1)[rows] if need_teacher else None
+        teacher = teacher_flat[rows + k + 1] if kind != "ce" else None
         train = o.requires_grad and step_weights[k] > 0 and normalizers[k] > 0
         scale = step_weights[k] / normalizers[k] if normalizers[k] > 0 else 0.0
-        step_out = o[rows] if train else o.detach()[rows]
-        term, sums = fused_linear_loss(step_out, lm_head, step_targets_, teacher, scale, kind, kl_weight, chunk_rows)
+        step_out = (o if train else o.detach()).reshape(B * T, H)[rows]
+        term, sums = fused_linear_loss(step_out, lm_head, targets, teacher, scale, kind, kl_weight, chunk_rows)
         if train:
             loss = term if loss is None else loss + term
         metrics.add("ce", k, sums.ce)
         metrics.add("kl", k, sums.kl)
         metrics.add("tv", k, sums.tv)
-        predictions[k][rows] = sums.argmax
-        metrics.add("correct_label", k, (sums.argmax == step_targets_).sum())
-        metrics.add("correct_verifier", k, (sums.argmax == step_ref).sum())
-        metrics.add("verifier_label_agree", k, (step_ref == step_targets_).sum())
-    # Teacher-forced acceptance over rows where every step is supervised: accepted up to the first miss.
-    hits = torch.stack([predictions[k] == shift_left(ref, k + 1) for k in range(K)])[:, valid_all]
-    metrics.drafts = hits.shape[1]
-    accepted = torch.cumprod(hits.to(torch.int64), dim=0).sum(dim=1)
-    for k in range(K):
-        metrics.add("accepted", k, accepted[k])
+        prediction[rows] = sums.argmax
+        metrics.add("correct_label", k, (sums.argmax == targets).sum())
+        if ref is not None:
+            step_ref = ref[rows + k + 1]  # the verifier's greedy token for x_{t+k+2}
+            metrics.add("ref_tokens", k, n)
+            metrics.add("correct_verifier", k, (sums.argmax == step_ref).sum())
+            metrics.add("verifier_label_agree", k, (step_ref == targets).sum())
+    if ref is not None:
+        # Teacher-forced acceptance over rows where every step is supervised: accepted up to the first miss.
+        drafts = plan.draft_rows
+        hits = torch.stack([predictions[k][drafts] == ref[drafts + k + 1] for k in range(K)])
+        metrics.drafts = drafts.numel()
+        accepted = torch.cumprod(hits.to(torch.int64), dim=0).sum(dim=1)
+        for k in range(K):
+            metrics.add("accepted", k, accepted[k])
     if loss is None:
-        loss = torch.zeros((), device=input_ids.device)
+        loss = torch.zeros((), device=device)
     return loss, metrics
-
-
-def shift_left_hidden(x: torch.Tensor, n: int) -> torch.Tensor:
-    """x[:, t + n] at row t for [B, T, H]; rows past the end are zeros (never supervised)."""
-    pad = torch.zeros_like(x[:, :n])
-    return torch.cat([x[:, n:], pad], dim=1)[:, : x.shape[1]]

@@ -14,7 +14,17 @@ import torch
 
 from mtptune.metrics.acceptance import AcceptanceCounts
 
-_FIELDS = ("tokens", "ce", "kl", "tv", "correct_label", "correct_verifier", "verifier_label_agree", "accepted")
+_FIELDS = (
+    "tokens",
+    "ce",
+    "kl",
+    "tv",
+    "correct_label",
+    "correct_verifier",
+    "verifier_label_agree",
+    "accepted",
+    "ref_tokens",  # tokens compared with the verifier's greedy reference (training computes it on logged steps)
+)
 
 
 @dataclass
@@ -59,7 +69,10 @@ class StepMetrics:
         out: dict[str, float] = {}
         tokens = self.field("tokens")
         denom = tokens.clamp(min=1)
-        per_step = {name: (self.field(name) / denom).tolist() for name in _FIELDS[1:7]}
+        ref_denom = self.field("ref_tokens").clamp(min=1)
+        per_step = {name: (self.field(name) / denom).tolist() for name in ("ce", "kl", "tv", "correct_label")}
+        for name in ("correct_verifier", "verifier_label_agree"):
+            per_step[name] = (self.field(name) / ref_denom).tolist()
         objective = _objective(per_step, loss_kind, kl_weight)
         acceptance = self.acceptance()
         for k in range(self.num_steps):

@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 from mtptune.serving.client import ServerUnavailable
 from mtptune.training import checkpointing as ckpt
-from mtptune.training.batching import PackedBatch, collate, pack_rows, plan_epoch
+from mtptune.training.batch_loader import BatchLoader
+from mtptune.training.batching import PackedBatch, pack_rows, plan_epoch
 from mtptune.training.build import Parts, build_parts
 from mtptune.training.config import TrainConfig
 from mtptune.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from mtptune.training.hidden_source import Prefetcher, take_rows
-from mtptune.training.loss import mtp_loss, supervised_counts
+from mtptune.training.loss import mtp_loss
+from mtptune.training.loss_plan import LossPlan
 from mtptune.training.metrics import StepMetrics
 
 log = logging.getLogger(__name__)
@@ -84,26 +85,30 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
     bar = tqdm(
         total=p.total_steps, initial=state.global_step, disable=not (info.is_main and config.logging.progress_bar)
     )
+    step_log = _StepLog(p, bar, result)
     for epoch in range(state.epoch, config.epochs):
         if _max_steps_reached(config, state):  # a resumed run that already reached --max-steps
             break
         plan = plan_epoch(_epoch_batches(p, epoch), info.rank, info.world_size, config.optim.grad_accum)
         start = state.local_step if epoch == state.epoch else 0
-        rows = (p.rows[i] for step in plan.steps[start:] for micro in step for i in micro)
-        prefetcher = Prefetcher(p.source, rows, config.hidden_states.prefetch)
+        loader = _loader(p, (micro for step in plan.steps[start:] for micro in step))
+        step_log.start_interval(loader)
         try:
             for local in range(start, plan.num_steps):
                 if _agree(stop(state.global_step), info):
+                    step_log.flush()
                     _save(p, save_path / ckpt.INTERRUPTED, state, None)
                     result.interrupted = True
                     break
-                t0, wait0 = time.perf_counter(), prefetcher.wait_seconds
-                with _checkpoint_if_server_lost(p, state):
-                    micro = [_load_micro(p, prefetcher, ids) for ids in plan.steps[local]]
+                with _checkpoint_if_server_lost(p, state, step_log):
+                    micro = [loader.next() for _ in plan.steps[local]]
                 for b in micro:
                     if b is not None:
                         row_uses[list(b.row_ids)] += 1
-                metrics, stepped = train_step(p, micro)
+                logged = (
+                    state.global_step + 1 == p.total_steps or (state.global_step + 1) % config.logging.log_every == 0
+                )
+                metrics, stepped = train_step(p, [_to_device(p, b) for b in micro], with_reference=logged)
                 state = replace(state, local_step=local + 1, global_step=state.global_step + 1)
                 if not stepped:
                     state = replace(state, skipped_steps=state.skipped_steps + 1)
@@ -111,34 +116,25 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
                         "step %d: no supervised token in the global batch; no optimizer step.", state.global_step
                     )
                 result.optimizer_steps += int(stepped)
-                summary = metrics.summary(p.weights, config.loss.kind, config.loss.kl_weight)
-                elapsed = time.perf_counter() - t0
-                summary.update(
-                    lr=p.scheduler.get_last_lr()[0],
-                    wait_fraction=(prefetcher.wait_seconds - wait0) / max(elapsed, 1e-9),
-                )
                 tokens = sum(b.num_tokens for b in micro if b is not None) * info.world_size
-                summary.update(tokens=tokens, step_seconds=elapsed, tokens_per_s=tokens / max(elapsed, 1e-9))
-                if info.device.type == "cuda":
-                    summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
-                result.train_losses.append(summary["loss"])
-                if state.global_step % config.logging.log_every == 0:
-                    p.logger.log("train", state.global_step, summary)
-                bar.set_postfix(
-                    loss=f"{summary['loss']:.3f}",
-                    tau=f"{summary['tau_sim']:.2f}",
-                    wait=f"{summary['wait_fraction']:.0%}",
-                )
+                step_log.record(state.global_step, metrics, tokens, logged)
                 bar.update(1)
-                if config.val_every and state.global_step % config.val_every == 0 and p.val_ids:
-                    with _checkpoint_if_server_lost(p, state):
+                validate_now = config.val_every and state.global_step % config.val_every == 0 and p.val_ids
+                checkpoint_now = _mid_epoch_checkpoint_due(config, plan.num_steps, local + 1)
+                if logged or validate_now or checkpoint_now or _max_steps_reached(config, state):
+                    step_log.flush()
+                if validate_now:
+                    with _checkpoint_if_server_lost(p, state, step_log):
                         p.logger.log("val", state.global_step, validate(p))
-                if _mid_epoch_checkpoint_due(config, plan.num_steps, local + 1):
+                    step_log.start_interval(loader)
+                if checkpoint_now:
                     _save(p, save_path / f"step{state.global_step}", state, None)
+                    step_log.start_interval(loader)
                 if _max_steps_reached(config, state):
                     break
         finally:
-            prefetcher.close()
+            loader.close()
+        step_log.flush()
         if result.interrupted:
             break
         finished_epoch = state.local_step >= plan.num_steps
@@ -167,17 +163,22 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
     return result
 
 
-def train_step(p: Parts, micro: list[PackedBatch | None]) -> tuple[StepMetrics, bool]:
-    """One global step over this rank's micro-batches; returns its metrics (summed over ranks) and whether an
-    optimizer step was taken (never on a global batch without a supervised token)."""
+def train_step(p: Parts, micro: list[PackedBatch | None], with_reference: bool = True) -> tuple[torch.Tensor, bool]:
+    """One global step over this rank's micro-batches (on the device, each with its `LossPlan`). Returns the
+    step's metric sums as one flat device tensor (summed over ranks; `StepMetrics.from_flat` reads it, which waits
+    for the device, so the loop does that only when it logs) and whether an optimizer step was taken (never on a
+    global batch without a supervised token). `with_reference` adds the verifier-reference metrics (tau_sim)."""
     K, info = p.config.num_speculative_steps, p.info
-    counts = torch.zeros(K, dtype=torch.float64)
+    counts = [0] * K
     for b in micro:
         if b is not None:
-            counts += torch.tensor(supervised_counts(b.input_ids, b.loss_mask, b.position_ids, K), dtype=torch.float64)
-    normalizers = all_reduce_sum(counts.to(info.device), info).cpu().tolist()
+            counts = [c + n for c, n in zip(counts, b.plan.counts)]
+    if info.enabled:  # one small all-reduce; a single process never waits on the device here
+        normalizers = all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=info.device), info).tolist()
+    else:
+        normalizers = [float(c) for c in counts]
     supervised = sum(w * n for w, n in zip(p.weights, normalizers)) > 0
-    metrics = StepMetrics.zeros(K)
+    metrics = StepMetrics.zeros(K, device=info.device)
     p.model.train()
     for j, b in enumerate(micro):
         if b is None:
@@ -186,7 +187,7 @@ def train_step(p: Parts, micro: list[PackedBatch | None]) -> tuple[StepMetrics, 
             b = _empty_batch(p)  # every rank must join DDP's gradient all-reduce
         sync = j == len(micro) - 1 or not hasattr(p.model, "no_sync")
         with contextlib.nullcontext() if sync else p.model.no_sync(), _autocast(p):
-            loss, m = _forward_loss(p, p.model, b, normalizers)
+            loss, m = _forward_loss(p, p.model, b, normalizers, with_reference)
         if supervised:
             (loss * info.world_size).backward()  # DDP averages gradients; the loss is already a global mean
         metrics = metrics.merge(m)
@@ -195,18 +196,19 @@ def train_step(p: Parts, micro: list[PackedBatch | None]) -> tuple[StepMetrics, 
         p.optimizer.step()
         p.scheduler.step()
     p.optimizer.zero_grad(set_to_none=True)
-    flat = all_reduce_sum(metrics.to_flat().to(info.device), info)
-    return StepMetrics.from_flat(K, flat), supervised
+    return all_reduce_sum(metrics.to_flat(), info), supervised
 
 
-def _forward_loss(p: Parts, model: torch.nn.Module, b: PackedBatch, normalizers: list[float]):
+def _forward_loss(
+    p: Parts, model: torch.nn.Module, b: PackedBatch, normalizers: list[float], with_reference: bool = True
+):
     config = p.config
     post_norm = p.head.verifier_final_norm(b.hidden_states)  # h_t = FinalNorm(r_t), the verifier's output
     head_input = post_norm if config.mtp_input_norm == "post_norm" else b.hidden_states
     outputs = model(b.input_ids, head_input, b.position_ids, config.num_speculative_steps, config.mtp_input_norm, False)
     loss, metrics = mtp_loss(
-        outputs, b.input_ids, b.loss_mask, b.position_ids, post_norm.detach(), p.head.lm_head, p.weights,
-        normalizers, config.loss.kind, config.loss.chunk_rows, config.loss.kl_weight,
+        outputs, b.plan, post_norm.detach(), p.head.lm_head, p.weights, normalizers, config.loss.kind,
+        config.loss.chunk_rows, config.loss.kl_weight, with_reference,
     )  # fmt: skip
     if torch.is_grad_enabled() and not loss.requires_grad:
         # Keep every parameter in the graph so DDP's reducer sees a gradient (zero) from this rank.
@@ -220,22 +222,70 @@ def validate(p: Parts) -> dict:
     K, info = p.config.num_speculative_steps, p.info
     batches = pack_rows(p.val_ids, p.rows.lengths, p.config.data.total_seq_len, seed=None, epoch=0)
     mine = batches[info.rank :: info.world_size]
-    prefetcher = Prefetcher(p.source, (p.rows[i] for ids in mine for i in ids), p.config.hidden_states.prefetch)
-    metrics = StepMetrics.zeros(K)
+    loader = _loader(p, mine)
+    metrics = StepMetrics.zeros(K, device=info.device)
     p.head.eval()
     try:
-        for ids in mine:
-            b = _load_micro(p, prefetcher, ids)
+        for _ in mine:
+            b = _to_device(p, loader.next())
             if b is None:
                 continue
-            counts = supervised_counts(b.input_ids, b.loss_mask, b.position_ids, K)
             with _autocast(p):
-                _, m = _forward_loss(p, p.head, b, [float(c) for c in counts])
+                _, m = _forward_loss(p, p.head, b, [float(c) for c in b.plan.counts])
             metrics = metrics.merge(m)
     finally:
-        prefetcher.close()
-    flat = all_reduce_sum(metrics.to_flat().to(info.device), info)
+        loader.close()
+    flat = all_reduce_sum(metrics.to_flat(), info)
     return StepMetrics.from_flat(K, flat).summary(p.weights, p.config.loss.kind, p.config.loss.kl_weight)
+
+
+class _StepLog:
+    """Per-step metrics stay on the device until a flush (a logged step, validation, a checkpoint, the end of an
+    epoch): one device sync there instead of one per step, so the host runs ahead and queues the next step while
+    the GPU works. Timings are per interval between flushes, which is what an asynchronous step can be timed by."""
+
+    def __init__(self, p: Parts, bar: tqdm, result: TrainResult) -> None:
+        self.p, self.bar, self.result = p, bar, result
+        self.pending: list[tuple[int, torch.Tensor, int, bool]] = []
+        self.loader: BatchLoader | None = None
+        self.t0 = self.wait0 = 0.0
+
+    def start_interval(self, loader: BatchLoader) -> None:
+        self.loader = loader
+        self.t0, self.wait0 = time.perf_counter(), loader.wait_seconds
+
+    def record(self, step: int, flat: torch.Tensor, tokens: int, logged: bool) -> None:
+        self.pending.append((step, flat, tokens, logged))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        p, K = self.p, self.p.config.num_speculative_steps
+        rows = torch.stack([flat for _, flat, _, _ in self.pending]).cpu()  # the one sync
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        waited = (self.loader.wait_seconds - self.wait0) if self.loader is not None else 0.0
+        tokens = sum(t for _, _, t, _ in self.pending)
+        for (step, _, step_tokens, logged), row in zip(self.pending, rows):
+            summary = StepMetrics.from_flat(K, row).summary(p.weights, p.config.loss.kind, p.config.loss.kl_weight)
+            self.result.train_losses.append(summary["loss"])
+            if not logged:
+                continue
+            summary.update(
+                lr=p.scheduler.get_last_lr()[0],
+                tokens=step_tokens,
+                step_seconds=elapsed / len(self.pending),
+                tokens_per_s=tokens / elapsed,
+                wait_fraction=waited / elapsed,
+            )
+            if p.info.device.type == "cuda":
+                summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(p.info.device) / 2**30
+            p.logger.log("train", step, summary)
+            self.bar.set_postfix(
+                loss=f"{summary['loss']:.3f}", tau=f"{summary['tau_sim']:.2f}", wait=f"{summary['wait_fraction']:.0%}"
+            )
+        self.pending.clear()
+        if self.loader is not None:
+            self.start_interval(self.loader)
 
 
 def _end_of_epoch(p: Parts, epoch: int, state: ckpt.TrainingState, result: TrainResult, complete: bool):
@@ -271,12 +321,14 @@ def _end_of_epoch(p: Parts, epoch: int, state: ckpt.TrainingState, result: Train
 
 
 @contextlib.contextmanager
-def _checkpoint_if_server_lost(p: Parts, state: ckpt.TrainingState):
+def _checkpoint_if_server_lost(p: Parts, state: ckpt.TrainingState, step_log: _StepLog | None = None):
     """The hidden-state server stayed away past --server-wait-timeout: save `interrupted/` at the last finished
     step (nothing of it is lost) and stop with the endpoint in the message; rerunning the command resumes."""
     try:
         yield
     except ServerUnavailable as exc:
+        if step_log is not None:
+            step_log.flush()
         path = Path(p.config.checkpoint.save_path) / ckpt.INTERRUPTED
         _save(p, path, state, None)
         raise ServerUnavailable(
@@ -307,31 +359,34 @@ def _resume(p: Parts) -> ckpt.TrainingState | None:
     return state
 
 
-def _load_micro(p: Parts, prefetcher: Prefetcher, ids: list[int]) -> PackedBatch | None:
-    rows = [p.rows[i] for i in ids]
-    kept, hidden = take_rows(prefetcher, rows, p.stats, p.config.hidden_states.on_missing, _warn)
-    if not kept:
-        return None
-    # On GPU every micro-batch is padded to --total-seq-len (contracts a5): one shape, no recompiles.
-    pad_to = p.config.data.total_seq_len if p.info.device.type == "cuda" else None
-    b = collate(kept, hidden, pad_to)
-    dtype = p.autocast_dtype or torch.float32
-    dev = p.info.device
-    return PackedBatch(
-        b.row_ids,
-        b.input_ids.to(dev),
-        b.loss_mask.to(dev),
-        b.position_ids.to(dev),
-        b.hidden_states.to(dev, dtype),
-        real_tokens=b.real_tokens,
+def _loader(p: Parts, micro_batches) -> BatchLoader:
+    """Micro-batches assembled in a background thread; on GPU padded to --total-seq-len (contracts a5: one shape,
+    no recompiles) and pinned for non-blocking copies."""
+    cuda = p.info.device.type == "cuda"
+    return BatchLoader(
+        p.source,
+        p.rows,
+        micro_batches,
+        prefetch_rows=p.config.hidden_states.prefetch,
+        stats=p.stats,
+        on_missing=p.config.hidden_states.on_missing,
+        warn=_warn,
+        pad_to=p.config.data.total_seq_len if cuda else None,
+        num_steps=p.config.num_speculative_steps,
+        pin_memory=cuda,
     )
 
 
+def _to_device(p: Parts, b: PackedBatch | None) -> PackedBatch | None:
+    return None if b is None else b.to(p.info.device, p.autocast_dtype or torch.float32)
+
+
 def _empty_batch(p: Parts) -> PackedBatch:
-    dev, H = p.info.device, p.head.hidden_size
+    dev, H, K = p.info.device, p.head.hidden_size, p.config.num_speculative_steps
     zeros = torch.zeros(1, 3, dtype=torch.int64, device=dev)
     hidden = torch.ones(1, 3, H, dtype=p.autocast_dtype or torch.float32, device=dev)
-    return PackedBatch((), zeros, zeros, torch.arange(3, device=dev)[None], hidden)
+    positions = torch.arange(3, device=dev)[None]
+    return PackedBatch((), zeros, zeros, positions, hidden, plan=LossPlan.build(zeros, zeros, positions, K))
 
 
 def _epoch_batches(p: Parts, epoch: int) -> list[list[int]]:
