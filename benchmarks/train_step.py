@@ -69,6 +69,43 @@ def step_flops(tokens: float, supervised_rows: float, hidden: int, inter: int, v
     return trunk + attention + lm_head
 
 
+class StepProfiler:
+    """`should_stop` hook of run_training (called at the start of every step): profiles steps [first, last)."""
+
+    def __init__(self, first: int, last: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.first, self.last = first, last
+        self.prof = profile(activities=[ProfilerActivity.CUDA])  # no CPU tracing: it would slow the host
+        self.t0 = None
+        self.wall = None
+
+    def __call__(self, step: int) -> bool:
+        if step == self.first:
+            torch.cuda.synchronize()
+            self.prof.start()
+            self.t0 = time.perf_counter()
+        elif step == self.last and self.t0 is not None:
+            torch.cuda.synchronize()
+            self.wall = time.perf_counter() - self.t0
+            self.prof.stop()
+        return False
+
+    def finish(self, table_path: Path) -> dict:
+        if self.wall is None:
+            return {"error": "the profiled steps were not reached"}
+        averages = self.prof.key_averages()
+        table_path.write_text(averages.table(sort_by="self_cuda_time_total", row_limit=50))
+        kernel_s = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e6
+        steps = self.last - self.first
+        return {
+            "steps": steps,
+            "wall_ms_per_step": round(self.wall / steps * 1e3, 1),
+            "kernel_ms_per_step": round(kernel_s / steps * 1e3, 1),
+            "gpu_busy_fraction": round(kernel_s / self.wall, 3),
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verifier", required=True)
@@ -81,6 +118,12 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=2048)
     parser.add_argument("--peer", default=None, help="the peer's summary.json from the same device call")
     parser.add_argument("--label", default="mtptune")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="profile steps [--steps - 6, --steps - 1) with torch.profiler: write the kernel table here and report the "
+        "GPU busy fraction (kernel time / wall time of those steps; 1.0 = the host never starves the GPU)",
+    )
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,7 +144,8 @@ def main() -> None:
     t0 = time.perf_counter()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run_training(config)
+    profiler = StepProfiler(args.steps - 6, args.steps - 1) if args.profile and device == "cuda" else None
+    run_training(config, should_stop=profiler)
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (work / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("split") == "train"]
@@ -133,6 +177,8 @@ def main() -> None:
             floor_ms=round(flops / rate * 1e3, 1),
             floor_fraction=round(flops / rate / step_s, 3) if step_s == step_s else None,
         )
+    if profiler is not None:
+        result["profile"] = profiler.finish(Path(args.profile))
     if args.peer and Path(args.peer).is_file():
         peer = json.loads(Path(args.peer).read_text())
         peer_tok = (
