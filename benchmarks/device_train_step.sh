@@ -7,11 +7,8 @@ T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 OUT=${OUT:-/tmp/bench_out}
 W=/tmp/bench
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-if ! python3 -m pip install -q --no-index --find-links .bench/whl speculators==0.9.0 hs-connectors==0.9.0; then
-  python3 benchmarks/peer/install_missing.py .bench/whl /tmp/site && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/device_setup.sh
+mkdir -p $OUT
 if [ "${SKIP_PEER:-0}" != "1" ]; then
   BENCH_N_SAMPLES=${BENCH_N_SAMPLES:-200} BENCH_BUDGET_S=${PEER_BUDGET_S:-300} BENCH_EXTRA="" BENCH_PROFILE_STEP=-1 \
     OUT=$OUT bash benchmarks/peer/device_run.sh > $OUT/peer_log.txt 2>&1
