@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from mtptune.serving.hidden_state_files import (
     HiddenStatesInvalid,
@@ -39,6 +40,19 @@ def test_reader_waits_for_the_writer_lock(tmp_path: Path) -> None:
     got = read_hidden_states_file(path, IDS, 1, 8, lock_timeout=5.0)
     assert time.monotonic() - start >= 0.25
     assert torch.equal(got.hidden_states, states) and got.token_ids.dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_hand_written_file_is_standard_safetensors(tmp_path: Path, dtype: torch.dtype) -> None:
+    path = tmp_path / "req.safetensors"
+    states = torch.randn(7, 2, 12).to(dtype)
+    write_hidden_states_file(path, states[1:], torch.arange(6, dtype=torch.int32))  # a view, non-int64 ids
+    loaded = load_file(path)
+    assert torch.equal(loaded["hidden_states"], states[1:]) and loaded["hidden_states"].dtype == dtype
+    assert torch.equal(loaded["token_ids"], torch.arange(6)) and loaded["token_ids"].dtype == torch.int64
+    with safe_open(path, "pt") as f:  # the reference reader parses the header as its own files'
+        assert sorted(f.keys()) == ["hidden_states", "token_ids"]
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_reader_gives_up_on_a_held_lock(tmp_path: Path) -> None:

@@ -232,5 +232,7 @@ def test_metrics_are_prometheus_text(server) -> None:
         "mtptune_prompt_tokens_total",
         "mtptune_request_latency_seconds_bucket",
         "mtptune_queue_depth",
+        "mtptune_batched_tokens_total",
+        "mtptune_padded_tokens_total",
     ):
         assert name in text

@@ -54,7 +54,13 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1")
     parser.add_argument("--served-model-name", default=None, help="model id reported by /v1/models (default MODEL)")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per capture forward")
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="builtin: padded tokens per capture forward (default 16384 on a GPU, 8192 on CPU); vllm: "
+        "--max-num-batched-tokens",
+    )
     parser.add_argument("--device", default=None, help="builtin: torch device (default cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="auto (checkpoint dtype), bfloat16, float16, float32")
     parser.add_argument(
@@ -72,6 +78,13 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         help="builtin: let a request choose its file via kv_transfer_params.hidden_states_path (inside the storage dir)",
     )
     parser.add_argument("--batch-window-ms", type=float, default=2.0, help="builtin: wait this long to fill a batch")
+    parser.add_argument(
+        "--batch-overhead-tokens",
+        type=int,
+        default=None,
+        help="builtin: split waiting requests into more, less padded forwards only when that saves more than this "
+        "many padded tokens per extra forward (default 512)",
+    )
     parser.add_argument("--max-queue", type=int, default=1024, help="builtin: queued requests before 503")
     parser.add_argument("--dry-run", action="store_true", help="print the command / settings and exit")
 
@@ -225,9 +238,10 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
         api_key=pick("api_key", None),
         allow_custom_save_path=args.allow_custom_save_path,
         max_model_len=pick("max_model_len", None, int),
-        max_batch_tokens=pick("max_batch_tokens", 8192, int),
+        max_batch_tokens=pick("max_batch_tokens", None, int),
         max_generate_batch=pick("max_generate_batch", 32, int),
         batch_window_ms=args.batch_window_ms,
+        batch_overhead_tokens=args.batch_overhead_tokens,
         max_queue=args.max_queue,
         device=pick("device", None),
         dtype=pick("dtype", None),

@@ -1,10 +1,14 @@
-"""Dynamic batching of hidden-state captures: requests that arrive within a short window share one forward.
+"""Dynamic batching of hidden-state captures: requests that arrive within a short window share padded forwards.
 
-A batch is cut in arrival order while its padded size (rows × longest row) stays within the token budget; a lone
-request over the budget still runs (the max-length check bounds it). While the model is busy the queue simply
-fills, so under load batches form without waiting for the window at all. The window is also cut short once as many
-requests wait as were in demand when the previous batch was cut (clients that keep N requests in flight send them
-back within a few ms of their answers; there is no point waiting the rest of the window for an N+1st).
+Each forward is right-padded to its longest row (Gated DeltaNet cannot be packed, contracts f), so the batcher
+groups requests of similar length: it sorts the waiting requests by length, splits them into the runs that
+minimise padded tokens plus a fixed cost per forward (`plan_forwards`), each within the token budget, and runs the
+run holding the oldest request (no request waits behind newer ones forever). A lone request over the budget still
+runs (the max-length check bounds it). While the model is busy the queue simply fills, so under load forwards form
+without waiting for the window at all; answering one run while the next computes keeps the clients' next requests
+arriving. The window is also cut short once as many requests wait as were in demand when the previous batch was cut
+(clients that keep N requests in flight send them back within a few ms of their answers; there is no point waiting
+the rest of the window for an N+1st).
 """
 
 from __future__ import annotations
@@ -35,6 +39,45 @@ class _Pending(Generic[Result]):
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+# What one extra forward costs, in padded-token equivalents: a split is worth it only when it saves more padding
+# than this. On a GPU a 9B forward of a few thousand tokens hides its launches behind compute; what a split adds is
+# the sync and Python between forwards and the weight reads of a smaller GEMM, a few ms ~ a few hundred tokens.
+FORWARD_OVERHEAD_TOKENS = 512
+# Requests considered per cut: enough to sort into well-filled runs, few enough that planning stays ~1 ms.
+PLAN_POOL_REQUESTS = 256
+
+
+def plan_forwards(
+    lengths: Sequence[int], max_batch_tokens: int, overhead_tokens: int = FORWARD_OVERHEAD_TOKENS
+) -> list[list[int]]:
+    """Split requests (by index into `lengths`) into right-padded forwards of similar length.
+
+    Minimises sum over forwards of (rows x longest row + overhead_tokens) over contiguous runs of the length-sorted
+    order (optimal for that cost: an optimal grouping never interleaves lengths), with rows x longest <= the
+    budget except for a lone longer request. Returns the runs shortest first, each listing indices shortest first.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    sizes = [max(int(lengths[i]), 1) for i in order]
+    n = len(sizes)
+    best = [0] * (n + 1)  # best[j]: cost of the first j sorted requests
+    cut_at = [0] * (n + 1)  # cut_at[j]: where the last run of that optimum starts
+    for j in range(1, n + 1):
+        longest = sizes[j - 1]  # sorted, so the run's last row is its longest
+        max_rows = max(1, max_batch_tokens // longest)
+        best[j] = best[j - 1] + longest + overhead_tokens
+        cut_at[j] = j - 1
+        for start in range(max(0, j - max_rows), j - 1):
+            cost = best[start] + (j - start) * longest + overhead_tokens
+            if cost < best[j]:
+                best[j], cut_at[j] = cost, start
+    runs: list[list[int]] = []
+    j = n
+    while j > 0:
+        runs.append(order[cut_at[j] : j])
+        j = cut_at[j]
+    return runs[::-1]
+
+
 class _BatchLoop:
     """What both batchers share: a background task woken by an event, and on stop every pending request failed."""
 
@@ -60,7 +103,9 @@ class _BatchLoop:
 
 
 class DynamicBatcher(_BatchLoop, Generic[Result]):
-    """Feeds `run_batch(list of token-id sequences) -> list of results` (run on `executor`) in padded batches."""
+    """Feeds `run_batch(list of token-id sequences) -> list of results` (run on `executor`) in padded batches.
+
+    `on_batch(rows, tokens, padded_tokens, seconds)` is called after each forward (metrics)."""
 
     _task_name = "hidden-states-batcher"
 
@@ -71,11 +116,13 @@ class DynamicBatcher(_BatchLoop, Generic[Result]):
         max_batch_tokens: int,
         window_s: float = 0.002,
         max_queue: int = 1024,
-        on_batch: Callable[[int, int, float], None] | None = None,
+        on_batch: Callable[[int, int, int, float], None] | None = None,
+        overhead_tokens: int = FORWARD_OVERHEAD_TOKENS,
     ) -> None:
         self.run_batch = run_batch
         self.executor = executor
         self.max_batch_tokens = max_batch_tokens
+        self.overhead_tokens = overhead_tokens
         self.window_s = window_s
         self.max_queue = max_queue
         self.on_batch = on_batch
@@ -101,18 +148,24 @@ class DynamicBatcher(_BatchLoop, Generic[Result]):
         return await pending.future
 
     def _cut(self) -> list[_Pending[Result]]:
-        batch: list[_Pending[Result]] = []
-        width = 0
-        while self._queue:
-            candidate = self._queue[0]
-            if candidate.future.cancelled():  # client went away before its turn
-                self._queue.popleft()
-                continue
-            new_width = max(width, len(candidate.token_ids))
-            if batch and new_width * (len(batch) + 1) > self.max_batch_tokens:
+        """The length-sorted run (see `plan_forwards`) that holds the oldest waiting request."""
+        while self._queue and self._queue[0].future.cancelled():  # client went away before its turn
+            self._queue.popleft()
+        if not self._queue:
+            return []
+        pool: list[_Pending[Result]] = []
+        pool_tokens = 0
+        for pending in self._queue:  # the oldest requests, up to a few forwards' worth
+            if len(pool) >= PLAN_POOL_REQUESTS or (pool and pool_tokens >= 4 * self.max_batch_tokens):
                 break
-            batch.append(self._queue.popleft())
-            width = new_width
+            if not pending.future.cancelled():
+                pool.append(pending)
+                pool_tokens += len(pending.token_ids)
+        runs = plan_forwards([len(p.token_ids) for p in pool], self.max_batch_tokens, self.overhead_tokens)
+        chosen = next(run for run in runs if 0 in run)  # pool[0] is the oldest
+        batch = [pool[i] for i in chosen]
+        taken = {id(p) for p in batch}
+        self._queue = deque(p for p in self._queue if id(p) not in taken and not p.future.cancelled())
         return batch
 
     def _room_left(self) -> bool:
@@ -152,8 +205,8 @@ class DynamicBatcher(_BatchLoop, Generic[Result]):
                         p.future.set_exception(exc)
                 continue
             if self.on_batch is not None:
-                padded = len(batch) * max(len(p.token_ids) for p in batch)
-                self.on_batch(len(batch), padded, time.perf_counter() - start)
+                lengths = [len(p.token_ids) for p in batch]
+                self.on_batch(len(batch), sum(lengths), len(batch) * max(lengths), time.perf_counter() - start)
             for p, result in zip(batch, results):
                 if not p.future.done():
                     p.future.set_result(result)

@@ -9,8 +9,10 @@ writes through `HiddenStatesWriteLock` + `write_hidden_states_file`; the trainer
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from mtptune.errors import ServerError
 
@@ -69,18 +71,52 @@ class HiddenStatesWriteLock:
             self._fd = None
 
 
+# safetensors dtype names (the format's spec) of the tensors a hidden-state file holds.
+_SAFETENSORS_DTYPES = {
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+}
+
+
 def write_hidden_states_file(path: str | os.PathLike, hidden_states: torch.Tensor, token_ids: torch.Tensor) -> None:
-    """Write one request's file; the temp-name + rename keeps a half-written file from ever carrying the final name."""
+    """Write one request's file; the temp-name + rename keeps a half-written file from ever carrying the final name.
+
+    The safetensors layout is written by hand (8-byte header length, JSON header, raw bytes): `safetensors.save`
+    first builds the whole file as one Python bytes object, holding the GIL for the copy, while `write` of the
+    tensor's own buffer copies once and releases the GIL, so the model thread keeps launching kernels meanwhile.
+    It also never makes the hidden `.tmpXXXXXX` file of `save_file`, which a killed server would leave behind.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    # token_ids (8-byte items) first keeps both tensors aligned to their item size, as safetensors itself does.
     tensors = {
-        "hidden_states": hidden_states.detach().to("cpu").contiguous(),
         "token_ids": token_ids.detach().to("cpu", torch.int64).contiguous(),
+        "hidden_states": hidden_states.detach().to("cpu").contiguous(),
     }
-    # Serialise in memory and write the bytes ourselves: safetensors' save_file goes through its own hidden temp
-    # file (`.tmpXXXXXX`), which a killed server would leave behind where no one cleans it up.
+    header: dict[str, dict] = {}
+    buffers = []
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: cannot write {name} of dtype {tensor.dtype} as safetensors.")
+        data = tensor.reshape(-1).view(torch.uint8).numpy()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + data.nbytes],
+        }
+        buffers.append(data)
+        offset += data.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
     with open(tmp, "wb") as f:
-        f.write(save(tensors))
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for data in buffers:
+            f.write(data)
     os.chmod(tmp, 0o644)  # the trainer may run as another user on the shared storage
     os.replace(tmp, path)
 

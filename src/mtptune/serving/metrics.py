@@ -43,6 +43,7 @@ class ServerMetrics:
         self.hidden_state_files = 0
         self.batches = 0
         self.batched_requests = 0
+        self.batched_tokens = 0
         self.padded_tokens = 0
         self.latency: dict[str, Histogram] = defaultdict(Histogram)
         self.forward = Histogram()
@@ -61,10 +62,11 @@ class ServerMetrics:
         with self._lock:
             self.hidden_state_files += 1
 
-    def record_batch(self, size: int, padded_tokens: int, seconds: float) -> None:
+    def record_batch(self, size: int, tokens: int, padded_tokens: int, seconds: float) -> None:
         with self._lock:
             self.batches += 1
             self.batched_requests += size
+            self.batched_tokens += tokens
             self.padded_tokens += padded_tokens
             self.forward.observe(seconds)
 
@@ -83,6 +85,7 @@ class ServerMetrics:
                 ("hidden_state_files_total", "Hidden-state files written.", self.hidden_state_files),
                 ("batches_total", "Capture forwards run.", self.batches),
                 ("batched_requests_total", "Requests served by capture forwards.", self.batched_requests),
+                ("batched_tokens_total", "Prompt tokens in capture forwards (padding excluded).", self.batched_tokens),
                 ("padded_tokens_total", "Token slots (incl. padding) in capture forwards.", self.padded_tokens),
             ]
             for name, help_text, value in counters:

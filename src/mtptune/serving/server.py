@@ -57,12 +57,14 @@ class HiddenStatesServer:
         # One model thread: torch calls are serialised; file writes overlap with the next forward.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="verifier")
         self.writer_executor = ThreadPoolExecutor(config.writer_threads, thread_name_prefix="hs-writer")
+        self.max_batch_tokens = config.batch_tokens_for(runtime.device.type)
         self.batcher: DynamicBatcher[Capture] = DynamicBatcher(
             runtime.capture,
             self.model_executor,
-            max_batch_tokens=max(config.max_batch_tokens, 1),
+            max_batch_tokens=self.max_batch_tokens,
             window_s=config.batch_window_ms / 1000.0,
             max_queue=config.max_queue,
+            **({} if config.batch_overhead_tokens is None else {"overhead_tokens": config.batch_overhead_tokens}),
         )
         # Concurrent generation requests with the same sampling parameters share one left-padded decode.
         self.generator: GenerationBatcher[Generation] = GenerationBatcher(
@@ -407,7 +409,7 @@ class HiddenStatesServer:
             list(self.config.layer_ids),
             self.storage_dir,
             self.max_model_len,
-            self.config.max_batch_tokens,
+            self.max_batch_tokens,
         )
         try:
             yield

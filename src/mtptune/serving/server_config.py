@@ -27,7 +27,8 @@ class ServerConfig:
     api_key: str | None = None
     allow_custom_save_path: bool = False
     max_model_len: int | None = None  # None: the verifier's max_position_embeddings
-    max_batch_tokens: int = 8192  # padded token slots per capture forward
+    max_batch_tokens: int | None = None  # padded token slots per capture forward; None: by device (below)
+    batch_overhead_tokens: int | None = None  # cost of one more forward, in padded tokens (None: batching's default)
     batch_window_ms: float = 2.0
     max_generate_batch: int = 32  # rows per batched generation decode
     max_generate_batch_tokens: int = 65536  # padded slots (rows × (prompt + max_tokens)) per generation batch
@@ -44,3 +45,10 @@ class ServerConfig:
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model
+
+    def batch_tokens_for(self, device_type: str) -> int:
+        """A GPU forward is compute-bound from a few thousand tokens on; 16k keeps several forwards per round of
+        32 requests (answers of one overlap the next forward) at a few GB of activations for a 9B verifier."""
+        if self.max_batch_tokens is not None:
+            return max(self.max_batch_tokens, 1)
+        return 16384 if device_type == "cuda" else 8192

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class Capture:
     """One request's result of a capture forward."""
 
-    hidden_states: torch.Tensor  # [T, n_ids, H], model dtype, CPU
+    hidden_states: torch.Tensor  # [T, n_ids, H], model dtype, CPU (a view of the batch's buffer)
     next_token_logits: torch.Tensor  # [V] fp32: the verifier's prediction after the last prompt token
 
 
@@ -141,31 +141,48 @@ class VerifierRuntime:
 
     @torch.inference_mode()
     def capture(self, sequences: Sequence[Sequence[int]]) -> list[Capture]:
-        """One right-padded forward over the batch (padding is exact for Gated DeltaNet; packing is not, contracts f)."""
+        """One right-padded forward over the batch (padding is exact for Gated DeltaNet; packing is not, contracts f).
+
+        No attention mask is passed: with right padding every real token precedes every pad, so causal attention,
+        the causal conv and the delta-rule recurrence never let a pad reach a real row (exact, and SDPA keeps its
+        mask-free causal kernels). Only the real rows are copied back, in one pinned, non-blocking copy per tensor
+        and a single sync; the returned states are views of that one CPU buffer.
+        """
         lengths = [len(s) for s in sequences]
         batch, width = len(sequences), max(lengths)
         input_ids = torch.zeros(batch, width, dtype=torch.long)
-        mask = torch.zeros(batch, width, dtype=torch.long)
+        rows = torch.empty(sum(lengths), dtype=torch.long)  # flat [B * W] index of every real token
+        offset = 0
         for row, seq in enumerate(sequences):
             input_ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            rows[offset : offset + len(seq)] = torch.arange(row * width, row * width + len(seq))
+            offset += len(seq)
+        last_rows = torch.as_tensor(lengths, dtype=torch.long).cumsum(0) - 1  # each request's last token, packed
+        cuda = self.device.type == "cuda"
+        if cuda:
+            input_ids, rows, last_rows = (t.pin_memory() for t in (input_ids, rows, last_rows))
+        input_ids, rows, last_rows = (t.to(self.device, non_blocking=True) for t in (input_ids, rows, last_rows))
         need_all = any(i < self.num_layers for i in self.layer_ids)
         self._pre_norm = None
-        out = self.decoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=need_all, use_cache=False)
+        out = self.decoder(input_ids=input_ids, output_hidden_states=need_all, use_cache=False)
         pre_norm, self._pre_norm = self._pre_norm, None
         if pre_norm is None:
             raise RuntimeError("the final-norm hook did not fire; unsupported decoder structure")
         per_id = [pre_norm if i == self.num_layers else out.hidden_states[i] for i in self.layer_ids]
-        stacked = torch.stack(per_id, dim=2)  # [B, W, n_ids, H]
-        last = torch.as_tensor(lengths, device=self.device) - 1
-        last_hidden = out.last_hidden_state[torch.arange(batch, device=self.device), last]
-        logits = self.model.lm_head(last_hidden).float().cpu()
-        stacked = stacked.to("cpu")
-        return [
-            Capture(hidden_states=stacked[row, :n].clone(), next_token_logits=logits[row])
-            for row, n in enumerate(lengths)
-        ]
+        packed = torch.stack([t.reshape(batch * width, -1).index_select(0, rows) for t in per_id], dim=1)
+        last_hidden = out.last_hidden_state.reshape(batch * width, -1).index_select(0, rows.index_select(0, last_rows))
+        logits = self.model.lm_head(last_hidden).float()
+        if cuda:
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (packed, logits)]
+            for dst, src in zip(host, (packed, logits)):
+                dst.copy_(src, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            packed, logits = host
+        captures, offset = [], 0
+        for row, n in enumerate(lengths):
+            captures.append(Capture(hidden_states=packed[offset : offset + n], next_token_logits=logits[row]))
+            offset += n
+        return captures
 
     @torch.inference_mode()
     def generate(
