@@ -7,20 +7,20 @@ import torch
 
 from mtptune.modeling.load import load_head
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+from .conftest import cuda_only, needs_device
+
+# Flex attention is CUDA-only here: no backward on the CPU, and inductor's CPU block-mask kernel fails to compile.
+pytestmark = [pytest.mark.gpu, needs_device, cuda_only]
 
 
 @pytest.mark.parametrize("T", [256, 1000])
-def test_flex_matches_dense(tiny_verifier, T):
-    head, _, verifier = load_head(tiny_verifier, dtype=torch.float32, shared_dtype=torch.float32, device="cuda")
+def test_flex_matches_dense(tiny_verifier, device, T):
+    head, _, verifier = load_head(tiny_verifier, dtype=torch.float32, shared_dtype=torch.float32, device=device)
     torch.manual_seed(0)
     lengths = [T // 3, T // 2, T - T // 3 - T // 2]
-    positions = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
-    ids = torch.randint(0, 1000, (1, T), device="cuda")
-    residual = torch.randn(1, T, verifier.text_config.hidden_size, device="cuda")
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    ids = torch.randint(0, 1000, (1, T), device=device)
+    residual = torch.randn(1, T, verifier.text_config.hidden_size, device=device)
     results = {}
     for backend in ("dense", "flex"):
         head.zero_grad()
