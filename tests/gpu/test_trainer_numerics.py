@@ -85,7 +85,7 @@ def train_config(data: Data, save: Path, device: str, dtype: str) -> TrainConfig
         hidden_states=HiddenStatesConfig(on_missing="raise", prefetch=8),
         optim=OptimConfig(lr=LR, grad_accum=GRAD_ACCUM, scheduler="constant"),
         loss=LossConfig(kind="ce", chunk_rows=CHUNK_ROWS),
-        logging=LoggingConfig(progress_bar=False),
+        logging=LoggingConfig(log_every=1, progress_bar=False),  # every step logged, with its verifier metrics
         num_speculative_steps=K,
         epochs=1,
         max_steps=MAX_STEPS,
