@@ -51,7 +51,7 @@ def train_args(corpus: Corpus, save: Path, *extra: str) -> list[str]:
     return [
         "train", "--verifier-name-or-path", str(corpus.verifier), "--data-path", str(corpus.data),
         "--save-path", str(save), "--total-seq-len", "64", "--train-data-ratio", "0.75", "--lr", "3e-3",
-        "--no-progress", "--no-initial-val", *extra,
+        "--no-progress", "--no-initial-val", "--log-every", "1", *extra,
     ]  # fmt: skip
 
 

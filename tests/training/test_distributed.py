@@ -32,7 +32,7 @@ def test_two_ranks_match_one_rank_with_accumulation(learnable, tmp_path):
     cmd += ["--verifier-name-or-path", str(learnable.verifier), "--data-path", str(learnable.data)]
     cmd += ["--save-path", str(tmp_path / "two"), "--max-rows", "48", "--total-seq-len", "128"]
     cmd += ["--train-data-ratio", "0.8", "--epochs", "1", "--lr", "3e-3"]
-    cmd += ["--warmup-steps", "2", "--on-missing", "raise", "--no-progress", "--no-initial-val"]
+    cmd += ["--warmup-steps", "2", "--on-missing", "raise", "--no-progress", "--no-initial-val", "--log-every", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
