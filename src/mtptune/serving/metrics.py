@@ -34,9 +34,10 @@ class Histogram:
 
 
 class ServerMetrics:
-    def __init__(self, queue_depth: Callable[[], int]) -> None:
+    def __init__(self, queue_depth: Callable[[], int], max_batch_tokens: int | None = None) -> None:
         self._lock = threading.Lock()
         self._queue_depth = queue_depth
+        self.max_batch_tokens = max_batch_tokens
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -94,6 +95,14 @@ class ServerMetrics:
                 f"# HELP {p}_queue_depth Capture requests waiting for a forward.",
                 f"# TYPE {p}_queue_depth gauge",
                 f"{p}_queue_depth {self._queue_depth()}",
+            ]
+            if self.max_batch_tokens is not None:
+                lines += [
+                    f"# HELP {p}_max_batch_tokens Padded-token budget of one capture forward.",
+                    f"# TYPE {p}_max_batch_tokens gauge",
+                    f"{p}_max_batch_tokens {self.max_batch_tokens}",
+                ]
+            lines += [
                 f"# HELP {p}_request_latency_seconds End-to-end request latency.",
                 f"# TYPE {p}_request_latency_seconds histogram",
             ]

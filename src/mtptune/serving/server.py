@@ -75,7 +75,7 @@ class HiddenStatesServer:
             window_s=max(config.batch_window_ms, 20.0) / 1000.0,
             max_queue=config.max_queue,
         )
-        self.metrics = ServerMetrics(lambda: self.batcher.depth + self.generator.depth)
+        self.metrics = ServerMetrics(lambda: self.batcher.depth + self.generator.depth, self.max_batch_tokens)
         self.batcher.on_batch = self.metrics.record_batch
 
     # --- request checks ------------------------------------------------------------------------------------
