@@ -34,8 +34,8 @@ def test_plan_pads_far_less_than_arrival_order() -> None:
     runs = plan_forwards(lengths, max_batch_tokens=16384)
     waste = padded(lengths, runs) / sum(lengths) - 1
     arrival_waste = 32 * max(lengths) / sum(lengths) - 1  # one forward padded to the longest
-    assert waste < 0.1 and arrival_waste > 0.6
-    assert len(runs) <= 8  # ...without degenerating into one forward per request
+    assert waste < 0.15 and arrival_waste > 0.6
+    assert len(runs) <= 6  # ...without degenerating into one forward per request
 
 
 def test_plan_keeps_equal_lengths_in_one_forward_and_lone_long_requests_alone() -> None:

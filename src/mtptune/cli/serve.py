@@ -83,7 +83,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="builtin: split waiting requests into more, less padded forwards only when that saves more than this "
-        "many padded tokens per extra forward (default 512)",
+        "many padded tokens per extra forward (default 1024)",
     )
     parser.add_argument("--max-queue", type=int, default=1024, help="builtin: queued requests before 503")
     parser.add_argument("--dry-run", action="store_true", help="print the command / settings and exit")

@@ -40,9 +40,10 @@ class _Pending(Generic[Result]):
 
 
 # What one extra forward costs, in padded-token equivalents: a split is worth it only when it saves more padding
-# than this. On a GPU a 9B forward of a few thousand tokens hides its launches behind compute; what a split adds is
-# the sync and Python between forwards and the weight reads of a smaller GEMM, a few ms ~ a few hundred tokens.
-FORWARD_OVERHEAD_TOKENS = 512
+# than this. A transformers forward of a 32-layer hybrid verifier launches ~1-2k kernels (15-40 ms of Python); on a
+# GPU that hides behind the compute of a few thousand tokens but not of a few hundred, so splits into forwards much
+# smaller than ~1k tokens cost more than their padding. Tunable per server (--batch-overhead-tokens).
+FORWARD_OVERHEAD_TOKENS = 1024
 # Requests considered per cut: enough to sort into well-filled runs, few enough that planning stays ~1 ms.
 PLAN_POOL_REQUESTS = 256
 
