@@ -57,7 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--on-generate", choices=("delete", "cache"), default="delete")
     g.add_argument("--request-timeout", type=float, default=120.0)
     g.add_argument("--max-retries", type=int, default=3)
-    g.add_argument("--concurrency", type=int, default=None, help="hidden-state requests in flight (default 12)")
+    g.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="hidden-state requests in flight (default 32: an 8192-token step of GSM8K-length rows holds ~40 "
+        "rows, and the server batches what is in flight)",
+    )
     g.add_argument("--num-workers", type=int, default=None, help="speculators' spelling of --concurrency")
     g.add_argument(
         "--prefetch", type=int, default=None, help="rows fetched ahead of the step (default 2 x concurrency)"
@@ -153,7 +159,7 @@ def build_config(args: argparse.Namespace):
         steps = (pretrained_num_steps(args.from_pretrained) if args.from_pretrained else None) or 3
     if args.num_workers is not None and args.concurrency is not None and args.num_workers != args.concurrency:
         raise ConfigError("--num-workers and --concurrency disagree; --num-workers is speculators' name for it.")
-    concurrency = args.concurrency or args.num_workers or 12
+    concurrency = args.concurrency or args.num_workers or 32
     if args.save_best:
         log.info("--save-best: checkpoint_best is always maintained (highest validation tau_sim).")
     if args.optimizer == "muon" or args.muon_lr is not None:

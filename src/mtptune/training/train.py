@@ -105,8 +105,8 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
                 for b in micro:
                     if b is not None:
                         row_uses[list(b.row_ids)] += 1
-                logged = (
-                    state.global_step + 1 == p.total_steps or (state.global_step + 1) % config.logging.log_every == 0
+                logged = (  # every --log-every steps, and the last step of each epoch
+                    (state.global_step + 1) % config.logging.log_every == 0 or local + 1 == plan.num_steps
                 )
                 metrics, stepped = train_step(p, [_to_device(p, b) for b in micro], with_reference=logged)
                 state = replace(state, local_step=local + 1, global_step=state.global_step + 1)
