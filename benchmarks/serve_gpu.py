@@ -213,7 +213,14 @@ def main() -> None:
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=600)
     parser.add_argument("--long", action="store_true", help="prompt lengths up to 1500 tokens")
-    parser.add_argument("--warmup", type=int, default=None, help="prompts before timing (2 x concurrency; --tiny 1 x)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="prompts sent (and timed apart) before the measured pass (default: as many as --requests; --tiny 1 x "
+        "concurrency). flash-linear-attention autotunes some kernels per batch size on first sight, ~1 s each; "
+        "a long-running server pays that once per shape, the warm-up pass pays it here",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="tiny Qwen3.5 on the CPU (development)")
     parser.add_argument("--device", default=None, help="default cuda (cpu with --tiny)")
@@ -242,7 +249,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     lengths = torch.randint(args.min_len, args.max_len + 1, (args.requests,), generator=gen).tolist()
     prompts = [torch.randint(0, text["vocab_size"] - 1, (n,), generator=gen).tolist() for n in lengths]
-    warm_n = args.warmup if args.warmup is not None else (1 if args.tiny else 2) * args.concurrency
+    warm_n = args.warmup if args.warmup is not None else (args.concurrency if args.tiny else args.requests)
     warm_lengths = torch.randint(args.min_len, args.max_len + 1, (warm_n,), generator=gen).tolist()
     warm = [torch.randint(0, text["vocab_size"] - 1, (n,), generator=gen).tolist() for n in warm_lengths]
 
@@ -261,7 +268,10 @@ def main() -> None:
             concurrency=args.concurrency, on_generate="delete",
         )  # fmt: skip
         with client:
-            warm_failed = sum(isinstance(r, Exception) for _, r in client.iter_fetch(enumerate(warm)))
+            warm_start = time.perf_counter()
+            warm_results = list(client.iter_fetch(enumerate(warm), prefetch=2 * args.concurrency))
+            warm_s = time.perf_counter() - warm_start
+            warm_failed = sum(isinstance(r, Exception) for _, r in warm_results)
             before = httpx.get(base + "/metrics").text
             start = time.perf_counter()
             results = list(client.iter_fetch(enumerate(prompts), prefetch=2 * args.concurrency))
@@ -321,6 +331,8 @@ def main() -> None:
         "server_forward_tokens_per_s": round(batched / forward_s, 1) if forward_s else None,
         "failed": len(failed),
         "warmup_failed": warm_failed,
+        "warmup_prompts": warm_n,
+        "warmup_tokens_per_s": round(sum(warm_lengths) / warm_s, 1),
     }
     if failed:
         out["first_error"] = str(failed[0])[:300]
