@@ -58,7 +58,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "--max-batch-tokens",
         type=int,
         default=None,
-        help="builtin: padded tokens per capture forward (default 16384 on a GPU, 8192 on CPU); vllm: "
+        help="builtin: padded tokens per capture forward (default 32768 on a GPU, 8192 on CPU); vllm: "
         "--max-num-batched-tokens",
     )
     parser.add_argument("--device", default=None, help="builtin: torch device (default cuda if available, else cpu)")
@@ -83,7 +83,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="builtin: split waiting requests into more, less padded forwards only when that saves more than this "
-        "many padded tokens per extra forward (default 1024)",
+        "many padded tokens per extra forward (default 8192 on GPU, 1024 on CPU)",
     )
     parser.add_argument("--max-queue", type=int, default=1024, help="builtin: queued requests before 503")
     parser.add_argument("--dry-run", action="store_true", help="print the command / settings and exit")

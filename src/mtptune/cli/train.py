@@ -61,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency",
         type=int,
         default=None,
-        help="hidden-state requests in flight (default 32: an 8192-token step of GSM8K-length rows holds ~40 "
-        "rows, and the server batches what is in flight)",
+        help="hidden-state requests in flight (default 64: an 8192-token step of GSM8K-length rows holds ~40 "
+        "rows, and the server batches what is in flight: the more, the larger and cheaper its forwards)",
     )
     g.add_argument("--num-workers", type=int, default=None, help="speculators' spelling of --concurrency")
     g.add_argument(
@@ -159,7 +159,7 @@ def build_config(args: argparse.Namespace):
         steps = (pretrained_num_steps(args.from_pretrained) if args.from_pretrained else None) or 3
     if args.num_workers is not None and args.concurrency is not None and args.num_workers != args.concurrency:
         raise ConfigError("--num-workers and --concurrency disagree; --num-workers is speculators' name for it.")
-    concurrency = args.concurrency or args.num_workers or 32
+    concurrency = args.concurrency or args.num_workers or 64
     if args.save_best:
         log.info("--save-best: checkpoint_best is always maintained (highest validation tau_sim).")
     if args.optimizer == "muon" or args.muon_lr is not None:

@@ -64,7 +64,7 @@ class HiddenStatesServer:
             max_batch_tokens=self.max_batch_tokens,
             window_s=config.batch_window_ms / 1000.0,
             max_queue=config.max_queue,
-            **({} if config.batch_overhead_tokens is None else {"overhead_tokens": config.batch_overhead_tokens}),
+            overhead_tokens=config.overhead_tokens_for(runtime.device.type),
         )
         # Concurrent generation requests with the same sampling parameters share one left-padded decode.
         self.generator: GenerationBatcher[Generation] = GenerationBatcher(

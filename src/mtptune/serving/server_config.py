@@ -6,6 +6,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtptune.serving.batching import FORWARD_OVERHEAD_TOKENS
+
 LOAD_FORMATS = ("auto", "dummy")  # vLLM's names: read the checkpoint / random weights from config.json
 
 
@@ -47,8 +49,17 @@ class ServerConfig:
         return self.served_model_name or self.model
 
     def batch_tokens_for(self, device_type: str) -> int:
-        """A GPU forward is compute-bound from a few thousand tokens on; 16k keeps several forwards per round of
-        32 requests (answers of one overlap the next forward) at a few GB of activations for a 9B verifier."""
+        """Padded tokens per capture forward. On an H100 a transformers forward of a 9B hybrid verifier took
+        0.27-0.31 s whether it held 1,800 or 4,200 tokens (launch-bound Python, docs/benchmarks.md 8.2), so a GPU
+        forward should be large: 32k tokens is a round of 64 GSM8K-length requests at a few GB of activations."""
         if self.max_batch_tokens is not None:
             return max(self.max_batch_tokens, 1)
-        return 16384 if device_type == "cuda" else 8192
+        return 32768 if device_type == "cuda" else 8192
+
+    def overhead_tokens_for(self, device_type: str) -> int:
+        """What one more forward costs in padded-token equivalents (the length planner splits a round only when
+        that saves more padding than this): ~0.27 s of fixed cost per forward on an H100 is ~6k tokens of
+        compute at 40 % of the matmul peak; on a CPU a forward is compute-bound and ~1k tokens is right."""
+        if self.batch_overhead_tokens is not None:
+            return max(self.batch_overhead_tokens, 0)
+        return 8192 if device_type == "cuda" else FORWARD_OVERHEAD_TOKENS
