@@ -5,7 +5,7 @@
 * offline (`--on-missing raise|skip|warn`): a folder of `hs_{row}.safetensors` files; a missing file raises,
   is skipped silently-but-counted, or is skipped with a warning.
 
-`Prefetcher` runs a source in a background thread with a bounded queue so the fetches for the next steps overlap
+`prefetch` runs a source in a background thread with a bounded queue so the fetches for the next steps overlap
 the current one; it measures how long the trainer waited on it (the "wait fraction" of the progress bar).
 The MTP input is the last captured layer (`hidden_states[:, -1]`), the verifier's pre-final-norm residual r_t.
 """
@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +23,7 @@ import torch
 from mtptune.errors import DataError, ServerError
 from mtptune.serving.client import ServerUnavailable
 from mtptune.serving.hidden_state_files import HiddenStates, HiddenStatesInvalid, read_hidden_states_file
+from mtptune.training.background import Background
 from mtptune.training.batching import Row
 from mtptune.training.config import HiddenStatesConfig
 
@@ -167,70 +165,13 @@ def build_source(config: HiddenStatesConfig, data_path: str, verifier_name: str,
     return ClientSource(client, config.prefetch, dtype)
 
 
-_END = object()
-
-
-class PrefetcherClosed(RuntimeError):
-    """`next()` after (or while) the prefetcher was closed."""
-
-
-class Prefetcher:
-    """Run `source.stream(rows)` in a background thread, at most `depth` rows ahead of the consumer."""
-
-    def __init__(self, source, rows: Iterable[Row], depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self.wait_seconds = 0.0
-        self._thread = threading.Thread(target=self._run, args=(source, rows), daemon=True, name="mtptune-prefetch")
-        self._thread.start()
-
-    def _run(self, source, rows: Iterable[Row]) -> None:
-        try:
-            for item in source.stream(rows):
-                if not self._put(item):
-                    return
-        except BaseException as exc:  # re-raised in the consumer's thread
-            self._put(_Failure(exc))
-            return
-        self._put(_END)
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def next(self) -> FetchResult:
-        start = time.perf_counter()
-        while True:
-            try:
-                item = self._queue.get(timeout=0.1)
-                break
-            except queue.Empty:
-                if self._stop.is_set():
-                    raise PrefetcherClosed("the prefetcher was closed") from None
-        self.wait_seconds += time.perf_counter() - start
-        if isinstance(item, _Failure):
-            raise item.exc
-        if item is _END:
-            raise StopIteration
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-
-
-@dataclass
-class _Failure:
-    exc: BaseException
+def prefetch(source, rows: Iterable[Row], depth: int) -> Background:
+    """`source.stream(rows)` in a background thread, at most `depth` rows ahead of the consumer."""
+    return Background(source.stream(rows), depth, "mtptune-prefetch")
 
 
 def take_rows(
-    prefetcher: Prefetcher, rows: list[Row], stats: SourceStats, on_missing: str, warn: Callable[[str], None]
+    prefetcher: Background, rows: list[Row], stats: SourceStats, on_missing: str, warn: Callable[[str], None]
 ) -> tuple[list[Row], list[torch.Tensor]]:
     """Pull the hidden states of `rows` (in order) and keep the rows that have valid ones; count the others."""
     kept, hidden = [], []
