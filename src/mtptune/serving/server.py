@@ -349,19 +349,7 @@ class HiddenStatesServer:
             if body.return_token_ids:
                 choice["prompt_token_ids"] = ids
                 choice["token_ids"] = out
-            return {
-                "id": request_id,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": config.model_id,
-                "choices": [choice],
-                "usage": {
-                    "prompt_tokens": len(ids),
-                    "completion_tokens": len(out),
-                    "total_tokens": len(ids) + len(out),
-                },
-                "kv_transfer_params": kv or None,
-            }
+            return _response("text_completion", request_id, config.model_id, ids, out, choice, kv)
 
         @app.post("/v1/chat/completions")
         async def chat_completions(body: ChatCompletionRequest) -> dict:
@@ -380,19 +368,7 @@ class HiddenStatesServer:
             }
             if body.return_token_ids:
                 choice["token_ids"] = out
-            response = {
-                "id": request_id,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": config.model_id,
-                "choices": [choice],
-                "usage": {
-                    "prompt_tokens": len(ids),
-                    "completion_tokens": len(out),
-                    "total_tokens": len(ids) + len(out),
-                },
-                "kv_transfer_params": kv or None,
-            }
+            response = _response("chat.completion", request_id, config.model_id, ids, out, choice, kv)
             if body.return_token_ids:
                 response["prompt_token_ids"] = ids
             return response
@@ -435,3 +411,16 @@ def serve(config: ServerConfig) -> None:
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the verifier", config.host)
     uvicorn.run(server.build_app(), host=config.host, port=config.port, log_level="warning", access_log=False)
+
+
+def _response(kind: str, request_id: str, model: str, ids: list[int], out: list[int], choice: dict, kv) -> dict:
+    """The OpenAI response body both endpoints share (vLLM adds `kv_transfer_params`)."""
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)},
+        "kv_transfer_params": kv or None,
+    }
