@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from mtptune.testing.tiny import TinySpec, write_tiny_verifier
 
@@ -32,3 +33,12 @@ def tiny_verifiers(tmp_path_factory) -> dict[str, os.PathLike]:
 def tiny_verifier(tiny_verifiers):
     """The default: Qwen3.5 ConditionalGeneration layout, untied, sharded."""
     return tiny_verifiers["qwen3_5-conditional-untied-sharded"]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a 2-core box: one thread is several times faster than two contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

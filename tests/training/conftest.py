@@ -35,12 +35,8 @@ class Learnable:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a 2-core box: one thread is several times faster than two contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_threaded(one_thread):
+    """Every test here runs with one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
