@@ -31,7 +31,6 @@ import os
 import shlex
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from matmul_peak import matmul_rate  # this folder (the script's own) is on sys.path
 
 from mtptune.serving.batching import plan_forwards
 from mtptune.serving.client import HiddenStatesClient
@@ -101,31 +102,6 @@ def write_config_only_verifier(out: Path, dims: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return text
-
-
-def matmul_rate(device: str, n: int, dtype: torch.dtype, reps: int = 10) -> float:
-    """Measured dense matmul FLOP/s (n^3, median of `reps` after 3 warm-ups)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            a @ b
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-    del a, b
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return 2 * n**3 / statistics.median(times)
 
 
 def capture_flops(lengths: list[int], text: dict) -> dict[str, float]:

@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from matmul_peak import matmul_rate  # this folder (the script's own) is on sys.path
+
 from mtptune.training.config import (
     CheckpointConfig,
     DataConfig,
@@ -34,25 +36,6 @@ from mtptune.training.config import (
     TrainConfig,
 )
 from mtptune.training.train import run_training
-
-
-def matmul_rate(device: str) -> float:
-    """Measured dense bf16 matmul FLOP/s (8192^3, median of 10 after warm-up)."""
-    if device != "cuda":
-        return float("nan")
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * 8192**3 / statistics.median(times)
 
 
 def step_flops(tokens: float, supervised_rows: float, hidden: int, inter: int, vocab: int, heads: int, kv: int,
