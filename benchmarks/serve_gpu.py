@@ -207,6 +207,7 @@ def main() -> None:
     parser.add_argument("--no-direct", dest="direct", action="store_false", help="skip the in-process forwards")
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     parser.add_argument("--keep", action="store_true", help="keep the work folder (server.log)")
+    parser.add_argument("--server-log", type=Path, default=None, help="copy the server's log here")
     args = parser.parse_args()
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     args.requests = args.requests or (64 if args.tiny else 256)
@@ -322,6 +323,8 @@ def main() -> None:
             server_overhead=round(1 - direct["seconds"] / wall, 4),
         )
     shutil.rmtree(storage, ignore_errors=True)
+    if args.server_log is not None:
+        shutil.copyfile(work / "server.log", args.server_log)
     if args.keep:
         out["work"] = str(work)
     else:

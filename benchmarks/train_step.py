@@ -55,11 +55,14 @@ def step_flops(tokens: float, supervised_rows: float, hidden: int, inter: int, v
 class StepProfiler:
     """`should_stop` hook of run_training (called at the start of every step): profiles steps [first, last)."""
 
-    def __init__(self, first: int, last: int) -> None:
+    def __init__(self, first: int, last: int, trace_dir: Path | None = None) -> None:
         from torch.profiler import ProfilerActivity, profile
 
-        self.first, self.last = first, last
-        self.prof = profile(activities=[ProfilerActivity.CUDA])  # no CPU tracing: it would slow the host
+        self.first, self.last, self.trace_dir = first, last, trace_dir
+        if trace_dir is None:  # kernel table only: CPU tracing would slow the host
+            self.prof = profile(activities=[ProfilerActivity.CUDA])
+        else:  # host + device timeline with Python stacks, to attribute the GPU's idle gaps (trace_gaps.py)
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True)
         self.t0 = None
         self.wall = None
 
@@ -81,12 +84,22 @@ class StepProfiler:
         table_path.write_text(averages.table(sort_by="self_cuda_time_total", row_limit=50))
         kernel_s = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e6
         steps = self.last - self.first
-        return {
+        result = {
             "steps": steps,
             "wall_ms_per_step": round(self.wall / steps * 1e3, 1),
             "kernel_ms_per_step": round(kernel_s / steps * 1e3, 1),
             "gpu_busy_fraction": round(kernel_s / self.wall, 3),
         }
+        if self.trace_dir is not None:
+            from trace_gaps import summarize
+
+            self.trace_dir.mkdir(parents=True, exist_ok=True)
+            trace = self.trace_dir / "trace.json"
+            self.prof.export_chrome_trace(str(trace))
+            result["gaps"], text = summarize(trace)
+            (self.trace_dir / "gaps.txt").write_text(text)
+            (self.trace_dir / "host_ops.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=60))
+        return result
 
 
 def main() -> None:
@@ -106,6 +119,14 @@ def main() -> None:
         default=None,
         help="profile steps [--steps - 6, --steps - 1) with torch.profiler: write the kernel table here and report the "
         "GPU busy fraction (kernel time / wall time of those steps; 1.0 = the host never starves the GPU)",
+    )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="with --profile: also record host + device activity with Python stacks and write trace.json, gaps.txt "
+        "(the GPU's idle gaps charged to the host code that launched late, benchmarks/trace_gaps.py) and host_ops.txt "
+        "into this folder (tracing slows the host: step times of a traced run are not comparable)",
     )
     args = parser.parse_args()
 
@@ -127,7 +148,7 @@ def main() -> None:
     t0 = time.perf_counter()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    profiler = StepProfiler(args.steps - 6, args.steps - 1) if args.profile and device == "cuda" else None
+    profiler = StepProfiler(args.steps - 6, args.steps - 1, args.trace) if args.profile and device == "cuda" else None
     run_training(config, should_stop=profiler)
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (work / "ckpt" / "metrics.jsonl").read_text().splitlines()]

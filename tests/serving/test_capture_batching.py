@@ -51,6 +51,34 @@ def test_plan_splits_only_when_padding_saved_beats_the_forward_overhead() -> Non
     assert plan_forwards([100, 100, 350], 16384, overhead_tokens=512) == [[0, 1, 2]]  # a split saves 500 < 512
 
 
+def test_plan_caps_rows_per_forward() -> None:
+    runs = plan_forwards([100] * 10, 16384, overhead_tokens=512, max_rows=4)
+    assert sorted(len(run) for run in runs) == [2, 4, 4]
+    assert sorted(i for run in runs for i in run) == list(range(10))
+    assert plan_forwards([100] * 10, 16384, max_rows=64) == [list(range(10))]
+
+
+def test_batcher_never_exceeds_max_rows() -> None:
+    seen: list[int] = []
+
+    def run_batch(batch: list[list[int]]) -> list[int]:
+        seen.append(len(batch))
+        return [len(s) for s in batch]
+
+    async def scenario() -> list[int]:
+        with ThreadPoolExecutor(1) as executor:
+            batcher: DynamicBatcher[int] = DynamicBatcher(
+                run_batch, executor, max_batch_tokens=1 << 20, window_s=0.05, max_rows=3
+            )
+            batcher.start()
+            results = await asyncio.gather(*(batcher.submit([1] * 50) for _ in range(8)))
+            await batcher.stop()
+        return list(results)
+
+    assert asyncio.run(scenario()) == [50] * 8
+    assert max(seen) <= 3 and sum(seen) == 8
+
+
 def test_batcher_runs_the_oldest_request_first_with_its_length_neighbours() -> None:
     seen: list[list[int]] = []
 
@@ -87,3 +115,19 @@ def test_right_padded_capture_equals_one_request_at_a_time(runtime_fp32: Verifie
         assert got.hidden_states.shape == (len(ids), 2, 64)
         torch.testing.assert_close(got.hidden_states, alone.hidden_states, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got.next_token_logits, alone.next_token_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_warm_up_runs_every_batch_size_and_leaves_captures_exact(runtime_fp32: VerifierRuntime) -> None:
+    prompt = list(range(5, 40))
+    before = runtime_fp32.capture([prompt])[0]
+    shapes: list[tuple[int, int]] = []
+    hook = runtime_fp32.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        runtime_fp32.warm_up_batch_sizes(4, width=8)
+    finally:
+        hook.remove()
+    assert shapes == [(1, 9), (1, 8), (2, 8), (3, 8), (4, 8)]
+    after = runtime_fp32.capture([prompt])[0]
+    torch.testing.assert_close(after.hidden_states, before.hidden_states, atol=0, rtol=0)

@@ -61,6 +61,13 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         help="builtin: padded tokens per capture forward (default 32768 on a GPU, 8192 on CPU); vllm: "
         "--max-num-batched-tokens",
     )
+    parser.add_argument(
+        "--max-generate-batch-tokens",
+        type=int,
+        default=None,
+        help="builtin: padded slots per batched generation decode, rows x (longest prompt + largest max_tokens) "
+        "(default 65536); with --max-num-seqs (after --) it bounds the rows decoded together",
+    )
     parser.add_argument("--device", default=None, help="builtin: torch device (default cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="auto (checkpoint dtype), bfloat16, float16, float32")
     parser.add_argument(
@@ -83,7 +90,20 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="builtin: split waiting requests into more, less padded forwards only when that saves more than this "
-        "many padded tokens per extra forward (default 8192 on GPU, 1024 on CPU)",
+        "many padded tokens per extra forward (default 2048 on GPU, 1024 on CPU)",
+    )
+    parser.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=None,
+        help="builtin: requests per capture forward (default 64 on a GPU, unbounded on CPU)",
+    )
+    parser.add_argument(
+        "--no-kernel-warmup",
+        dest="kernel_warmup",
+        action="store_false",
+        help="builtin, GPU: skip the start-up forward per batch size 1..--max-batch-rows (flash-linear-attention "
+        "autotunes per batch size; without the warm-up live requests pay ~1 s per new size)",
     )
     parser.add_argument("--max-queue", type=int, default=1024, help="builtin: queued requests before 503")
     parser.add_argument("--dry-run", action="store_true", help="print the command / settings and exit")
@@ -240,8 +260,11 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
         max_model_len=pick("max_model_len", None, int),
         max_batch_tokens=pick("max_batch_tokens", None, int),
         max_generate_batch=pick("max_generate_batch", 32, int),
+        max_generate_batch_tokens=pick("max_generate_batch_tokens", 65536, int),
         batch_window_ms=args.batch_window_ms,
         batch_overhead_tokens=args.batch_overhead_tokens,
+        max_batch_rows=args.max_batch_rows,
+        kernel_warmup=args.kernel_warmup,
         max_queue=args.max_queue,
         device=pick("device", None),
         dtype=pick("dtype", None),

@@ -49,13 +49,17 @@ PLAN_POOL_REQUESTS = 256
 
 
 def plan_forwards(
-    lengths: Sequence[int], max_batch_tokens: int, overhead_tokens: int = FORWARD_OVERHEAD_TOKENS
+    lengths: Sequence[int],
+    max_batch_tokens: int,
+    overhead_tokens: int = FORWARD_OVERHEAD_TOKENS,
+    max_rows: int | None = None,
 ) -> list[list[int]]:
     """Split requests (by index into `lengths`) into right-padded forwards of similar length.
 
     Minimises sum over forwards of (rows x longest row + overhead_tokens) over contiguous runs of the length-sorted
     order (optimal for that cost: an optimal grouping never interleaves lengths), with rows x longest <= the
-    budget except for a lone longer request. Returns the runs shortest first, each listing indices shortest first.
+    budget except for a lone longer request, and at most `max_rows` rows. Returns the runs shortest first, each
+    listing indices shortest first.
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     sizes = [max(int(lengths[i]), 1) for i in order]
@@ -64,10 +68,12 @@ def plan_forwards(
     cut_at = [0] * (n + 1)  # cut_at[j]: where the last run of that optimum starts
     for j in range(1, n + 1):
         longest = sizes[j - 1]  # sorted, so the run's last row is its longest
-        max_rows = max(1, max_batch_tokens // longest)
+        rows_cap = max(1, max_batch_tokens // longest)
+        if max_rows is not None:
+            rows_cap = max(1, min(rows_cap, max_rows))
         best[j] = best[j - 1] + longest + overhead_tokens
         cut_at[j] = j - 1
-        for start in range(max(0, j - max_rows), j - 1):
+        for start in range(max(0, j - rows_cap), j - 1):
             cost = best[start] + (j - start) * longest + overhead_tokens
             if cost < best[j]:
                 best[j], cut_at[j] = cost, start
@@ -119,11 +125,13 @@ class DynamicBatcher(_BatchLoop, Generic[Result]):
         max_queue: int = 1024,
         on_batch: Callable[[int, int, int, float], None] | None = None,
         overhead_tokens: int = FORWARD_OVERHEAD_TOKENS,
+        max_rows: int | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.executor = executor
         self.max_batch_tokens = max_batch_tokens
         self.overhead_tokens = overhead_tokens
+        self.max_rows = max_rows
         self.window_s = window_s
         self.max_queue = max_queue
         self.on_batch = on_batch
@@ -162,7 +170,9 @@ class DynamicBatcher(_BatchLoop, Generic[Result]):
             if not pending.future.cancelled():
                 pool.append(pending)
                 pool_tokens += len(pending.token_ids)
-        runs = plan_forwards([len(p.token_ids) for p in pool], self.max_batch_tokens, self.overhead_tokens)
+        runs = plan_forwards(
+            [len(p.token_ids) for p in pool], self.max_batch_tokens, self.overhead_tokens, self.max_rows
+        )
         chosen = next(run for run in runs if 0 in run)  # pool[0] is the oldest
         batch = [pool[i] for i in chosen]
         taken = {id(p) for p in batch}
@@ -170,6 +180,8 @@ class DynamicBatcher(_BatchLoop, Generic[Result]):
         return batch
 
     def _room_left(self) -> bool:
+        if self.max_rows is not None and len(self._queue) >= self.max_rows:
+            return False
         width = max((len(p.token_ids) for p in self._queue), default=0)
         return width * (len(self._queue) + 1) <= self.max_batch_tokens
 

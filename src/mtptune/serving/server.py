@@ -65,6 +65,7 @@ class HiddenStatesServer:
             window_s=config.batch_window_ms / 1000.0,
             max_queue=config.max_queue,
             overhead_tokens=config.overhead_tokens_for(runtime.device.type),
+            max_rows=config.batch_rows_for(runtime.device.type),
         )
         # Concurrent generation requests with the same sampling parameters share one left-padded decode.
         self.generator: GenerationBatcher[Generation] = GenerationBatcher(
@@ -407,6 +408,10 @@ def serve(config: ServerConfig) -> None:
         tokenizer=config.tokenizer,
         load_format=config.load_format,
     )
+    max_rows = config.batch_rows_for(runtime.device.type)
+    if config.kernel_warmup and runtime.device.type == "cuda" and max_rows is not None:
+        log.info("warming up the capture kernels for 1..%d requests per forward (--no-kernel-warmup skips)", max_rows)
+        log.info("kernel warm-up took %.1f s", runtime.warm_up_batch_sizes(max_rows))
     server = HiddenStatesServer(config, runtime)
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the verifier", config.host)

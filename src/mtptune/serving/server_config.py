@@ -31,6 +31,8 @@ class ServerConfig:
     max_model_len: int | None = None  # None: the verifier's max_position_embeddings
     max_batch_tokens: int | None = None  # padded token slots per capture forward; None: by device (below)
     batch_overhead_tokens: int | None = None  # cost of one more forward, in padded tokens (None: batching's default)
+    max_batch_rows: int | None = None  # requests per capture forward; None: by device (below)
+    kernel_warmup: bool = True  # GPU: run every batch size once at start (kernel autotuning), see VerifierRuntime
     batch_window_ms: float = 2.0
     max_generate_batch: int = 32  # rows per batched generation decode
     max_generate_batch_tokens: int = 65536  # padded slots (rows × (prompt + max_tokens)) per generation batch
@@ -49,17 +51,25 @@ class ServerConfig:
         return self.served_model_name or self.model
 
     def batch_tokens_for(self, device_type: str) -> int:
-        """Padded tokens per capture forward. On an H100 a transformers forward of a 9B hybrid verifier took
-        0.27-0.31 s whether it held 1,800 or 4,200 tokens (launch-bound Python, docs/benchmarks.md 8.2), so a GPU
-        forward should be large: 32k tokens is a round of 64 GSM8K-length requests at a few GB of activations."""
+        """Padded tokens per capture forward. On an H100 a transformers forward of a 9B hybrid verifier runs at
+        ~27k tokens/s from ~4k tokens up (docs/benchmarks.md 8.2), so a GPU forward may be large: 32k tokens is a
+        round of 64 GSM8K-length requests at a few GB of activations."""
         if self.max_batch_tokens is not None:
             return max(self.max_batch_tokens, 1)
         return 32768 if device_type == "cuda" else 8192
 
+    def batch_rows_for(self, device_type: str) -> int | None:
+        """Requests per capture forward. flash-linear-attention autotunes some kernels per batch size (~1 s each on
+        an H100, docs/benchmarks.md 8.2): a GPU server warms every row count up to this bound once at start, so the
+        bound keeps that finite; 64 GSM8K-length rows are already ~13k tokens, past where a forward stops gaining."""
+        if self.max_batch_rows is not None:
+            return max(self.max_batch_rows, 1)
+        return 64 if device_type == "cuda" else None
+
     def overhead_tokens_for(self, device_type: str) -> int:
         """What one more forward costs in padded-token equivalents (the length planner splits a round only when
-        that saves more padding than this): ~0.27 s of fixed cost per forward on an H100 is ~6k tokens of
-        compute at 40 % of the matmul peak; on a CPU a forward is compute-bound and ~1k tokens is right."""
+        that saves more padding than this). Measured on an H100 (9B hybrid verifier, docs/benchmarks.md 8.2): a
+        forward takes ~34 ms + 29 us per token, i.e. a fixed cost of ~1.2k tokens; on a CPU ~1k tokens."""
         if self.batch_overhead_tokens is not None:
             return max(self.batch_overhead_tokens, 0)
-        return 8192 if device_type == "cuda" else FORWARD_OVERHEAD_TOKENS
+        return 2048 if device_type == "cuda" else FORWARD_OVERHEAD_TOKENS

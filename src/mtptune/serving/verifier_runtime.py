@@ -148,6 +148,7 @@ class VerifierRuntime:
         mask-free causal kernels). Only the real rows are copied back, in one pinned, non-blocking copy per tensor
         and a single sync; the returned states are views of that one CPU buffer.
         """
+        start = time.perf_counter()
         lengths = [len(s) for s in sequences]
         batch, width = len(sequences), max(lengths)
         input_ids = torch.zeros(batch, width, dtype=torch.long)
@@ -172,17 +173,42 @@ class VerifierRuntime:
         packed = torch.stack([t.reshape(batch * width, -1).index_select(0, rows) for t in per_id], dim=1)
         last_hidden = out.last_hidden_state.reshape(batch * width, -1).index_select(0, rows.index_select(0, last_rows))
         logits = self.model.lm_head(last_hidden).float()
+        issued = time.perf_counter()
         if cuda:
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (packed, logits)]
             for dst, src in zip(host, (packed, logits)):
                 dst.copy_(src, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             packed, logits = host
+        # Host time to issue the forward vs time then waiting for the device: which side bounds a forward.
+        log.debug(
+            "capture %d x %d (%d tokens): issued in %.1f ms, device done %.1f ms later",
+            batch,
+            width,
+            sum(lengths),
+            (issued - start) * 1e3,
+            (time.perf_counter() - issued) * 1e3,
+        )
         captures, offset = [], 0
         for row, n in enumerate(lengths):
             captures.append(Capture(hidden_states=packed[offset : offset + n], next_token_logits=logits[row]))
             offset += n
         return captures
+
+    def warm_up_batch_sizes(self, max_rows: int, width: int = 64) -> float:
+        """Run one short capture forward per row count 1..max_rows (and one odd width), returning the seconds spent.
+
+        flash-linear-attention's Triton kernels autotune per batch size (its cumsum kernels key on B) and compile
+        once more for a sequence length that is not a multiple of 16: ~1 s per new row count and ~10 s for the
+        first odd length on an H100, paid inside a live request's forward otherwise (docs/benchmarks.md 8.2).
+        Triton keeps the tuning results on disk (TRITON_CACHE_DIR), so later starts pay only the short forwards.
+        """
+        start = time.perf_counter()
+        token = self.eos_token_ids[0] if self.eos_token_ids else 0
+        self.capture([[token] * (width + 1)])
+        for rows in range(1, max_rows + 1):
+            self.capture([[token] * width] * rows)
+        return time.perf_counter() - start
 
     @torch.inference_mode()
     def generate(
