@@ -37,6 +37,7 @@ class ChainAttentionState:
     doc_ids: torch.Tensor  # [B, T]
     backend: str = "auto"
     step: int = 0
+    block_masks: list | None = None  # flex: per-step BlockMasks built on the host (else built per step on device)
     keys: list[torch.Tensor] = field(default_factory=list)  # per step [B, kv_heads, T, d]
     values: list[torch.Tensor] = field(default_factory=list)
     _mask_cache: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -108,7 +109,8 @@ def _flex_forward(
     chain.values.append(value)
     keys = torch.cat(chain.keys, dim=2) if chain.step else key
     values = torch.cat(chain.values, dim=2) if chain.step else value
-    out = flex_chain.attention(query, keys, values, chain.doc_ids, chain.step, scaling)
+    mask = chain.block_masks[chain.step] if chain.block_masks else None
+    out = flex_chain.attention(query, keys, values, chain.doc_ids, chain.step, scaling, mask)
     return out.transpose(1, 2).contiguous(), None
 
 

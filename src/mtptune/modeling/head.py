@@ -116,6 +116,7 @@ class MtpHead(nn.Module):
         input_norm: InputNorm = "post_norm",
         hidden_is_pre_norm: bool = True,
         attention_backend: str = "auto",
+        block_masks: list | None = None,
     ) -> list[torch.Tensor]:
         """Teacher-forced K-step unroll over whole (packed) sequences.
 
@@ -125,13 +126,20 @@ class MtpHead(nn.Module):
         x_{t+k+1} and predicts x_{t+k+2}. Rows whose inputs run past their document are garbage by
         construction and must be masked by the caller (see `step_targets`).
         attention_backend: "dense" (reference), "flex" (CUDA fast path) or "auto" (flex on CUDA).
+        block_masks: flex only, the steps' block masks built on the host (`flex_chain.host_block_masks`, moved
+        with `flex_chain.to_device`); None builds them here on the device.
         """
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         if hidden_is_pre_norm and input_norm == "post_norm":
             hidden_states = self.verifier_final_norm(hidden_states)
-        chain = ChainAttentionState(doc_ids=document_ids(position_ids), backend=attention_backend)
+        doc_ids = document_ids(position_ids)
+        if block_masks is not None:
+            from mtptune.modeling import flex_chain
+
+            block_masks = [flex_chain.with_doc_ids(mask, doc_ids) for mask in block_masks]
+        chain = ChainAttentionState(doc_ids=doc_ids, backend=attention_backend, block_masks=block_masks)
         outputs = []
         g = hidden_states
         for k in range(num_steps):

@@ -1,9 +1,9 @@
 """Micro-batches assembled off the training thread.
 
-A background thread pulls each micro-batch's hidden states from the row prefetcher (`prefetch`), packs the rows (`collate`),
-works out the supervised rows per step (`LossPlan`) and, on CUDA, pins the tensors. The training thread then only
-issues non-blocking host-to-device copies, so packing ~60 MB of hidden states per 8192-token step and the copy
-itself no longer sit between two GPU steps. Errors (a lost server, a bad file under `--on-missing raise`) reach
+A background thread pulls each micro-batch's hidden states from the row prefetcher (`prefetch`), packs the rows
+(`collate`), works out the supervised rows per step (`LossPlan`) and, on CUDA, builds flex attention's block masks
+and pins the tensors. The training thread then only issues non-blocking host-to-device copies, so packing ~60 MB of
+hidden states per 8192-token step, the masks and the copy no longer sit between two GPU steps. Errors (a lost server, a bad file under `--on-missing raise`) reach
 the training thread at the micro-batch they belong to.
 """
 
@@ -32,6 +32,7 @@ class BatchLoader:
         pad_to: int | None,
         num_steps: int,
         pin_memory: bool,
+        block_masks: bool = False,
         depth: int = 2,
     ) -> None:
         micro = list(micro_batches)
@@ -42,6 +43,8 @@ class BatchLoader:
             if not kept:
                 return None
             batch = collate(kept, hidden, pad_to, num_steps)
+            if block_masks:
+                batch = batch.with_block_masks(num_steps)
             return batch.pin_memory() if pin_memory else batch
 
         self._batches = Background((assemble(ids) for ids in micro), depth, "mtptune-batches")

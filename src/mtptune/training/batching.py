@@ -11,6 +11,7 @@ index j*W + r. One rank with A=2 therefore sees the same global batch as two ran
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 
 from mtptune.data.prepare import load_prepared
 from mtptune.errors import DataError
+from mtptune.modeling import flex_chain
+from mtptune.modeling.chain_attention import document_ids
 from mtptune.training.loss_plan import LossPlan
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ class PackedBatch:
     hidden_states: torch.Tensor  # [1, L, H] the verifier's layer-N (pre-norm) states
     real_tokens: int | None = None  # tokens of real rows (L minus any padding document); None: all of L
     plan: LossPlan | None = None  # the supervised rows per step, worked out on the host
+    block_masks: tuple | None = None  # flex attention's per-step BlockMasks, built on the host (CUDA only)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> PackedBatch:
         """Copy to `device` without blocking the host (the loader pinned the tensors)."""
@@ -56,6 +60,7 @@ class PackedBatch:
             move(self.hidden_states, dtype),
             self.real_tokens,
             None if self.plan is None else self.plan.to(device, non_blocking),
+            None if self.block_masks is None else tuple(flex_chain.to_device(m, device) for m in self.block_masks),
         )
 
     def pin_memory(self) -> PackedBatch:
@@ -67,7 +72,13 @@ class PackedBatch:
             self.hidden_states.pin_memory(),
             self.real_tokens,
             None if self.plan is None else self.plan.pin_memory(),
+            None if self.block_masks is None else tuple(flex_chain.pin_block_mask(m) for m in self.block_masks),
         )
+
+    def with_block_masks(self, num_steps: int) -> PackedBatch:
+        """With the flex-attention block masks of steps 0..num_steps-1 (unchanged if T is not block-aligned)."""
+        masks = flex_chain.host_block_masks(document_ids(self.position_ids), num_steps)
+        return self if masks is None else dataclasses.replace(self, block_masks=tuple(masks))
 
     @property
     def num_tokens(self) -> int:

@@ -205,7 +205,10 @@ def _forward_loss(
     config = p.config
     post_norm = p.head.verifier_final_norm(b.hidden_states)  # h_t = FinalNorm(r_t), the verifier's output
     head_input = post_norm if config.mtp_input_norm == "post_norm" else b.hidden_states
-    outputs = model(b.input_ids, head_input, b.position_ids, config.num_speculative_steps, config.mtp_input_norm, False)
+    outputs = model(
+        b.input_ids, head_input, b.position_ids, config.num_speculative_steps, config.mtp_input_norm, False,
+        block_masks=b.block_masks,
+    )  # fmt: skip
     loss, metrics = mtp_loss(
         outputs, b.plan, post_norm.detach(), p.head.lm_head, p.weights, normalizers, config.loss.kind,
         config.loss.chunk_rows, config.loss.kl_weight, with_reference,
@@ -374,6 +377,7 @@ def _loader(p: Parts, micro_batches) -> BatchLoader:
         pad_to=p.config.data.total_seq_len if cuda else None,
         num_steps=p.config.num_speculative_steps,
         pin_memory=cuda,
+        block_masks=cuda,  # the head's attention runs flex on CUDA ("auto")
     )
 
 
