@@ -16,8 +16,8 @@ def load(work: Path) -> dict[str, dict]:
 
 def cell(results: dict, label: str, key: str) -> str:
     entry = results.get(label, {}).get(key)
-    if entry is None:
-        return "—"
+    if entry is None or "per_position" not in entry:  # not run, skipped (time budget) or failed
+        return "—" if entry is None else next(iter(entry))
     p = " / ".join(f"{x:.2f}" for x in entry["per_position"])
     return f"{entry['acceptance_length']:.2f} ({p})"
 
@@ -41,9 +41,13 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+
+    def al(name: str, label: str) -> float:  # 1.0 (accepts nothing) where the run skipped the untrained head
+        return runs[name].get(label, {}).get("offline_gsm8k", {}).get("acceptance_length", 1.0)
+
     names = list(runs)
-    base = [runs[n]["untrained"]["offline_gsm8k"]["acceptance_length"] for n in names]
-    trained = [runs[n]["trained"]["offline_gsm8k"]["acceptance_length"] for n in names]
+    base = [al(n, "untrained") for n in names]
+    trained = [al(n, "trained") for n in names]
     x = range(len(names))
     axes[0].bar([i - 0.2 for i in x], base, 0.4, label="untrained")
     axes[0].bar([i + 0.2 for i in x], trained, 0.4, label="trained")
@@ -52,7 +56,7 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     axes[0].axhline(2.5, color="grey", ls=":", lw=1)
     axes[0].legend(fontsize=7)
     for name, results in runs.items():
-        ks = sorted(int(k.rsplit("_k", 1)[1]) for k in results["trained"] if k.startswith("offline_gsm8k_k"))
+        ks = sorted(int(k.rsplit("_k", 1)[1]) for k in results.get("trained", {}) if k.startswith("offline_gsm8k_k"))
         if not ks:
             continue
         k3 = results["config"]["num_steps"]

@@ -78,6 +78,14 @@ def test_random_head_gives_no_acceptance(tiny: TinySetup) -> None:
     assert run.verifier_steps == pytest.approx(run.baseline_verifier_steps, rel=0.05)
 
 
+def test_max_seconds_stops_starting_prompts_but_runs_at_least_one(tiny: TinySetup) -> None:
+    _, run, counts = generate(tiny, tiny.random_head, num_prompts=3, new_tokens=8, max_seconds=0.0)
+    assert run.prompts == 1 and run.generated_tokens == run.baseline_generated_tokens == 8
+    assert counts.drafts == len(run.accept_lengths) > 0
+    _, run, _ = generate(tiny, tiny.random_head, num_prompts=3, new_tokens=8, max_seconds=None)
+    assert run.prompts == 3 and run.generated_tokens == 24
+
+
 def test_lossless_assertion_catches_a_broken_verification_step(tiny: TinySetup) -> None:
     calls = 0
 

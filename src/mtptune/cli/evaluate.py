@@ -41,6 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate.add_argument("--temperature", type=float, default=0.0, help="> 0: rejection sampling (no lossless check)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="start no new prompt after this many seconds per head (at least one runs); the result counts the "
+        "prompts that ran",
+    )
+    generate.add_argument(
         "--tokenizer", default=None, help="tokenizer folder, .gguf or `qwen3.5` (default: the verifier's)"
     )
     generate.add_argument(
@@ -184,9 +191,10 @@ def run_generate(args: argparse.Namespace) -> int:
             args.seed,
             args.tie_tolerance,
             log=log.info,
+            max_seconds=args.max_seconds,
         )
         stats = GenerationStats(
-            prompts=len(encoded),
+            prompts=run.prompts,
             generated_tokens=run.generated_tokens,
             baseline_generated_tokens=run.baseline_generated_tokens,
             verifier_steps=run.verifier_steps,
@@ -200,7 +208,7 @@ def run_generate(args: argparse.Namespace) -> int:
         counts = AcceptanceCounts.from_accept_lengths(k, run.accept_lengths)
         results.append(
             EvaluationResult(
-                "generate", source, str(verifier.root), args.prompts, counts, len(encoded), generation=stats
+                "generate", source, str(verifier.root), args.prompts, counts, run.prompts, generation=stats
             )
         )
         if run.numerical_ties:

