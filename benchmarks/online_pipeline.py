@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
         "server --load-format dummy)",
     )
     p.add_argument("--total-seq-len", type=int, default=None, help="default 8192 (tiny 1024)")
-    p.add_argument("--concurrency", type=int, default=None, help="trainer --concurrency (default: the trainer's, 12)")
+    p.add_argument("--concurrency", type=int, default=None, help="trainer --concurrency (default: the trainer's, 64)")
     p.add_argument(
         "--log-every",
         type=int,

@@ -125,9 +125,9 @@ def test_kernel_warm_up_runs_every_batch_size_and_leaves_captures_exact(runtime_
         lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     try:
-        runtime_fp32.warm_up_batch_sizes(4, width=8)
+        runtime_fp32.warm_up_batch_sizes(3, widths=(8, 9))
     finally:
         hook.remove()
-    assert shapes == [(1, 9), (1, 8), (2, 8), (3, 8), (4, 8)]
+    assert shapes == [(1, 8), (1, 9), (2, 8), (2, 9), (3, 8), (3, 9)]
     after = runtime_fp32.capture([prompt])[0]
     torch.testing.assert_close(after.hidden_states, before.hidden_states, atol=0, rtol=0)

@@ -195,19 +195,21 @@ class VerifierRuntime:
             offset += n
         return captures
 
-    def warm_up_batch_sizes(self, max_rows: int, width: int = 64) -> float:
-        """Run one short capture forward per row count 1..max_rows (and one odd width), returning the seconds spent.
+    def warm_up_batch_sizes(self, max_rows: int, widths: Sequence[int] = (128, 129)) -> float:
+        """Run one short capture forward per row count 1..max_rows and width, returning the seconds spent.
 
-        flash-linear-attention's Triton kernels autotune per batch size (its cumsum kernels key on B) and compile
-        once more for a sequence length that is not a multiple of 16: ~1 s per new row count and ~10 s for the
-        first odd length on an H100, paid inside a live request's forward otherwise (docs/benchmarks.md 8.2).
-        Triton keeps the tuning results on disk (TRITON_CACHE_DIR), so later starts pay only the short forwards.
+        flash-linear-attention's Triton kernels autotune per batch size (its cumsum kernels key on B), and Triton
+        compiles each kernel again for integer arguments that are 1 or not a multiple of 16 (a sequence length,
+        its number of 64-token chunks): on an H100 ~1 s per new row count and ~13 s for the first length of a new
+        kind, paid inside a live request's forward otherwise (docs/benchmarks.md 8.2). The default widths are two
+        chunks (a multiple of 16) and three (not one), the kinds real prompts have. Triton keeps the tuning on disk
+        (TRITON_CACHE_DIR), so later starts pay only the short forwards.
         """
         start = time.perf_counter()
         token = self.eos_token_ids[0] if self.eos_token_ids else 0
-        self.capture([[token] * (width + 1)])
         for rows in range(1, max_rows + 1):
-            self.capture([[token] * width] * rows)
+            for width in widths:
+                self.capture([[token] * width] * rows)
         return time.perf_counter() - start
 
     @torch.inference_mode()
