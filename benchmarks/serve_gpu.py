@@ -202,7 +202,12 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default cuda (cpu with --tiny)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="server budget (default: its own)")
-    parser.add_argument("--server-args", default="", help="extra `mtptune serve` flags, e.g. '--batch-window-ms 5'")
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help="extra `mtptune serve` flags; write it with '=': --server-args='--batch-window-ms 5'",
+    )
+    parser.add_argument("--server-debug", action="store_true", help="`mtptune --debug serve`: a log line per forward")
     parser.add_argument("--matmul-size", type=int, default=None, help="peak-rate matmul n (8192; --tiny 1024)")
     parser.add_argument("--no-direct", dest="direct", action="store_false", help="skip the in-process forwards")
     parser.add_argument("--startup-timeout", type=float, default=900.0)
@@ -232,7 +237,8 @@ def main() -> None:
 
     peak = matmul_rate(args.device, matmul_n, dtype)
 
-    cmd = [sys.executable, "-m", "mtptune.cli.main", "serve", str(model_dir), "--engine", "builtin",
+    debug = ["--debug"] if args.server_debug else []
+    cmd = [sys.executable, "-m", "mtptune.cli.main", *debug, "serve", str(model_dir), "--engine", "builtin",
            "--load-format", "dummy", "--device", args.device, "--dtype", args.dtype, "--target-layer-ids", str(layer),
            "--port", str(free_port()), "--hidden-states-path", str(storage)]  # fmt: skip
     if args.max_batch_tokens is not None:
