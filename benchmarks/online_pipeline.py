@@ -44,7 +44,6 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 sys.path.insert(0, str(SRC))  # this checkout's mtptune, as in the subprocesses (PYTHONPATH); the device has no install
+
+from mtptune.serving.server_config import free_port  # noqa: E402  (after the path insert)
 
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 QWEN35_9B_HIDDEN = 4096
@@ -219,12 +220,6 @@ class Interrupted(Exception):
 
 def _on_signal(signum, frame):
     raise Interrupted(f"signal {signum}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:

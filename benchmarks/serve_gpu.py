@@ -30,7 +30,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from matmul_peak import matmul_rate  # this folder (the script's own) is on sys.
 
 from mtptune.serving.batching import plan_forwards
 from mtptune.serving.client import HiddenStatesClient
+from mtptune.serving.server_config import free_port
 from mtptune.serving.verifier_runtime import VerifierRuntime
 
 HERE = Path(__file__).resolve().parent
@@ -137,12 +137,6 @@ def capture_flops(lengths: list[int], text: dict) -> dict[str, float]:
 
 def counter(text: str, name: str) -> float:
     return float(next((line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")), "nan"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(cmd: list[str], log_path: Path, timeout: float) -> tuple[subprocess.Popen, str, float]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,9 @@ import httpx
 import torch
 
 from mtptune.serving.client import HiddenStatesClient
+from mtptune.serving.server_config import free_port
 from mtptune.serving.verifier_runtime import VerifierRuntime
 from mtptune.testing.tiny import TinySpec, write_tiny_verifier
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

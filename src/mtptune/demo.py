@@ -38,6 +38,7 @@ from pathlib import Path
 import httpx
 
 from mtptune.errors import ConfigError, MtpTuneError, ServerError
+from mtptune.serving.server_config import free_port
 
 MARKER_FILE = ".mtptune-demo"
 SUMMARY_FILE = "summary.json"
@@ -595,14 +596,6 @@ def summary_table(off_b, off_a, gen_b, gen_a) -> str:
     lines = [f"{r[0].ljust(w[0])}  {r[1].rjust(w[1])}  {r[2].rjust(w[2])}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -4,7 +4,6 @@ SmolLM2's real tokenizer and ChatML template."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,8 @@ import pytest
 from mtptune.data.prepare import prepare_dataset
 from mtptune.data.regenerate import ChatClient, ClientConfig, SamplingConfig, regenerate
 from mtptune.errors import ServerError
+from mtptune.serving.server_config import free_port
 from mtptune.testing.tiny import TinySpec, write_tiny_verifier
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,13 @@ from pathlib import Path
 from mtptune.serving.batching import FORWARD_OVERHEAD_TOKENS
 
 LOAD_FORMATS = ("auto", "dummy")  # vLLM's names: read the checkpoint / random weights from config.json
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now, for a server we start ourselves (demo, tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def default_hidden_states_path() -> Path:
