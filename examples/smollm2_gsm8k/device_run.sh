@@ -24,8 +24,12 @@
 #   DEVICE=cuda HARD_TIMEOUT_S=560 (run.py gets SIGTERM then: it stops its steps and publishes; preflight: 420);
 #   TINY=1 shrinks everything to a CPU-sized smoke run (with DEVICE=cpu, PYTHON=..., OUT=...).
 #
-# Expected seconds on one H100 (estimates, not measured: the preflight measures the uncertain ones; SmolLM2 is
-# launch-bound on a GPU, so per-step times barely depend on batch size):
+# Measured on one H100 (2026-11-28, defaults, docs/results.md): server 42, greedy 89 (1,319 answers: ~30 s per
+# 512-row decode of 256 steps), sampled 39 (budget share; only 13 of 3,357 came back: ~35 s per 512-row decode, so
+# all of them need ~4 min), prepare 21, train 94 (1,132 rows x 8 epochs), stitch 13, evaluate 191; total 506 s.
+# To train on all sampled answers, run the same command again on the warm machine: regeneration resumes where it
+# stopped (ids already in the output are skipped) and each call gets further; train+evaluate then need ~6-8 min.
+# The estimates below were written before that run:
 #   GGUF reassembly + sha256                  ~1
 #   server start incl. GGUF -> bf16 folder    ~30-45  (conversion ~25 s once per machine, then cached in /tmp)
 #   regenerate greedy, 1,319 x <=256 tokens   ~25-40  (3-4 batched decodes of <=512 rows x 256 steps at ~25-40 ms)
