@@ -86,7 +86,9 @@ def plan_forwards(
 
 
 class _BatchLoop:
-    """What both batchers share: a background task woken by an event, and on stop every pending request failed."""
+    """What both batchers share: a background task woken by an event that waits a short window for requests to
+    join, cuts a batch, runs it on the executor and resolves each request's future; on stop every pending request
+    fails. Subclasses decide the waiting, the cut, the inputs and the bookkeeping (the hooks below)."""
 
     _task_name = "batcher"
     _queue: deque | list
@@ -96,6 +98,54 @@ class _BatchLoop:
     def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self._task_name)
+
+    # What each batcher decides (hooks of the shared loop below).
+    def _worth_waiting(self) -> bool:  # wait out the window for more requests?
+        raise NotImplementedError
+
+    def _cut(self) -> list:  # take the next batch from the queue
+        raise NotImplementedError
+
+    def _inputs(self, batch: list):  # what run_batch gets
+        raise NotImplementedError
+
+    def _started(self, batch: list) -> None: ...
+
+    def _finished(self, batch: list, seconds: float | None) -> None: ...  # seconds None: the batch failed
+
+    async def _loop(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Give concurrent requests a moment to join, unless nothing more is worth waiting for.
+            deadline = self._queue[0].enqueued + self.window_s
+            while self._worth_waiting() and (wait := deadline - time.perf_counter()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._cut()
+            if not batch:
+                continue
+            self._started(batch)
+            start = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, self._inputs(batch))
+            except Exception as exc:  # one failure fails the batch's requests, never the loop
+                log.exception("%s: batch of %d requests failed", self._task_name, len(batch))
+                self._finished(batch, None)
+                for item in batch:
+                    if item.future is not None and not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            self._finished(batch, time.perf_counter() - start)
+            for item, result in zip(batch, results):
+                if item.future is not None and not item.future.done():
+                    item.future.set_result(result)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -185,44 +235,20 @@ class DynamicBatcher(_BatchLoop, Generic[Result]):
         width = max((len(p.token_ids) for p in self._queue), default=0)
         return width * (len(self._queue) + 1) <= self.max_batch_tokens
 
-    def _more_to_come(self) -> bool:
-        """Worth waiting for: the batch has room and fewer requests wait than the last batch saw in demand."""
+    def _worth_waiting(self) -> bool:
+        """The batch has room and fewer requests wait than the last batch saw in demand."""
         return self._room_left() and (not self.expected or len(self._queue) < self.expected)
 
-    async def _loop(self) -> None:
-        assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            # Give concurrent requests a moment to join, unless the batch is already full or all expected are here.
-            deadline = self._queue[0].enqueued + self.window_s
-            while self._more_to_come() and (wait := deadline - time.perf_counter()) > 0:
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
-                except asyncio.TimeoutError:
-                    break
-            batch = self._cut()
-            if not batch:
-                continue
-            self.expected = len(batch) + len(self._queue)
-            start = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self.executor, self.run_batch, [p.token_ids for p in batch])
-            except Exception as exc:  # one failure fails the batch's requests, never the loop
-                log.exception("batch of %d requests failed", len(batch))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            if self.on_batch is not None:
-                lengths = [len(p.token_ids) for p in batch]
-                self.on_batch(len(batch), sum(lengths), len(batch) * max(lengths), time.perf_counter() - start)
-            for p, result in zip(batch, results):
-                if not p.future.done():
-                    p.future.set_result(result)
+    def _inputs(self, batch: list[_Pending[Result]]) -> list[Sequence[int]]:
+        return [p.token_ids for p in batch]
+
+    def _started(self, batch: list[_Pending[Result]]) -> None:
+        self.expected = len(batch) + len(self._queue)
+
+    def _finished(self, batch: list[_Pending[Result]], seconds: float | None) -> None:
+        if self.on_batch is not None and seconds is not None:
+            lengths = [len(p.token_ids) for p in batch]
+            self.on_batch(len(batch), sum(lengths), len(batch) * max(lengths), seconds)
 
 
 @dataclass
@@ -316,38 +342,16 @@ class GenerationBatcher(_BatchLoop, Generic[Result]):
         self._queue = [r for r in self._queue if id(r) not in taken]
         return batch
 
-    async def _loop(self) -> None:
-        assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            # Give concurrent requests a moment to join (generation takes far longer than the window).
-            deadline = self._queue[0].enqueued + self.window_s
-            while len(self._queue) < self.max_rows and (wait := deadline - time.perf_counter()) > 0:
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
-                except asyncio.TimeoutError:
-                    break
-            batch = self._cut()
-            if not batch:
-                continue
-            start = time.perf_counter()
-            self.running = len(batch)
-            try:
-                results = await loop.run_in_executor(self.executor, self.run_batch, batch)
-            except Exception as exc:  # one failure fails the batch's requests, never the loop
-                log.exception("generation batch of %d requests failed", len(batch))
-                for r in batch:
-                    if r.future is not None and not r.future.done():
-                        r.future.set_exception(exc)
-                continue
-            finally:
-                self.running = 0
-            if self.on_batch is not None:
-                self.on_batch(len(batch), self._slots(batch), time.perf_counter() - start)
-            for r, result in zip(batch, results):
-                if r.future is not None and not r.future.done():
-                    r.future.set_result(result)
+    def _worth_waiting(self) -> bool:
+        return len(self._queue) < self.max_rows  # generation takes far longer than the window
+
+    def _inputs(self, batch: list[GenerationRequest]) -> list[GenerationRequest]:
+        return batch
+
+    def _started(self, batch: list[GenerationRequest]) -> None:
+        self.running = len(batch)
+
+    def _finished(self, batch: list[GenerationRequest], seconds: float | None) -> None:
+        self.running = 0
+        if self.on_batch is not None and seconds is not None:
+            self.on_batch(len(batch), self._slots(batch), seconds)
