@@ -69,7 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prefetch", type=int, default=None, help="rows fetched ahead of the step (default 2 x concurrency)"
     )
     g.add_argument("--hidden-states-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    g.add_argument("--server-wait-timeout", type=float, default=60.0, help="seconds to wait for GET /health")
+    g.add_argument(
+        "--server-wait-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the server's GET /health at start (default 600: loading a 9B verifier, vLLM's "
+        "CUDA graphs or the built-in server's kernel warm-up take minutes)",
+    )
     g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (env OPENAI_API_KEY)")
     g.add_argument("--train-data-ratio", type=float, default=0.9, help="train fraction; the tail validates")
     g.add_argument("--total-seq-len", type=int, default=8192, help="packed tokens per micro-batch per rank")

@@ -132,16 +132,23 @@ class HiddenStatesClient:
         with httpx.Client(timeout=5.0) as http:
             for base in self.endpoints:
                 health = base.removesuffix("/v1") + "/health"
+                next_note = time.monotonic()
                 while True:
                     try:
                         if http.get(health).status_code == 200:
                             break
                     except httpx.HTTPError:
                         pass
-                    if time.monotonic() > deadline:
+                    now = time.monotonic()
+                    if now > deadline:
                         raise ServerError(
-                            f"{health} did not answer 200 within {self.server_wait_timeout:.0f} s; is the server up?"
+                            f"{health} did not answer 200 within {self.server_wait_timeout:.0f} s; is the server up? "
+                            "(a server that is still loading or warming its kernels needs a longer "
+                            "--server-wait-timeout)"
                         )
+                    if now >= next_note:  # a server start (load, kernel warm-up) can take minutes: say so
+                        log.info("waiting for %s (up to %.0f s more)", health, deadline - now)
+                        next_note = now + 30.0
                     time.sleep(1.0)
 
     def check_model(self) -> str:

@@ -41,7 +41,7 @@ class HiddenStatesConfig:
     dtype: str = "bfloat16"  # dtype the states are held in between fetch and step
     num_layers: int = 1  # layer ids the server captures; the MTP input is the last one
     api_key: str | None = None
-    server_wait_timeout: float = 60.0
+    server_wait_timeout: float = 600.0
 
     def cache_dir(self, data_path: str) -> Path:
         return Path(self.hidden_states_path) if self.hidden_states_path else Path(data_path) / "hidden_states"
