@@ -108,6 +108,7 @@ class HiddenStatesClient:
         self.concurrency = max(1, concurrency)
         self.api_key = api_key
         self.server_wait_timeout = server_wait_timeout
+        self._next_down_warning = 0.0  # rate limit of the "server unavailable, retrying" warning (all fetches)
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.lock_timeout = lock_timeout
@@ -236,6 +237,13 @@ class HiddenStatesClient:
                 down_since = time.monotonic() if down_since is None else down_since
                 waited = time.monotonic() - down_since
                 log.debug("row %d attempt %d: server unavailable: %s", row_id, attempt, exc)
+                if (now := time.monotonic()) >= self._next_down_warning:  # one line per 30 s, not one per fetch
+                    self._next_down_warning = now + 30.0
+                    log.warning(
+                        "hidden-state server unavailable (%s); retrying for up to %.0f s (--server-wait-timeout)",
+                        exc,
+                        max(self.server_wait_timeout - waited, 0.0),
+                    )
                 if attempt > self.max_retries and waited >= self.server_wait_timeout:
                     self._count(failed=1)
                     raise ServerUnavailable(
