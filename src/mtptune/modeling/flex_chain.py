@@ -93,23 +93,22 @@ _MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_i
 _MASK_TENSORS += ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
 
 
-def _mask_tensors(mask: BlockMask) -> list[str]:
-    return [name for name in _MASK_TENSORS if isinstance(getattr(mask, name, None), torch.Tensor)]
+def _map_tensors(mask: BlockMask, fn) -> BlockMask:
+    """A copy of the mask with `fn` applied to each of its index tensors (mask_mod and sizes kept)."""
+    mapped = copy.copy(mask)
+    for name in _MASK_TENSORS:
+        if isinstance(tensor := getattr(mask, name, None), torch.Tensor):
+            setattr(mapped, name, fn(tensor))
+    return mapped
 
 
 def pin_block_mask(mask: BlockMask) -> BlockMask:
-    pinned = copy.copy(mask)
-    for name in _mask_tensors(mask):
-        setattr(pinned, name, getattr(mask, name).pin_memory())
-    return pinned
+    return _map_tensors(mask, torch.Tensor.pin_memory)
 
 
 def to_device(mask: BlockMask, device: torch.device) -> BlockMask:
     """A host-built mask on `device` (non-blocking copies of its pinned tensors); `with_doc_ids` completes it."""
-    moved = copy.copy(mask)
-    for name in _mask_tensors(mask):
-        setattr(moved, name, getattr(mask, name).to(device, non_blocking=True))
-    return moved
+    return _map_tensors(mask, lambda t: t.to(device, non_blocking=True))
 
 
 def with_doc_ids(mask: BlockMask, doc_ids: torch.Tensor) -> BlockMask:

@@ -3,8 +3,8 @@
 A background thread pulls each micro-batch's hidden states from the row prefetcher (`prefetch`), packs the rows
 (`collate`), works out the supervised rows per step (`LossPlan`) and, on CUDA, builds flex attention's block masks
 and pins the tensors. The training thread then only issues non-blocking host-to-device copies, so packing ~60 MB of
-hidden states per 8192-token step, the masks and the copy no longer sit between two GPU steps. Errors (a lost server, a bad file under `--on-missing raise`) reach
-the training thread at the micro-batch they belong to.
+hidden states per 8192-token step, the masks and the copy no longer sit between two GPU steps. Errors (a lost
+server, a bad file under `--on-missing raise`) reach the training thread at the micro-batch they belong to.
 """
 
 from __future__ import annotations
