@@ -47,7 +47,7 @@ from matmul_peak import matmul_rate  # this folder (the script's own) is on sys.
 
 from mtptune.serving.batching import plan_forwards
 from mtptune.serving.client import HiddenStatesClient
-from mtptune.serving.server_config import free_port
+from mtptune.serving.server_config import ServerConfig, free_port
 from mtptune.serving.verifier_runtime import VerifierRuntime
 
 HERE = Path(__file__).resolve().parent
@@ -157,10 +157,16 @@ def start_server(cmd: list[str], log_path: Path, timeout: float) -> tuple[subpro
 
 
 def run_direct(model_dir: Path, layer: int, args: argparse.Namespace, prompts: list[list[int]], budget: int) -> dict:
-    """The prompts through VerifierRuntime.capture in this process, rounds of --concurrency split by the planner."""
+    """The prompts through VerifierRuntime.capture in this process, rounds of --concurrency split by the planner
+    with the server's default split cost and rows cap for this device (--server-args overrides are not mirrored)."""
     runtime = VerifierRuntime.load(str(model_dir), [layer], device=args.device, dtype=args.dtype, load_format="dummy")
+    defaults = ServerConfig(str(model_dir), (layer,), Path(tempfile.gettempdir()))
+    device_type = runtime.device.type
+    overhead, max_rows = defaults.overhead_tokens_for(device_type), defaults.batch_rows_for(device_type)
     rounds = [prompts[i : i + args.concurrency] for i in range(0, len(prompts), args.concurrency)]
-    forwards = [[r[i] for i in run] for r in rounds for run in plan_forwards([len(p) for p in r], budget)]
+    forwards = [
+        [r[i] for i in run] for r in rounds for run in plan_forwards([len(p) for p in r], budget, overhead, max_rows)
+    ]
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for batch in forwards[: max(1, len(forwards) // 4)]:  # warm-up: kernels compiled/tuned, allocator grown
         runtime.capture(batch)
