@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=2048)
     parser.add_argument("--peer", default=None, help="the peer's summary.json from the same device call")
     parser.add_argument("--label", default="mtptune")
+    parser.add_argument("--compile", choices=("step", "norms", "none"), default="step", help="the trainer's --compile")
     parser.add_argument(
         "--profile",
         default=None,
@@ -150,6 +151,7 @@ def main() -> None:
         max_steps=args.steps,
         validate_at_start=False,
         device=device,
+        compile=args.compile,
     )
     t0 = time.perf_counter()
     if device == "cuda":
@@ -166,6 +168,7 @@ def main() -> None:
     result = {
         "benchmark": "train_step",
         "label": args.label,
+        "compile": args.compile,
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "steps_measured": len(steady) * args.log_every,

@@ -1,5 +1,5 @@
 """GPU: the real trainer on the device (bf16 autocast, padding to --total-seq-len, flex chain attention, compiled
-norms, fused chunked LM head + compiled CE) agrees with the same run on the CPU in fp32 (dense chain attention).
+MTP steps, fused chunked LM head + compiled CE) agrees with the same run on the CPU in fp32 (dense chain attention).
 
 Both runs read the same offline hidden-state files (bf16, written once by the CPU runtime) and start from the same
 native head, so every difference is the device path's numerics: the losses and per-step metrics of each step,
@@ -91,7 +91,7 @@ def train_config(data: Data, save: Path, device: str, dtype: str) -> TrainConfig
         max_steps=MAX_STEPS,
         device=device,
         dtype=dtype,
-        compile=True,
+        compile="step",
     )
 
 
@@ -113,7 +113,7 @@ class Spy:
                 input_ids=input_ids.detach().cpu(),
                 position_ids=None if position_ids is None else position_ids.detach().cpu(),
                 autocast=torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev),
-                norms_compiled=getattr(head.norm, "_compiled_call_impl", None) is not None,
+                step_compiled="step" in vars(head),  # compile_head's torch.compile(head.step) instance attribute
             )
             outputs = original_forward(head, input_ids, hidden_states, position_ids, *args, **kwargs)
             record["outputs"] = [o.detach().float().cpu() for o in outputs]  # o^k [1, L, H]
@@ -186,9 +186,9 @@ def test_the_device_run_used_the_fast_paths(runs: tuple[Run, Run], device: torch
         assert docs >= 2, "micro-batches must pack several documents"
         if ON_CUDA:
             assert f["input_ids"].shape[1] == TOTAL_SEQ_LEN, "on CUDA every micro-batch is padded to total_seq_len"
-            assert f["norms_compiled"]
+            assert f["step_compiled"]
     for f in reference.spy.forwards:
-        assert f["autocast"] is False and not f["norms_compiled"]
+        assert f["autocast"] is False and not f["step_compiled"]
     # The bf16 fused CE ran chunk by chunk: several full chunks and shorter tails.
     chunks = dev.spy.ce_chunks
     assert max(chunks) == CHUNK_ROWS and min(chunks) < CHUNK_ROWS

@@ -18,6 +18,7 @@ import os
 import sys
 
 from mtptune.errors import ConfigError
+from mtptune.training.config import COMPILE_SCOPES
 
 log = logging.getLogger("mtptune.train")
 
@@ -101,8 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="compute dtype (auto: bf16 autocast on GPU, fp32 on CPU); master weights stay fp32")  # fmt: skip
     g.add_argument("--fsdp-shard", action="store_true", help="FSDP2 instead of DDP under torchrun")
-    g.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="on CUDA, keep the head's norms eager (default: compiled into fused kernels)")  # fmt: skip
+    g.add_argument("--compile", choices=COMPILE_SCOPES, default="step",
+                   help="on CUDA: compile each MTP step of the head into fused kernels (step, the default), only its "
+                        "RMSNorms (norms) or nothing (none); the CPU always runs eager")  # fmt: skip
+    g.add_argument("--no-compile", dest="compile", action="store_const", const="none", help="same as --compile none")
 
     g = parser.add_argument_group("checkpoints and logging")
     g.add_argument("--save-path", default="./output/checkpoints")

@@ -92,13 +92,23 @@ def build_head(config: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype 
     return head, head_config
 
 
-def compile_norms(head: MtpHead) -> None:
-    """Compile every RMSNorm of the head in place (state-dict keys unchanged). Eager, each norm is ~6 fp32 passes
-    over its input forward and more backward; compiled, one fused kernel each way. A compile failure falls back
-    to eager instead of stopping the run."""
+def compile_head(head: MtpHead, scope: str) -> None:
+    """Compile the head in place (state-dict keys unchanged). Eager, one MTP step is ~100 small kernels (each RMSNorm
+    ~6 fp32 passes forward and more backward, rotary, residuals, SiLU-gating) launched one by one from Python, so the
+    GPU idles between them (docs/benchmarks.md 8.1). "step" compiles `MtpHead.step` whole: the flex attention inside
+    it and the elementwise work around the matmuls fuse; one graph per step index k (the chain state's step is a
+    guarded constant). "norms" compiles only the RMSNorm modules. A compile failure falls back to eager instead of
+    stopping the run."""
     import torch._dynamo
 
+    if scope == "none":
+        return
     torch._dynamo.config.suppress_errors = True
+    if scope == "step":
+        # K steps x (train, no-grad validation) graphs, with room for a shape change.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        head.step = torch.compile(head.step)  # an instance attribute shadows the method; forward calls self.step
+        return
     for module in head.modules():
         if type(module).__name__.endswith("RMSNorm"):
             module.compile()
@@ -148,8 +158,8 @@ def count_total_steps(config: TrainConfig, rows: PreparedRows, train_ids: list[i
 def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
     autocast_dtype = compute_dtype(config, info.device)
     head, head_config = build_head(config, info, autocast_dtype)
-    if config.compile and info.device.type == "cuda":
-        compile_norms(head)
+    if info.device.type == "cuda":
+        compile_head(head, config.compile)
     rows = PreparedRows(config.data.data_path, config.data.total_seq_len, config.data.max_rows)
     train_ids, val_ids = split_train_val(len(rows), config.data.train_data_ratio)
     if not val_ids and info.is_main:

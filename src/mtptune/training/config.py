@@ -18,6 +18,8 @@ LossKind = Literal["ce", "kl", "tv", "ce+kl"]
 SchedulerKind = Literal["cosine", "linear", "constant"]
 DtypeName = Literal["auto", "float32", "bfloat16"]
 LOSS_KINDS: tuple[str, ...] = ("ce", "kl", "tv", "ce+kl")
+CompileScope = Literal["step", "norms", "none"]
+COMPILE_SCOPES: tuple[str, ...] = ("step", "norms", "none")
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,9 @@ class TrainConfig:
     val_every: int | None = None  # extra validations every N optimizer steps (always at each epoch end)
     validate_at_start: bool = True  # the untrained head's val metrics, the "before" of before/after
     fsdp_shard: bool = False
-    compile: bool = True  # CUDA only: compile the head's RMSNorms into fused kernels (CPU stays eager)
+    # CUDA only (the CPU stays eager): "step" compiles each MTP step of the head (embedding, norms, fc, decoder layer
+    # with its flex attention) into fused kernels; "norms" only its RMSNorms; "none" keeps it eager.
+    compile: CompileScope = "step"
     command: tuple[str, ...] = ()  # the command line, for train_command.txt
 
     def validate(self) -> TrainConfig:
@@ -135,6 +139,8 @@ class TrainConfig:
                 raise ConfigError("--step-weights must be non-negative with a positive sum.")
         elif self.loss.step_weight_beta < 0:
             raise ConfigError(f"--step-weight-beta must be >= 0, got {self.loss.step_weight_beta}.")
+        if self.compile not in COMPILE_SCOPES:
+            raise ConfigError(f"--compile must be one of {', '.join(COMPILE_SCOPES)}, got {self.compile!r}.")
         if self.optim.grad_accum < 1:
             raise ConfigError(f"--grad-accum must be >= 1, got {self.optim.grad_accum}.")
         if self.optim.lr <= 0:
