@@ -8,6 +8,8 @@ tokens (docs/benchmarks.md, 8.2). This probe separates the candidate causes in o
   sequence length) shows up as the first call of each width being slower than `repeat`;
 - `new_rows`: same width, row counts never seen before (flash-linear-attention autotunes some kernels per batch size);
 - `sizes`: warm forwards from 1k to 32k tokens: tokens/s against the FLOP floor (is the forward launch-bound?);
+- `first_sight_by_backend`: first-sight widths with cuDNN on/off for the depthwise causal conv and for SDPA (cuDNN
+  builds an execution plan for every new input shape; a server sees a new prompt width in nearly every forward);
 - `profile`: torch.profiler (CPU + CUDA) over warm forwards: host time of the launching thread vs GPU kernel time,
   and the top ops by host time and by GPU time, written to --profile.
 
@@ -90,6 +92,49 @@ def profile_forwards(runtime: VerifierRuntime, rows: int, width: int, repeats: i
     }
 
 
+CUDNN_SETTINGS = {  # name: (cuDNN for convolutions, cuDNN backend of scaled_dot_product_attention)
+    "default": (True, True),
+    "no_cudnn_conv": (False, True),
+    "no_cudnn_sdpa": (True, False),
+    "no_cudnn": (False, False),
+}
+
+
+def set_cudnn(conv: bool, sdpa: bool) -> None:
+    torch.backends.cudnn.enabled = conv
+    torch.backends.cuda.enable_cudnn_sdp(sdpa)
+
+
+def first_sight_by_backend(runtime: VerifierRuntime, rows: int, width: int) -> dict:
+    """Median seconds of forwards at odd widths never seen before (the kind of width was compiled already) and of
+    the same widths again, for each cuDNN setting (distinct widths per setting)."""
+    import statistics
+
+    out = {}
+    for i, (name, flags) in enumerate(CUDNN_SETTINGS.items()):
+        set_cudnn(*flags)
+        widths = [width + 201 + 40 * i + 2 * k for k in range(3)]
+        first = [timed_capture(runtime, rows, w, k) for k, w in enumerate(widths)]
+        again = [timed_capture(runtime, rows, w, k) for k, w in enumerate(widths)]
+        out[name] = {"first_s": round(statistics.median(first), 3), "again_s": round(statistics.median(again), 3)}
+    set_cudnn(True, True)
+    return out
+
+
+def profile_first_sight(runtime: VerifierRuntime, rows: int, width: int, table_path: Path) -> float:
+    """Host-side op table of one forward at a width never seen before (what the extra time is spent in)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        seconds = timed_capture(runtime, rows, width, 0)
+    table_path.write_text(
+        f"# one capture forward of {rows} x {width} tokens at a width never seen before, {seconds * 1e3:.1f} ms\n\n"
+        + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    )
+    return round(seconds, 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny Qwen3.5 on the CPU (development)")
@@ -148,8 +193,12 @@ def main() -> None:
                 entry["fraction_of_floor"] = round(flops / (result["matmul_tflops"] * 1e12) / seconds, 3)
             per_size.append(entry)
         result["sizes"] = per_size
+        if runtime.device.type == "cuda":
+            result["first_sight_by_backend"] = first_sight_by_backend(runtime, rows, width)
         if args.profile is not None:
             result["profile"] = profile_forwards(runtime, rows, width, 3, args.profile)
+            first_sight_table = args.profile.with_name(args.profile.stem + "_first_sight.txt")
+            result["profile_first_sight_s"] = profile_first_sight(runtime, rows, width + 401, first_sight_table)
     print(json.dumps(result))
 
 

@@ -105,6 +105,13 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         help="builtin, GPU: skip the start-up forward per batch size 1..--max-batch-rows (flash-linear-attention "
         "autotunes per batch size; without the warm-up live requests pay ~1 s per new size)",
     )
+    parser.add_argument(
+        "--no-cudnn",
+        dest="cudnn",
+        action="store_false",
+        help="builtin, GPU: run the verifier's causal convolutions and attention without cuDNN (cuDNN builds an "
+        "execution plan for every new input shape, and a server sees a new prompt width in most forwards)",
+    )
     parser.add_argument("--max-queue", type=int, default=1024, help="builtin: queued requests before 503")
     parser.add_argument("--dry-run", action="store_true", help="print the command / settings and exit")
 
@@ -265,6 +272,7 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
         batch_overhead_tokens=args.batch_overhead_tokens,
         max_batch_rows=args.max_batch_rows,
         kernel_warmup=args.kernel_warmup,
+        cudnn=args.cudnn,
         max_queue=args.max_queue,
         device=pick("device", None),
         dtype=pick("dtype", None),
