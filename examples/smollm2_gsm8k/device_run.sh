@@ -18,31 +18,18 @@
 #   only (~4-6 min).
 #
 # Knobs (environment; defaults = the full run): ANSWERS=4 (greedy + 3 sampled per training question) TEMP=0.8
-#   TOP_P=0.95 MAX_TOKENS=256 EPOCHS=8 LR=1.5e-3 LOSS=kl INIT=random SEQ_LEN=8192 TRAIN_ARGS="--warmup-steps 30"
-#   TRAIN_SAMPLES=0 (all 1,119) TEST_SAMPLES=200 GEN_SAMPLES=50 MTB_SAMPLES=80 EVAL_MAX_TOKENS=128 BUDGET_S=500
-#   RESERVE_TRAIN_S=200 RESERVE_EVAL_S=130 SERVER_ROWS=512 CONCURRENCY=1024 NAME= EXTRA_ARGS= WORK=/tmp/smol_gsm8k
-#   DEVICE=cuda HARD_TIMEOUT_S=560 (run.py gets SIGTERM then: it stops its steps and publishes; preflight: 420);
+#   TOP_P=0.95 MAX_TOKENS=256 EPOCHS=6 LR=1.5e-3 LOSS=kl INIT=random SEQ_LEN=8192 TRAIN_ARGS="--warmup-steps 30"
+#   TRAIN_SAMPLES=0 (all 1,119) TEST_SAMPLES=200 GEN_SAMPLES=50 MTB_SAMPLES=80 EVAL_MAX_TOKENS=128 BUDGET_S=540
+#   RESERVE_TRAIN_S=180 RESERVE_EVAL_S=135 SERVER_ROWS=1024 CONCURRENCY=2048 NAME= EXTRA_ARGS= WORK=/tmp/smol_gsm8k
+#   DEVICE=cuda HARD_TIMEOUT_S=572 (run.py gets SIGTERM then: it stops its steps and publishes; preflight: 420);
 #   TINY=1 shrinks everything to a CPU-sized smoke run (with DEVICE=cpu, PYTHON=..., OUT=...).
 #
-# Measured on one H100 (2026-11-28, defaults, docs/results.md): server 42, greedy 89 (1,319 answers: ~30 s per
-# 512-row decode of 256 steps), sampled 39 (budget share; only 13 of 3,357 came back: ~35 s per 512-row decode, so
-# all of them need ~4 min), prepare 21, train 94 (1,132 rows x 8 epochs), stitch 13, evaluate 191; total 506 s.
-# To train on all sampled answers, run the same command again on the warm machine: regeneration resumes where it
-# stopped (ids already in the output are skipped) and each call gets further; train+evaluate then need ~6-8 min.
-# The estimates below were written before that run:
-#   GGUF reassembly + sha256                  ~1
-#   server start incl. GGUF -> bf16 folder    ~30-45  (conversion ~25 s once per machine, then cached in /tmp)
-#   regenerate greedy, 1,319 x <=256 tokens   ~25-40  (3-4 batched decodes of <=512 rows x 256 steps at ~25-40 ms)
-#   regenerate sampled, 3,357 answers         ~50-90  (7-8 batched decodes); capped to leave RESERVE_TRAIN_S+RESERVE_EVAL_S
-#   prepare (2, side by side) + convert       ~10-15
-#   train, ~4,476 rows (~1.2 M tokens/epoch)  ~30 start-up + compile, ~40 online epoch 0, ~12-20 per cached epoch
-#                                             -> ~170-220 for 8 epochs; capped to leave RESERVE_EVAL_S (then the best
-#                                             validated epoch is evaluated)
-#   stitch                                    ~8
-#   evaluate, side by side (3 processes)      ~15 load, offline 200 held-out rows ~15, speculative decoding ~3-4 s
-#                                             per 128-token prompt: 50 GSM8K / 80 MT-Bench get cut to what fits
-#                                             (~20-30 each) by --max-seconds
-#   total                                     ~470-500 of the 500 s budget (+ ~10 s server stop), under 9 minutes
+# Measured on one H200 with these defaults (2026-11-28, session 4, docs/results.md; held-out GSM8K AL 2.69 offline,
+# 2.75 in real speculative decoding): server 38, greedy 64 (1,319 answers, 1,024 rows per decode), sampled 90
+# (3,357 answers), prepare 18, train 197 (4,476 rows x 6 epochs), stitch 11, evaluate 108; total 527 s.
+# On an H100 with 512 rows per decode (earlier defaults) the sampled answers did not fit: ~35 s per 512-row decode.
+# If regeneration is cut by its budget share, run the same command again on the warm machine: regeneration resumes
+# where it stopped (ids already in the output are skipped); train+evaluate then need ~5-6 min.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:-run}
@@ -93,11 +80,11 @@ EOF
 # Enough file descriptors for ~1,000 concurrent HTTP requests on each side.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE=$(ulimit -n)
-CONCURRENCY=${CONCURRENCY:-1024}
+CONCURRENCY=${CONCURRENCY:-2048}
 if [ "$NOFILE" != unlimited ] && [ $((NOFILE / 2 - 64)) -lt "$CONCURRENCY" ]; then
   CONCURRENCY=$((NOFILE / 2 - 64)); say "open-file limit $NOFILE: regeneration concurrency lowered to $CONCURRENCY"
 fi
-SERVER_ROWS=${SERVER_ROWS:-512}
+SERVER_ROWS=${SERVER_ROWS:-1024}
 if [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   die "DEVICE=cuda but torch sees no GPU"
 fi
@@ -111,7 +98,7 @@ if [ "$MODE" = preflight ]; then
   [ -f "$SMOL/a/part-a" ] && [ "$(stat -c %s "$SMOL/a/part-a")" = "$PART_A_SIZE" ] || die "$SMOL/a/part-a missing or truncated"
   P_ARGS=(--config "$SMOL/a/preflight" --device "$DEVICE" --out "$OUT" --work "${PREFLIGHT_WORK:-/tmp/smol_preflight}"
           --concurrency "$CONCURRENCY" --server-max-rows "$SERVER_ROWS" --max-tokens "${MAX_TOKENS:-256}"
-          --total-seq-len "${SEQ_LEN:-8192}" --loss "${LOSS:-kl}" --full-epochs "${EPOCHS:-8}"
+          --total-seq-len "${SEQ_LEN:-8192}" --loss "${LOSS:-kl}" --full-epochs "${EPOCHS:-6}"
           --full-answers-per-question "${ANSWERS:-4}")
   if [ "${TINY:-0}" = 1 ]; then
     P_ARGS+=(--rows 6 --sampled-rows 3 --max-tokens 8 --total-seq-len 512 --epochs 2 --eval-rows 2 --eval-prompts 2 --eval-max-tokens 8)
@@ -144,11 +131,11 @@ ARGS=(--work-dir "$WORK" --device "$DEVICE" --gguf "$GGUF" --inputs "$SMOL/a/inp
       --max-tokens "${MAX_TOKENS:-256}" --answers-per-question "${ANSWERS:-4}"
       --sample-temperature "${TEMP:-0.8}" --sample-top-p "${TOP_P:-0.95}"
       --concurrency "$CONCURRENCY" --server-max-rows "$SERVER_ROWS" --server-max-queue 4096
-      --eval-max-tokens "${EVAL_MAX_TOKENS:-128}" --epochs "${EPOCHS:-8}" --lr "${LR:-1.5e-3}"
+      --eval-max-tokens "${EVAL_MAX_TOKENS:-128}" --epochs "${EPOCHS:-6}" --lr "${LR:-1.5e-3}"
       --loss "${LOSS:-kl}" --init "${INIT:-random}" --total-seq-len "${SEQ_LEN:-8192}"
       --train-args "${TRAIN_ARGS:---warmup-steps 30}"
-      --skip-untrained-eval --parallel-eval --time-budget "${BUDGET_S:-500}"
-      --reserve-train-s "${RESERVE_TRAIN_S:-200}" --reserve-eval-s "${RESERVE_EVAL_S:-130}")
+      --skip-untrained-eval --parallel-eval --time-budget "${BUDGET_S:-540}"
+      --reserve-train-s "${RESERVE_TRAIN_S:-180}" --reserve-eval-s "${RESERVE_EVAL_S:-135}")
 [ -n "${NAME:-}" ] && ARGS+=(--name "$NAME")
 if [ "${TINY:-0}" = 1 ]; then  # CPU smoke run of this same script: tiny counts, small budget shares
   ARGS+=(--train-samples 8 --test-samples 4 --generate-samples 2 --mtbench-samples 2 --max-tokens 32
@@ -159,7 +146,7 @@ fi
 ARGS+=(${EXTRA_ARGS:-})
 say "run.py ${ARGS[*]}"
 # A safety net under the device's 10-minute kill: SIGTERM makes run.py stop its steps and publish what it has.
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} timeout -k 20 "${HARD_TIMEOUT_S:-560}" "$PY" examples/smollm2_gsm8k/run.py "${ARGS[@]}"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} timeout -k 20 "${HARD_TIMEOUT_S:-572}" "$PY" examples/smollm2_gsm8k/run.py "${ARGS[@]}"
 RC=$?
 say "run.py exit $RC ($(($(date +%s) - T0)) s); $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit $RC
