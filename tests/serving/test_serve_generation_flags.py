@@ -1,4 +1,4 @@
-"""`mtptune serve --engine builtin`: the batched-generation limits reach the server's settings (dry run)."""
+"""`mtptune serve --engine builtin`: batching limits and GPU switches reach the server's settings (dry run)."""
 
 from __future__ import annotations
 
@@ -16,3 +16,11 @@ def test_generation_batch_limits_reach_the_builtin_server(tiny_verifier, tmp_pat
     )
     out = capsys.readouterr().out
     assert "max_generate_batch=512," in out and "max_generate_batch_tokens=300000," in out and "max_queue=4096," in out
+
+
+def test_cudnn_is_off_by_default_and_can_be_turned_on(tiny_verifier, tmp_path, capsys) -> None:
+    base = ["serve", str(tiny_verifier), "--engine", "builtin", "--hidden-states-path", str(tmp_path), "--dry-run"]
+    assert main(base) == 0
+    assert "cudnn=False," in capsys.readouterr().out
+    assert main([*base, "--cudnn"]) == 0
+    assert "cudnn=True," in capsys.readouterr().out

@@ -411,7 +411,7 @@ def serve(config: ServerConfig) -> None:
     if runtime.device.type == "cuda" and not config.cudnn:
         torch.backends.cudnn.enabled = False
         torch.backends.cuda.enable_cudnn_sdp(False)
-        log.info("--no-cudnn: convolutions and attention run without cuDNN")
+        log.info("cuDNN off for the verifier's attention and convolutions (--cudnn turns it on)")
     max_rows = config.batch_rows_for(runtime.device.type)
     if config.kernel_warmup and runtime.device.type == "cuda" and max_rows is not None:
         log.info("warming up the capture kernels for 1..%d requests per forward (--no-kernel-warmup skips)", max_rows)

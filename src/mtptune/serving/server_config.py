@@ -41,7 +41,7 @@ class ServerConfig:
     batch_overhead_tokens: int | None = None  # cost of one more forward, in padded tokens (None: batching's default)
     max_batch_rows: int | None = None  # requests per capture forward; None: by device (below)
     kernel_warmup: bool = True  # GPU: run every batch size once at start (kernel autotuning), see VerifierRuntime
-    cudnn: bool = True  # GPU: False keeps cuDNN out of the verifier's convolutions and SDPA (no per-shape plans)
+    cudnn: bool = False  # GPU: cuDNN for the verifier's convolutions and SDPA (off: no per-shape plan building)
     batch_window_ms: float = 2.0
     max_generate_batch: int = 32  # rows per batched generation decode
     max_generate_batch_tokens: int = 65536  # padded slots (rows × (prompt + max_tokens)) per generation batch
