@@ -555,7 +555,7 @@ class Pipeline:
         self.N = args.num_samples or (96 if self.tiny else 5000)
         self.epochs = args.epochs or (2 if self.tiny else 3)
         self.seq = args.total_seq_len or (1024 if self.tiny else 8192)
-        self.concurrency = args.concurrency or 12  # the trainer's default
+        self.concurrency = args.concurrency or 64  # the trainer CLI's default
         self.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         if not self.modes or any(m not in ("online", "hybrid") for m in self.modes):
             raise SystemExit(f"--modes: expected a comma list of online, hybrid; got {args.modes!r}")

@@ -38,8 +38,8 @@ class HiddenStatesConfig:
     on_generate: OnGenerate = "delete"
     request_timeout: float = 120.0
     max_retries: int = 3
-    concurrency: int = 12
-    prefetch: int = 16  # rows fetched ahead of the step
+    concurrency: int = 64  # requests in flight (the CLI default): the server batches what is in flight
+    prefetch: int = 128  # rows fetched ahead of the step (2 x concurrency, as the CLI)
     dtype: str = "bfloat16"  # dtype the states are held in between fetch and step
     num_layers: int = 1  # layer ids the server captures; the MTP input is the last one
     api_key: str | None = None
