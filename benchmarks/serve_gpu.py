@@ -135,6 +135,11 @@ def capture_flops(lengths: list[int], text: dict) -> dict[str, float]:
     }
 
 
+def mean_of(delta, histogram: str) -> float | None:
+    count = delta(histogram + "_count")
+    return round(delta(histogram + "_sum") / count, 4) if count == count and count else None
+
+
 def counter(text: str, name: str) -> float:
     return float(next((line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")), "nan"))
 
@@ -312,6 +317,9 @@ def main() -> None:
         "server_forward_s": round(forward_s, 3),
         "server_busy_fraction": round(forward_s / wall, 4),
         "server_forward_tokens_per_s": round(batched / forward_s, 1) if forward_s else None,
+        # Where a capture request's time goes besides its forward (servers from before these histograms: None).
+        "mean_queue_wait_s": mean_of(delta, "mtptune_queue_wait_seconds"),
+        "mean_file_write_s": mean_of(delta, "mtptune_file_write_seconds"),
         "failed": len(failed),
         "warmup_failed": warm_failed,
         "warmup_prompts": warm_n,

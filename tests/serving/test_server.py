@@ -113,6 +113,10 @@ def test_concurrent_requests_batch_and_match_one_by_one(server) -> None:
 
     batches = counter(after, "mtptune_batches_total") - counter(before, "mtptune_batches_total")
     assert batches < len(PROMPTS), "concurrent requests were not batched"
+    # Every request's queue wait and file write were timed (files are written before their lock is released).
+    for histogram in ("mtptune_queue_wait_seconds", "mtptune_file_write_seconds"):
+        timed = counter(after, histogram + "_count") - counter(before, histogram + "_count")
+        assert timed == len(PROMPTS), histogram
 
 
 def test_greedy_generation_equals_model_generate(server, tiny_verifier: Path, word_tokenizer: Path) -> None:

@@ -162,7 +162,8 @@ class _BatchLoop:
 class DynamicBatcher(_BatchLoop, Generic[Result]):
     """Feeds `run_batch(list of token-id sequences) -> list of results` (run on `executor`) in padded batches.
 
-    `on_batch(rows, tokens, padded_tokens, seconds)` is called after each forward (metrics)."""
+    `on_batch(rows, tokens, padded_tokens, seconds)` is called after each forward and `on_start(queue waits in
+    seconds)` as it starts (metrics)."""
 
     _task_name = "hidden-states-batcher"
 
@@ -174,6 +175,7 @@ class DynamicBatcher(_BatchLoop, Generic[Result]):
         window_s: float = 0.002,
         max_queue: int = 1024,
         on_batch: Callable[[int, int, int, float], None] | None = None,
+        on_start: Callable[[list[float]], None] | None = None,
         overhead_tokens: int = FORWARD_OVERHEAD_TOKENS,
         max_rows: int | None = None,
     ) -> None:
@@ -185,6 +187,7 @@ class DynamicBatcher(_BatchLoop, Generic[Result]):
         self.window_s = window_s
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.on_start = on_start
         self._queue: deque[_Pending[Result]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -244,6 +247,9 @@ class DynamicBatcher(_BatchLoop, Generic[Result]):
 
     def _started(self, batch: list[_Pending[Result]]) -> None:
         self.expected = len(batch) + len(self._queue)
+        if self.on_start is not None:
+            now = time.perf_counter()
+            self.on_start([now - p.enqueued for p in batch])
 
     def _finished(self, batch: list[_Pending[Result]], seconds: float | None) -> None:
         if self.on_batch is not None and seconds is not None:

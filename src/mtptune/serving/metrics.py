@@ -48,6 +48,8 @@ class ServerMetrics:
         self.padded_tokens = 0
         self.latency: dict[str, Histogram] = defaultdict(Histogram)
         self.forward = Histogram()
+        self.queue_wait = Histogram()  # capture request: enqueued -> its forward starts
+        self.file_write = Histogram()  # capture request: forward done -> its hidden-state file written
 
     def record_request(self, endpoint: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -59,9 +61,15 @@ class ServerMetrics:
             self.prompt_tokens += prompt
             self.generation_tokens += generated
 
-    def record_file(self) -> None:
+    def record_file(self, seconds_after_forward: float) -> None:
         with self._lock:
             self.hidden_state_files += 1
+            self.file_write.observe(seconds_after_forward)
+
+    def record_queue_waits(self, seconds: list[float]) -> None:
+        with self._lock:
+            for value in seconds:
+                self.queue_wait.observe(value)
 
     def record_batch(self, size: int, tokens: int, padded_tokens: int, seconds: float) -> None:
         with self._lock:
@@ -112,5 +120,11 @@ class ServerMetrics:
                 f"# HELP {p}_forward_seconds Capture forward time per batch.",
                 f"# TYPE {p}_forward_seconds histogram",
                 *self.forward.lines(f"{p}_forward_seconds"),
+                f"# HELP {p}_queue_wait_seconds Capture request: time queued before its forward started.",
+                f"# TYPE {p}_queue_wait_seconds histogram",
+                *self.queue_wait.lines(f"{p}_queue_wait_seconds"),
+                f"# HELP {p}_file_write_seconds Capture request: forward done to hidden-state file written.",
+                f"# TYPE {p}_file_write_seconds histogram",
+                *self.file_write.lines(f"{p}_file_write_seconds"),
             ]
         return "\n".join(lines) + "\n"

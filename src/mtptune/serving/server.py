@@ -78,6 +78,7 @@ class HiddenStatesServer:
         )
         self.metrics = ServerMetrics(lambda: self.batcher.depth + self.generator.depth, self.max_batch_tokens)
         self.batcher.on_batch = self.metrics.record_batch
+        self.batcher.on_start = self.metrics.record_queue_waits
 
     # --- request checks ------------------------------------------------------------------------------------
     def check_model(self, requested: str | None) -> None:
@@ -195,11 +196,12 @@ class HiddenStatesServer:
             raise Rejected(503, f"server overloaded: {exc}; retry later.", "ServiceUnavailableError") from exc
         lock = HiddenStatesWriteLock(path)
         token_ids = torch.as_tensor(ids, dtype=torch.int64)
+        forward_done = time.perf_counter()
 
         def write() -> None:
             try:
                 write_hidden_states_file(path, result.hidden_states, token_ids)
-                self.metrics.record_file()
+                self.metrics.record_file(time.perf_counter() - forward_done)
             except Exception:
                 log.exception("writing %s failed", path)
             finally:
