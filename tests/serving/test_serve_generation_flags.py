@@ -24,3 +24,11 @@ def test_cudnn_is_off_by_default_and_can_be_turned_on(tiny_verifier, tmp_path, c
     assert "cudnn=False," in capsys.readouterr().out
     assert main([*base, "--cudnn"]) == 0
     assert "cudnn=True," in capsys.readouterr().out
+
+
+def test_cpu_threads_reach_the_server(tiny_verifier, tmp_path, capsys) -> None:
+    base = ["serve", str(tiny_verifier), "--engine", "builtin", "--hidden-states-path", str(tmp_path), "--dry-run"]
+    assert main(base) == 0
+    assert "cpu_threads=None," in capsys.readouterr().out  # decided at start: 1 on a GPU, all cores on CPU
+    assert main([*base, "--cpu-threads", "2"]) == 0
+    assert "cpu_threads=2," in capsys.readouterr().out

@@ -113,6 +113,14 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "attention builds an execution plan for every new input shape, ~6 ms of host time per layer, and a server "
         "sees a new prompt width in most forwards; without it SDPA uses flash attention, as vLLM does)",
     )
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="builtin: torch's CPU threads (default on a GPU: 1, as vLLM does, unless OMP_NUM_THREADS is set: the "
+        "server's CPU work is small copies, and idle OpenMP workers compete with the thread that launches the "
+        "forward; on CPU: all cores)",
+    )
     parser.add_argument("--max-queue", type=int, default=1024, help="builtin: queued requests before 503")
     parser.add_argument("--dry-run", action="store_true", help="print the command / settings and exit")
 
@@ -274,6 +282,7 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
         max_batch_rows=args.max_batch_rows,
         kernel_warmup=args.kernel_warmup,
         cudnn=args.cudnn,
+        cpu_threads=args.cpu_threads,
         max_queue=args.max_queue,
         device=pick("device", None),
         dtype=pick("dtype", None),

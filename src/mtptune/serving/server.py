@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -410,6 +411,12 @@ def serve(config: ServerConfig) -> None:
         tokenizer=config.tokenizer,
         load_format=config.load_format,
     )
+    threads = config.cpu_threads
+    if threads is None and runtime.device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        threads = 1  # as vLLM: CPU work here is small copies; spinning OpenMP workers slow the launching thread
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
+        log.info("torch CPU threads: %d (--cpu-threads)", torch.get_num_threads())
     if runtime.device.type == "cuda" and not config.cudnn:
         torch.backends.cudnn.enabled = False
         torch.backends.cuda.enable_cudnn_sdp(False)
