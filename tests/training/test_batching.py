@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from mtptune.testing.learnable import write_prepared_rows
 from mtptune.training.batching import PreparedRows, collate, pack_rows, plan_epoch, split_train_val
 
@@ -22,7 +24,22 @@ def test_packing_respects_the_budget_and_is_deterministic_per_seed_and_epoch():
     assert a != pack_rows(ids, lengths, 12, seed=0, epoch=1)
     assert sorted(i for batch in a for i in batch) == ids  # every row exactly once
     assert all(sum(lengths[i] for i in batch) <= 12 for batch in a)
-    assert pack_rows(ids, lengths, 12, seed=None, epoch=3)[0] == [0]  # unshuffled: in order
+    assert pack_rows(ids, lengths, 12, seed=None, epoch=3)[0][0] == 0  # unshuffled: in order
+
+
+def test_first_fit_packing_fills_budgets_better_than_next_fit():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(300, 1501, (300,), generator=gen).tolist()  # the 8.1 benchmark's row lengths
+    batches = pack_rows(list(range(300)), lengths, 8192, seed=0, epoch=0)
+    assert sorted(i for batch in batches for i in batch) == list(range(300))
+    assert all(sum(lengths[i] for i in batch) <= 8192 for batch in batches)
+    fill = sum(lengths) / (len(batches) * 8192)
+    next_fit, used = 1, 0  # what next-fit packing (the previous packer) needs for the same rows
+    for n in lengths:
+        if used + n > 8192:
+            next_fit, used = next_fit + 1, 0
+        used += n
+    assert fill > 0.95 and len(batches) < next_fit, (fill, len(batches), next_fit)
 
 
 def test_one_rank_with_accumulation_sees_the_global_batch_of_two_ranks():
