@@ -4,6 +4,7 @@ zero loss, and the --on-missing policies."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import replace
@@ -74,6 +75,23 @@ def test_resume_continues_bit_identically(learnable, tmp_path):
     a = torch.load(tmp_path / "a" / "1" / "master_weights.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "1" / "master_weights.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mid_epoch_resume_of_an_older_packing_warns(learnable, tmp_path, caplog):
+    """A checkpoint written mid-epoch before first-fit packing (no `packing` in training_state.json) resumes, but the
+    rest of its epoch is a different plan: said loudly, not silently."""
+    config = offline_config(
+        learnable, tmp_path, data=DataConfig(str(learnable.data), 128, 0.8, max_rows=64), validate_at_start=False
+    )
+    assert run_training(config, should_stop=lambda step: step == 3).interrupted
+    state_file = tmp_path / "interrupted" / "training_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["packing"].startswith("first-fit") and state["local_step"] > 0
+    del state["packing"]
+    state_file.write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING):
+        assert not run_training(config).interrupted
+    assert any("packed rows next-fit" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_all_unsupervised_batches_take_no_optimizer_step(learnable, tmp_path):

@@ -130,6 +130,7 @@ def split_train_val(num_rows: int, train_data_ratio: float) -> tuple[list[int], 
 
 
 OPEN_BINS = 8  # micro-batches still accepting rows while packing
+PACKING = f"first-fit-{OPEN_BINS}"  # recorded in checkpoints: a mid-epoch resume needs the same plan
 
 
 def pack_rows(

@@ -29,6 +29,7 @@ import yaml
 from mtptune.checkpoint.head_checkpoint import HeadConfig, save_head_checkpoint
 from mtptune.errors import CheckpointError, ConfigError
 from mtptune.modeling.head import MtpHead
+from mtptune.training.batching import PACKING
 from mtptune.training.config import TrainConfig
 
 STATE_FILE = "training_state.json"
@@ -45,11 +46,13 @@ class TrainingState:
     best_tau_sim: float | None = None
     best_loss: float | None = None
     skipped_steps: int = 0  # global steps without a supervised token (no optimizer step taken)
+    packing: str = PACKING  # how the epoch's rows were packed: a mid-epoch resume replays that plan
 
     @classmethod
     def from_json(cls, body: dict) -> TrainingState:
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in body.items() if k in known})
+        # Checkpoints from before the field were packed next-fit.
+        return cls(**{"packing": "next-fit", **{k: v for k, v in body.items() if k in known}})
 
 
 def write_run_files(save_path: Path, config: TrainConfig) -> None:

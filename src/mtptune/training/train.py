@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mtptune.serving.client import ServerUnavailable
 from mtptune.training import checkpointing as ckpt
 from mtptune.training.batch_loader import BatchLoader
-from mtptune.training.batching import PackedBatch, pack_rows, plan_epoch
+from mtptune.training.batching import PACKING, PackedBatch, pack_rows, plan_epoch
 from mtptune.training.build import Parts, build_parts
 from mtptune.training.config import TrainConfig
 from mtptune.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
@@ -359,7 +359,17 @@ def _resume(p: Parts) -> ckpt.TrainingState | None:
             state.local_step,
             state.global_step,
         )
-    return state
+    if state.local_step and state.packing != PACKING and p.info.is_main:
+        log.warning(
+            "!!! %s was written mid-epoch by a trainer that packed rows %s; this one packs %s, so the rest of epoch %d "
+            "is a different plan: some of its rows may repeat and others be left out for this epoch (later epochs "
+            "are unaffected). To avoid it, resume from an epoch-end checkpoint.",
+            path,
+            state.packing,
+            PACKING,
+            state.epoch,
+        )
+    return replace(state, packing=PACKING)
 
 
 def _loader(p: Parts, micro_batches) -> BatchLoader:
