@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from matmul_peak import matmul_rate  # this folder (the script's own) is on sys.path
 
 from mtptune.training.config import (
+    COMPILE_SCOPES,
     CheckpointConfig,
     DataConfig,
     HiddenStatesConfig,
@@ -120,7 +121,7 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=2048)
     parser.add_argument("--peer", default=None, help="the peer's summary.json from the same device call")
     parser.add_argument("--label", default="mtptune")
-    parser.add_argument("--compile", choices=("step", "norms", "none"), default="step", help="the trainer's --compile")
+    parser.add_argument("--compile", choices=COMPILE_SCOPES, default="step", help="the trainer's --compile")
     parser.add_argument(
         "--profile",
         default=None,

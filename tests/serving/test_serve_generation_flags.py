@@ -5,8 +5,12 @@ from __future__ import annotations
 from mtptune.cli.main import main
 
 
+def dry_run(verifier, storage) -> list[str]:
+    return ["serve", str(verifier), "--engine", "builtin", "--hidden-states-path", str(storage), "--dry-run"]
+
+
 def test_generation_batch_limits_reach_the_builtin_server(tiny_verifier, tmp_path, capsys) -> None:
-    base = ["serve", str(tiny_verifier), "--engine", "builtin", "--hidden-states-path", str(tmp_path), "--dry-run"]
+    base = dry_run(tiny_verifier, tmp_path)
     assert main(base) == 0
     out = capsys.readouterr().out
     assert "max_generate_batch=32," in out and "max_generate_batch_tokens=65536," in out
@@ -19,7 +23,7 @@ def test_generation_batch_limits_reach_the_builtin_server(tiny_verifier, tmp_pat
 
 
 def test_cudnn_is_off_by_default_and_can_be_turned_on(tiny_verifier, tmp_path, capsys) -> None:
-    base = ["serve", str(tiny_verifier), "--engine", "builtin", "--hidden-states-path", str(tmp_path), "--dry-run"]
+    base = dry_run(tiny_verifier, tmp_path)
     assert main(base) == 0
     assert "cudnn=False," in capsys.readouterr().out
     assert main([*base, "--cudnn"]) == 0
@@ -27,7 +31,7 @@ def test_cudnn_is_off_by_default_and_can_be_turned_on(tiny_verifier, tmp_path, c
 
 
 def test_cpu_threads_reach_the_server(tiny_verifier, tmp_path, capsys) -> None:
-    base = ["serve", str(tiny_verifier), "--engine", "builtin", "--hidden-states-path", str(tmp_path), "--dry-run"]
+    base = dry_run(tiny_verifier, tmp_path)
     assert main(base) == 0
     assert "cpu_threads=None," in capsys.readouterr().out  # decided at start: 1 on a GPU, all cores on CPU
     assert main([*base, "--cpu-threads", "2"]) == 0

@@ -23,19 +23,18 @@ def parse(command: str):
 
 
 def test_tutorial_command_builds_the_config(learnable, tmp_path):
-    args = parse(TUTORIAL.format(v=learnable.verifier, d=learnable.data, s=tmp_path / "ckpt"))
-    config = build_config(args)
+    config = build_config(parse(tutorial(learnable, tmp_path)))
     assert config.hidden_states.endpoints == ("http://localhost:8000/v1",)
     assert (config.num_speculative_steps, config.epochs, config.optim.lr) == (3, 3, 1e-4)
     assert (config.hidden_states.on_missing, config.hidden_states.on_generate) == ("generate", "delete")
     assert config.data.total_seq_len == 8192 and config.loss.step_weight_beta == 0.6
     assert config.mtp_input_norm == "post_norm" and config.checkpoint.resume
     assert config.compile == "step"
-    assert build_config(parse(f"{args_line(learnable, tmp_path)} --no-compile")).compile == "none"
-    assert build_config(parse(f"{args_line(learnable, tmp_path)} --compile norms")).compile == "norms"
+    assert build_config(parse(f"{tutorial(learnable, tmp_path)} --no-compile")).compile == "none"
+    assert build_config(parse(f"{tutorial(learnable, tmp_path)} --compile norms")).compile == "norms"
 
 
-def args_line(learnable, tmp_path) -> str:
+def tutorial(learnable, tmp_path) -> str:
     return TUTORIAL.format(v=learnable.verifier, d=learnable.data, s=tmp_path / "ckpt")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from mtptune.errors import ConfigError
 
@@ -19,7 +19,7 @@ SchedulerKind = Literal["cosine", "linear", "constant"]
 DtypeName = Literal["auto", "float32", "bfloat16"]
 LOSS_KINDS: tuple[str, ...] = ("ce", "kl", "tv", "ce+kl")
 CompileScope = Literal["step", "norms", "none"]
-COMPILE_SCOPES: tuple[str, ...] = ("step", "norms", "none")
+COMPILE_SCOPES: tuple[str, ...] = get_args(CompileScope)
 
 
 @dataclass(frozen=True)
