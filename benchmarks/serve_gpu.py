@@ -25,11 +25,14 @@ validation, delete. Reported next to it:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -140,8 +143,14 @@ def mean_of(delta, histogram: str) -> float | None:
     return round(delta(histogram + "_sum") / count, 4) if count == count and count else None
 
 
-def counter(text: str, name: str) -> float:
-    return float(next((line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")), "nan"))
+def gc_delta(before: str, after: str, field: str, generation: int) -> float:
+    """The timed pass's garbage-collection seconds or count of one generation (a series appears at its first one)."""
+    name = f'mtptune_gc_pause_seconds_{field}{{generation="{generation}"}}'
+    return counter(after, name, 0.0) - counter(before, name, 0.0)
+
+
+def counter(text: str, name: str, missing: float = float("nan")) -> float:
+    return float(next((line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")), missing))
 
 
 def start_server(cmd: list[str], log_path: Path, timeout: float) -> tuple[subprocess.Popen, str, float]:
@@ -159,6 +168,38 @@ def start_server(cmd: list[str], log_path: Path, timeout: float) -> tuple[subpro
             proc.kill()
             raise SystemExit(f"server did not start; {shlex.join(cmd)}\n{log_path.read_text()[-4000:]}")
         time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen, profiled: bool) -> None:
+    if profiled:  # the profiler writes its output on SIGINT, then its child (the server) goes with it
+        server.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=120)
+    server.terminate()
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+ISSUE_LINE = re.compile(
+    r"capture (\d+) x (\d+) \((\d+) tokens\): issued in ([\d.]+) ms \(([\d.]+) ms on CPU\), device done ([\d.]+) ms"
+)
+
+
+def issue_summary(log_text: str, forwards: int) -> dict:
+    """Mean host issue time, the launching thread's CPU time within it, and the device time after, over the last
+    `forwards` capture forwards of a `--debug` server log (the timed pass)."""
+    rows = [tuple(map(float, m.groups())) for m in ISSUE_LINE.finditer(log_text)][-forwards:] if forwards else []
+    if not rows:
+        return {}
+    n = len(rows)
+    return {
+        "debug_forwards": n,
+        "mean_issue_ms": round(sum(r[3] for r in rows) / n, 1),
+        "mean_issue_thread_cpu_ms": round(sum(r[4] for r in rows) / n, 1),
+        "mean_device_after_issue_ms": round(sum(r[5] for r in rows) / n, 1),
+    }
 
 
 def run_direct(model_dir: Path, layer: int, args: argparse.Namespace, prompts: list[list[int]], budget: int) -> dict:
@@ -218,6 +259,12 @@ def main() -> None:
     parser.add_argument("--startup-timeout", type=float, default=900.0)
     parser.add_argument("--keep", action="store_true", help="keep the work folder (server.log)")
     parser.add_argument("--server-log", type=Path, default=None, help="copy the server's log here")
+    parser.add_argument(
+        "--server-prefix",
+        default="",
+        help="a command the server runs under, e.g. a profiler: --server-prefix='py-spy record -o F --idle --'; "
+        "stopped with SIGINT (so it writes its output) before the server is terminated",
+    )
     args = parser.parse_args()
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     args.requests = args.requests or (64 if args.tiny else 256)
@@ -249,6 +296,7 @@ def main() -> None:
     if args.max_batch_tokens is not None:
         cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
     cmd += shlex.split(args.server_args)
+    cmd = shlex.split(args.server_prefix) + cmd
     server, base, startup_s = start_server(cmd, work / "server.log", args.startup_timeout)
     try:
         client = HiddenStatesClient(
@@ -267,11 +315,7 @@ def main() -> None:
             after = httpx.get(base + "/metrics").text
         failed = [r for _, r in results if isinstance(r, Exception)]
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server, profiled=bool(args.server_prefix))
     budget = args.max_batch_tokens or counter(after, "mtptune_max_batch_tokens")
     budget = int(budget) if budget == budget else 8192  # servers before the gauge: their fixed default
 
@@ -320,6 +364,8 @@ def main() -> None:
         # Where a capture request's time goes besides its forward (servers from before these histograms: None).
         "mean_queue_wait_s": mean_of(delta, "mtptune_queue_wait_seconds"),
         "mean_file_write_s": mean_of(delta, "mtptune_file_write_seconds"),
+        "gc_pause_s": {g: round(gc_delta(before, after, "sum", g), 4) for g in range(3)},
+        "gc_collections": {g: int(gc_delta(before, after, "count", g)) for g in range(3)},
         "failed": len(failed),
         "warmup_failed": warm_failed,
         "warmup_prompts": warm_n,
@@ -327,6 +373,8 @@ def main() -> None:
     }
     if failed:
         out["first_error"] = str(failed[0])[:300]
+    if args.server_debug:
+        out.update(issue_summary((work / "server.log").read_text(), int(forwards)))
     if args.direct:
         direct = run_direct(model_dir, layer, args, prompts, budget)
         out.update(

@@ -114,6 +114,14 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "sees a new prompt width in most forwards; without it SDPA uses flash attention, as vLLM does)",
     )
     parser.add_argument(
+        "--gc-freeze",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="builtin: after start-up, move every live object (model, modules, libraries) out of Python's garbage "
+        "collector, as vLLM does, so that a full collection does not walk them and stall the thread launching a "
+        "forward",
+    )
+    parser.add_argument(
         "--cpu-threads",
         type=int,
         default=None,
@@ -282,6 +290,7 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
         max_batch_rows=args.max_batch_rows,
         kernel_warmup=args.kernel_warmup,
         cudnn=args.cudnn,
+        gc_freeze=args.gc_freeze,
         cpu_threads=args.cpu_threads,
         max_queue=args.max_queue,
         device=pick("device", None),

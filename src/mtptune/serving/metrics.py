@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -50,6 +52,25 @@ class ServerMetrics:
         self.forward = Histogram()
         self.queue_wait = Histogram()  # capture request: enqueued -> its forward starts
         self.file_write = Histogram()  # capture request: forward done -> its hidden-state file written
+        # Python's cyclic GC stops every thread, the one launching the verifier's kernels included.
+        self.gc_pause: dict[int, Histogram] = defaultdict(Histogram)
+        self._gc_started = 0.0
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection of this process into `gc_pause_seconds` (until `unwatch_gc`)."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        # Runs inside the collector (GIL held, no other thread runs): no lock, no allocation-heavy work.
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pause[info["generation"]].observe(time.perf_counter() - self._gc_started)
 
     def record_request(self, endpoint: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -126,5 +147,9 @@ class ServerMetrics:
                 f"# HELP {p}_file_write_seconds Capture request: forward done to hidden-state file written.",
                 f"# TYPE {p}_file_write_seconds histogram",
                 *self.file_write.lines(f"{p}_file_write_seconds"),
+                f"# HELP {p}_gc_pause_seconds Python garbage collections of the server process, by generation.",
+                f"# TYPE {p}_gc_pause_seconds histogram",
             ]
+            for generation, hist in sorted(self.gc_pause.items()):
+                lines += hist.lines(f"{p}_gc_pause_seconds", f'generation="{generation}"')
         return "\n".join(lines) + "\n"

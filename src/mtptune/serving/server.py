@@ -7,6 +7,7 @@ carries `kv_transfer_params.hidden_states_path`. Longer `max_tokens` generate (g
 
 from __future__ import annotations
 
+import gc
 import hmac
 import logging
 import os
@@ -380,6 +381,7 @@ class HiddenStatesServer:
         return app
 
     async def _lifespan(self, app: FastAPI):
+        self.metrics.watch_gc()
         self.batcher.start()
         self.generator.start()
         log.info(
@@ -398,6 +400,7 @@ class HiddenStatesServer:
             await self.generator.stop()
             self.writer_executor.shutdown(wait=True)
             self.model_executor.shutdown(wait=False, cancel_futures=True)
+            self.metrics.unwatch_gc()
 
 
 def serve(config: ServerConfig) -> None:
@@ -426,6 +429,14 @@ def serve(config: ServerConfig) -> None:
         log.info("warming up the capture kernels for 1..%d requests per forward (--no-kernel-warmup skips)", max_rows)
         log.info("kernel warm-up took %.1f s", runtime.warm_up_batch_sizes(max_rows))
     server = HiddenStatesServer(config, runtime)
+    if config.gc_freeze:
+        # As vLLM: everything alive now (the model, its modules, imported libraries) lives as long as the server;
+        # moved out of the collector's reach, a full collection no longer walks it while a forward is launching.
+        gc.collect()
+        gc.freeze()
+        log.info(
+            "froze %d objects out of the garbage collector's reach (--no-gc-freeze keeps them)", gc.get_freeze_count()
+        )
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the verifier", config.host)
     uvicorn.run(server.build_app(), host=config.host, port=config.port, log_level="warning", access_log=False)

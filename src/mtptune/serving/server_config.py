@@ -42,6 +42,7 @@ class ServerConfig:
     max_batch_rows: int | None = None  # requests per capture forward; None: by device (below)
     kernel_warmup: bool = True  # GPU: run every batch size once at start (kernel autotuning), see VerifierRuntime
     cudnn: bool = False  # GPU: cuDNN for the verifier's convolutions and SDPA (off: no per-shape plan building)
+    gc_freeze: bool = True  # move the objects alive after start-up out of Python's garbage collector (as vLLM)
     cpu_threads: int | None = None  # torch intra-op threads; None: 1 on GPU (unless OMP_NUM_THREADS is set), all on CPU
     batch_window_ms: float = 2.0
     max_generate_batch: int = 32  # rows per batched generation decode

@@ -148,7 +148,7 @@ class VerifierRuntime:
         mask-free causal kernels). Only the real rows are copied back, in one pinned, non-blocking copy per tensor
         and a single sync; the returned states are views of that one CPU buffer.
         """
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         lengths = [len(s) for s in sequences]
         batch, width = len(sequences), max(lengths)
         input_ids = torch.zeros(batch, width, dtype=torch.long)
@@ -173,20 +173,23 @@ class VerifierRuntime:
         packed = torch.stack([t.reshape(batch * width, -1).index_select(0, rows) for t in per_id], dim=1)
         last_hidden = out.last_hidden_state.reshape(batch * width, -1).index_select(0, rows.index_select(0, last_rows))
         logits = self.model.lm_head(last_hidden).float()
-        issued = time.perf_counter()
+        issued, issued_cpu = time.perf_counter(), time.thread_time()
         if cuda:
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (packed, logits)]
             for dst, src in zip(host, (packed, logits)):
                 dst.copy_(src, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             packed, logits = host
-        # Host time to issue the forward vs time then waiting for the device: which side bounds a forward.
+        # Host time to issue the forward vs time then waiting for the device: which side bounds a forward. The
+        # launching thread's own CPU time says whether issuing was work (Python, dispatch) or waiting to run (the
+        # GIL held by another thread, the core taken by another process).
         log.debug(
-            "capture %d x %d (%d tokens): issued in %.1f ms, device done %.1f ms later",
+            "capture %d x %d (%d tokens): issued in %.1f ms (%.1f ms on CPU), device done %.1f ms later",
             batch,
             width,
             sum(lengths),
             (issued - start) * 1e3,
+            (issued_cpu - start_cpu) * 1e3,
             (time.perf_counter() - issued) * 1e3,
         )
         captures, offset = [], 0
