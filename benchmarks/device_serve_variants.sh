@@ -9,8 +9,11 @@
 # nogc:    --no-gc-freeze (A/B of freezing start-up objects out of the garbage collector)
 # omp1:    OMP_NUM_THREADS=1 for the benchmark's client process too (does the client's OpenMP pool slow the server?)
 # threads: --cpu-threads 16 (the server's torch CPU threads as before session 4)
-# pyspy:   the server under `py-spy record --native --idle --threads` (where the launching thread's time goes)
-# Prints the JSON lines; all logs go into ONE archive, $OUT/serve_variants.tar.gz (a call brings back few files).
+# inflight1: --forwards-in-flight 1 (A/B of launching the next forward while one runs)
+# overhead4k: --batch-overhead-tokens 4096 (fewer, larger forwards)
+# pyspy:   the server under `py-spy record --native --idle --threads` (hung at shutdown on the H200 machine)
+# Each variant's JSON line is appended to $OUT/serve_variants.jsonl as it finishes (a call cut short still returns
+# them); all logs go into ONE archive, $OUT/serve_variants.tar.gz (a call brings back few files).
 set -u
 cd "$(dirname "$0")/.."
 S=$(date +%s)
@@ -19,8 +22,9 @@ LOGS=$(mktemp -d /tmp/serve_variants.XXXX)
 source benchmarks/device_setup.sh > "$LOGS/setup.log" 2>&1
 export PYTHONPATH=/tmp/fla:$PYTHONPATH
 nvidia-smi -L
-COMMON=(--server-debug --warmup "${WARMUP:-128}")
-for v in ${VARIANTS:-default nogc omp1 pyspy}; do
+COMMON=(--server-debug --no-direct --warmup "${WARMUP:-256}")
+mkdir -p "$OUT"
+for v in ${VARIANTS:-default inflight1}; do
   args=()
   envs=()
   case $v in
@@ -28,16 +32,16 @@ for v in ${VARIANTS:-default nogc omp1 pyspy}; do
     nogc) args=(--server-args=--no-gc-freeze) ;;
     omp1) envs=(OMP_NUM_THREADS=1) ;;
     threads) args=(--server-args="--cpu-threads 16") ;;
+    inflight1) args=(--server-args="--forwards-in-flight 1") ;;
+    overhead4k) args=(--server-args="--batch-overhead-tokens 4096") ;;
     pyspy) args=(--server-prefix="/tmp/fla/bin/py-spy record --native --idle --threads --rate 100 --format raw -o $LOGS/pyspy_server.txt --") ;;
     *) echo "unknown variant $v"; continue ;;
   esac
-  [ "$v" = default ] || args+=(--no-direct)
-  env "${envs[@]}" timeout "${VARIANT_TIMEOUT:-300}" python3 benchmarks/serve_gpu.py "${COMMON[@]}" "${args[@]}" \
+  env "${envs[@]}" timeout -k 10 "${VARIANT_TIMEOUT:-400}" python3 benchmarks/serve_gpu.py "${COMMON[@]}" "${args[@]}" \
     --server-log "$LOGS/server_$v.log" > "$LOGS/serve_$v.json" 2> "$LOGS/serve_$v.err"
   echo "$v rc=$? ($(( $(date +%s) - S )) s)"
-  sed "s/^{/{\"variant\": \"$v\", /" "$LOGS/serve_$v.json" | grep "^{"
+  pkill -f "mtptune-serve-gpu-hs" 2>/dev/null  # a server a killed benchmark left behind (its storage folder)
+  sed "s/^{/{\"variant\": \"$v\", /" "$LOGS/serve_$v.json" | grep "^{" | tee -a "$OUT/serve_variants.jsonl"
 done
-mkdir -p "$OUT"
-cat "$LOGS"/serve_*.json > "$OUT/serve_variants.jsonl"
 tar -czf "$OUT/serve_variants.tar.gz" -C "$LOGS" .
 echo "done ($(( $(date +%s) - S )) s)"

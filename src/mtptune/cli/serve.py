@@ -58,7 +58,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "--max-batch-tokens",
         type=int,
         default=None,
-        help="builtin: padded tokens per capture forward (default 32768 on a GPU, 8192 on CPU); vllm: "
+        help="builtin: padded tokens per capture forward (default 16384 on a GPU, 8192 on CPU); vllm: "
         "--max-num-batched-tokens",
     )
     parser.add_argument(
@@ -112,6 +112,13 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         help="builtin, GPU: let cuDNN run the verifier's attention and causal convolutions (default off: cuDNN's "
         "attention builds an execution plan for every new input shape, ~6 ms of host time per layer, and a server "
         "sees a new prompt width in most forwards; without it SDPA uses flash attention, as vLLM does)",
+    )
+    parser.add_argument(
+        "--forwards-in-flight",
+        type=int,
+        default=2,
+        help="builtin: capture forwards launched and not yet finished (default 2: the host launches the next forward "
+        "while the GPU runs one; 1 waits for each forward before launching the next)",
     )
     parser.add_argument(
         "--gc-freeze",
@@ -291,6 +298,7 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
         kernel_warmup=args.kernel_warmup,
         cudnn=args.cudnn,
         gc_freeze=args.gc_freeze,
+        forwards_in_flight=max(1, args.forwards_in_flight),
         cpu_threads=args.cpu_threads,
         max_queue=args.max_queue,
         device=pick("device", None),

@@ -40,6 +40,7 @@ class ServerConfig:
     max_batch_tokens: int | None = None  # padded token slots per capture forward; None: by device (below)
     batch_overhead_tokens: int | None = None  # cost of one more forward, in padded tokens (None: batching's default)
     max_batch_rows: int | None = None  # requests per capture forward; None: by device (below)
+    forwards_in_flight: int = 2  # capture forwards launched and not yet finished (2: launch one while one runs)
     kernel_warmup: bool = True  # GPU: run every batch size once at start (kernel autotuning), see VerifierRuntime
     cudnn: bool = False  # GPU: cuDNN for the verifier's convolutions and SDPA (off: no per-shape plan building)
     gc_freeze: bool = True  # move the objects alive after start-up out of Python's garbage collector (as vLLM)
@@ -63,11 +64,13 @@ class ServerConfig:
 
     def batch_tokens_for(self, device_type: str) -> int:
         """Padded tokens per capture forward. On an H100 a transformers forward of a 9B hybrid verifier runs at
-        ~27k tokens/s from ~4k tokens up (docs/benchmarks.md 8.2), so a GPU forward may be large: 32k tokens is a
-        round of 64 GSM8K-length requests at a few GB of activations."""
+        ~27k tokens/s from ~4k tokens up (docs/benchmarks.md 8.2), so a GPU forward may be large: 16k tokens is a
+        round of 64 GSM8K-length requests. Larger gains nothing and costs start-up: the server warms one forward per
+        2k tokens of budget (flash-linear-attention re-tunes per 2k-token block count, ~11 s each on a cold
+        machine)."""
         if self.max_batch_tokens is not None:
             return max(self.max_batch_tokens, 1)
-        return 32768 if device_type == "cuda" else 8192
+        return 16384 if device_type == "cuda" else 8192
 
     def batch_rows_for(self, device_type: str) -> int | None:
         """Requests per capture forward. flash-linear-attention autotunes some kernels per batch size (~1 s each on

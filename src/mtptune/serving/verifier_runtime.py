@@ -22,12 +22,51 @@ from mtptune.serving.server_config import LOAD_FORMATS
 log = logging.getLogger(__name__)
 
 
+# flash-linear-attention 0.6's gated RMS norm re-tunes its kernel per this many tokens of a forward (see
+# VerifierRuntime.warm_up_batch_sizes).
+NORM_TUNING_TOKENS = 2048
+
+
 @dataclass(frozen=True)
 class Capture:
     """One request's result of a capture forward."""
 
     hidden_states: torch.Tensor  # [T, n_ids, H], model dtype, CPU (a view of the batch's buffer)
     next_token_logits: torch.Tensor  # [V] fp32: the verifier's prediction after the last prompt token
+
+
+@dataclass(frozen=True)
+class PendingCapture:
+    """A launched capture forward: `result()` waits for the device (GIL released) and splits the batch by request."""
+
+    packed: torch.Tensor  # [real tokens, n_ids, H]: pinned host memory, filled once `done` fires
+    logits: torch.Tensor  # [rows, V] fp32, likewise
+    lengths: list[int]
+    done: torch.cuda.Event | None  # None: computed synchronously (CPU)
+    started: float  # perf_counter at issue
+    issue_s: float  # host time to launch it
+    issue_cpu_s: float  # the launching thread's CPU time within that (less: it waited for the GIL or a core)
+
+    def result(self) -> list[Capture]:
+        if self.done is not None:
+            self.done.synchronize()
+        # Host time to issue the forward vs time then waiting for the device: which side bounds a forward. The
+        # launching thread's own CPU time says whether issuing was work (Python, dispatch) or waiting to run (the
+        # GIL held by another thread, the core taken by another process).
+        log.debug(
+            "capture %d x %d (%d tokens): issued in %.1f ms (%.1f ms on CPU), device done %.1f ms later",
+            len(self.lengths),
+            max(self.lengths),
+            sum(self.lengths),
+            self.issue_s * 1e3,
+            self.issue_cpu_s * 1e3,
+            (time.perf_counter() - self.started - self.issue_s) * 1e3,
+        )
+        captures, offset = [], 0
+        for row, n in enumerate(self.lengths):
+            captures.append(Capture(hidden_states=self.packed[offset : offset + n], next_token_logits=self.logits[row]))
+            offset += n
+        return captures
 
 
 @dataclass(frozen=True)
@@ -139,14 +178,20 @@ class VerifierRuntime:
             )
         return cls(hf_model, hf_tokenizer, layer_ids, torch_device)
 
-    @torch.inference_mode()
     def capture(self, sequences: Sequence[Sequence[int]]) -> list[Capture]:
-        """One right-padded forward over the batch (padding is exact for Gated DeltaNet; packing is not, contracts f).
+        """One right-padded forward over the batch, waited for (see `issue_capture`)."""
+        return self.issue_capture(sequences).result()
+
+    @torch.inference_mode()
+    def issue_capture(self, sequences: Sequence[Sequence[int]]) -> PendingCapture:
+        """Launch one right-padded forward over the batch (padding is exact for Gated DeltaNet; packing is not,
+        contracts f) and its copy back, without waiting for the device: the caller can launch the next forward while
+        this one runs (on a GPU the launches of a forward take about as long as its kernels, docs/benchmarks.md 8.2).
 
         No attention mask is passed: with right padding every real token precedes every pad, so causal attention,
         the causal conv and the delta-rule recurrence never let a pad reach a real row (exact, and SDPA keeps its
-        mask-free causal kernels). Only the real rows are copied back, in one pinned, non-blocking copy per tensor
-        and a single sync; the returned states are views of that one CPU buffer.
+        mask-free causal kernels). Only the real rows are copied back, in one pinned, non-blocking copy per tensor;
+        `PendingCapture.result()` waits for them and returns views of that one CPU buffer.
         """
         start, start_cpu = time.perf_counter(), time.thread_time()
         lengths = [len(s) for s in sequences]
@@ -173,46 +218,43 @@ class VerifierRuntime:
         packed = torch.stack([t.reshape(batch * width, -1).index_select(0, rows) for t in per_id], dim=1)
         last_hidden = out.last_hidden_state.reshape(batch * width, -1).index_select(0, rows.index_select(0, last_rows))
         logits = self.model.lm_head(last_hidden).float()
-        issued, issued_cpu = time.perf_counter(), time.thread_time()
+        done = None
         if cuda:
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (packed, logits)]
             for dst, src in zip(host, (packed, logits)):
                 dst.copy_(src, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
             packed, logits = host
-        # Host time to issue the forward vs time then waiting for the device: which side bounds a forward. The
-        # launching thread's own CPU time says whether issuing was work (Python, dispatch) or waiting to run (the
-        # GIL held by another thread, the core taken by another process).
-        log.debug(
-            "capture %d x %d (%d tokens): issued in %.1f ms (%.1f ms on CPU), device done %.1f ms later",
-            batch,
-            width,
-            sum(lengths),
-            (issued - start) * 1e3,
-            (issued_cpu - start_cpu) * 1e3,
-            (time.perf_counter() - issued) * 1e3,
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+        return PendingCapture(
+            packed, logits, lengths, done, start, time.perf_counter() - start, time.thread_time() - start_cpu
         )
-        captures, offset = [], 0
-        for row, n in enumerate(lengths):
-            captures.append(Capture(hidden_states=packed[offset : offset + n], next_token_logits=logits[row]))
-            offset += n
-        return captures
 
-    def warm_up_batch_sizes(self, max_rows: int, widths: Sequence[int] = (128, 129)) -> float:
-        """Run one short capture forward per row count 1..max_rows and width, returning the seconds spent.
+    def warm_up_batch_sizes(
+        self,
+        max_rows: int,
+        widths: Sequence[int] = (128, 129),
+        max_tokens: int = 0,
+        token_block: int = NORM_TUNING_TOKENS,
+    ) -> float:
+        """Run one short capture forward per row count 1..max_rows and width, then one forward per multiple of
+        `token_block` tokens up to `max_tokens`; returns the seconds spent.
 
-        flash-linear-attention's Triton kernels autotune per batch size (its cumsum kernels key on B), and Triton
-        compiles each kernel again for integer arguments that are 1 or not a multiple of 16 (a sequence length,
-        its number of 64-token chunks): on an H100 ~1 s per new row count and ~13 s for the first length of a new
-        kind, paid inside a live request's forward otherwise (docs/benchmarks.md 8.2). The default widths are two
-        chunks (a multiple of 16) and three (not one), the kinds real prompts have. Triton keeps the tuning on disk
-        (TRITON_CACHE_DIR), so later starts pay only the short forwards.
+        flash-linear-attention's Triton kernels autotune per batch size (its cumsum kernels key on B) and per
+        2,048-token block count (its gated RMS norm keys on cdiv(tokens x heads, 65,536)), and Triton compiles each
+        kernel again for integer arguments that are 1 or not a multiple of 16 (a sequence length, its number of
+        64-token chunks): on an H200 ~0.8 s per new row count and ~11 s per new block count or length kind, paid
+        inside a live request's forward otherwise (docs/benchmarks.md 8.2). The default widths are two chunks (a
+        multiple of 16) and three (not one), the kinds real prompts have. Triton keeps compiled kernels on disk
+        (TRITON_CACHE_DIR), so later starts pay only the forwards and the tuning runs.
         """
         start = time.perf_counter()
         token = self.eos_token_ids[0] if self.eos_token_ids else 0
         for rows in range(1, max_rows + 1):
             for width in widths:
                 self.capture([[token] * width] * rows)
+        for blocks in range(2, max_tokens // token_block + 1):
+            self.capture([[token] * (blocks * token_block // max_rows)] * max_rows)
         return time.perf_counter() - start
 
     @torch.inference_mode()
