@@ -7,7 +7,7 @@
 # GPU 1: the peer (speculators 0.9.0) then mtptune's trainer step on the same files (8.1, with a kernel profile).
 # GPU 1: then the GPU test suite (8.4, without flash-linear-attention importable).
 # GPU 0: the built-in server at concurrency 32 with its per-forward debug log (8.2), under each of $SERVE_VARIANTS
-#        (benchmarks/device_serve_variants.sh; default "default inflight1").
+#        (benchmarks/device_serve_variants.sh; default "default").
 # JSON lines go to $OUT/issue8.jsonl and $OUT/serve_variants.jsonl as each part finishes (a call cut short still
 # returns them); logs go into two archives, $OUT/issue8_logs.tar.gz and $OUT/serve_variants.tar.gz: a call brings
 # back only a few files from $OUT (8 in 2026-11), and the rest is lost.
@@ -36,7 +36,7 @@ mkdir -p "$OUT"
 ) &
 (
   export CUDA_VISIBLE_DEVICES=0
-  VARIANTS="${SERVE_VARIANTS:-default inflight1}" OUT=$OUT bash benchmarks/device_serve_variants.sh > "$LOGS/serve.log" 2>&1
+  VARIANTS="${SERVE_VARIANTS:-default}" OUT=$OUT bash benchmarks/device_serve_variants.sh > "$LOGS/serve.log" 2>&1
   echo "8.2 done ($(elapsed) s)"
 ) &
 wait

@@ -9,7 +9,6 @@
 # nogc:    --no-gc-freeze (A/B of freezing start-up objects out of the garbage collector)
 # omp1:    OMP_NUM_THREADS=1 for the benchmark's client process too (does the client's OpenMP pool slow the server?)
 # threads: --cpu-threads 16 (the server's torch CPU threads as before session 4)
-# inflight1: --forwards-in-flight 1 (A/B of launching the next forward while one runs)
 # overhead4k: --batch-overhead-tokens 4096 (fewer, larger forwards)
 # pyspy:   the server under `py-spy record --native --idle --threads` (hung at shutdown on the H200 machine)
 # Each variant's JSON line is appended to $OUT/serve_variants.jsonl as it finishes (a call cut short still returns
@@ -24,7 +23,7 @@ export PYTHONPATH=/tmp/fla:$PYTHONPATH
 nvidia-smi -L
 COMMON=(--server-debug --no-direct --warmup "${WARMUP:-256}")
 mkdir -p "$OUT"
-for v in ${VARIANTS:-default inflight1}; do
+for v in ${VARIANTS:-default}; do
   args=()
   envs=()
   case $v in
@@ -32,7 +31,6 @@ for v in ${VARIANTS:-default inflight1}; do
     nogc) args=(--server-args=--no-gc-freeze) ;;
     omp1) envs=(OMP_NUM_THREADS=1) ;;
     threads) args=(--server-args="--cpu-threads 16") ;;
-    inflight1) args=(--server-args="--forwards-in-flight 1") ;;
     overhead4k) args=(--server-args="--batch-overhead-tokens 4096") ;;
     pyspy) args=(--server-prefix="/tmp/fla/bin/py-spy record --native --idle --threads --rate 100 --format raw -o $LOGS/pyspy_server.txt --") ;;
     *) echo "unknown variant $v"; continue ;;

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -102,48 +101,6 @@ def test_batcher_runs_the_oldest_request_first_with_its_length_neighbours() -> N
     assert seen == [[880, 890, 900, 905], [95, 100, 110, 120]]  # the oldest (900) goes first, with its peers
 
 
-def test_pipelined_batcher_launches_the_next_batch_while_one_finishes_and_isolates_failures() -> None:
-    """With finish_batch, batch n+1 is launched before batch n's results are in, never more than max_in_flight at
-    once; a batch whose finish fails fails only its own requests."""
-    events: list[str] = []
-    release = {i: threading.Event() for i in range(4)}
-
-    def launch(batch: list[list[int]]) -> tuple[int, list[int]]:
-        index = sum(e.startswith("launch") for e in events)
-        events.append(f"launch {index}")
-        return index, [len(s) for s in batch]
-
-    def finish(launched: tuple[int, list[int]]) -> list[int]:
-        index, lengths = launched
-        assert release[index].wait(5)
-        events.append(f"finish {index}")
-        if index == 1:
-            raise RuntimeError("device lost batch 1")
-        return lengths
-
-    async def scenario() -> list:
-        with ThreadPoolExecutor(1) as model, ThreadPoolExecutor(1) as done:
-            batcher: DynamicBatcher[int] = DynamicBatcher(
-                launch, model, max_batch_tokens=1 << 20, window_s=0.01, max_rows=1,
-                finish_batch=finish, finish_executor=done, max_in_flight=2,
-            )  # fmt: skip
-            batcher.start()
-            tasks = [asyncio.create_task(batcher.submit([1] * n)) for n in (10, 20, 30)]
-            await asyncio.sleep(0.3)
-            in_flight = list(events)  # two launched, none finished, the third held back
-            for i in range(3):
-                release[i].set()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            await batcher.stop()
-        return [in_flight, results]
-
-    in_flight, results = asyncio.run(scenario())
-    assert in_flight == ["launch 0", "launch 1"]
-    assert results[0] == 10 and results[2] == 30
-    assert isinstance(results[1], RuntimeError) and "batch 1" in str(results[1])
-    assert events.index("launch 2") > events.index("finish 0")
-
-
 @pytest.fixture(scope="module")
 def runtime_fp32(tiny_verifier: Path) -> VerifierRuntime:
     return VerifierRuntime.load(str(tiny_verifier), [1, 4], device="cpu", dtype="float32")
@@ -173,7 +130,5 @@ def test_kernel_warm_up_runs_every_batch_size_and_leaves_captures_exact(runtime_
         hook.remove()
     # every row count at both widths, then one forward per 16-token block count 2..3 (32 and 48 tokens)
     assert shapes == [(1, 8), (1, 9), (2, 8), (2, 9), (3, 8), (3, 9), (3, 10), (3, 16)]
-    pending = runtime_fp32.issue_capture([prompt])  # the server's launch / finish halves of the same capture
-    torch.testing.assert_close(pending.result()[0].hidden_states, before.hidden_states, atol=0, rtol=0)
     after = runtime_fp32.capture([prompt])[0]
     torch.testing.assert_close(after.hidden_states, before.hidden_states, atol=0, rtol=0)

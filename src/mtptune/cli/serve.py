@@ -114,13 +114,6 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "sees a new prompt width in most forwards; without it SDPA uses flash attention, as vLLM does)",
     )
     parser.add_argument(
-        "--forwards-in-flight",
-        type=int,
-        default=2,
-        help="builtin: capture forwards launched and not yet finished (default 2: the host launches the next forward "
-        "while the GPU runs one; 1 waits for each forward before launching the next)",
-    )
-    parser.add_argument(
         "--gc-freeze",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -298,7 +291,6 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
         kernel_warmup=args.kernel_warmup,
         cudnn=args.cudnn,
         gc_freeze=args.gc_freeze,
-        forwards_in_flight=max(1, args.forwards_in_flight),
         cpu_threads=args.cpu_threads,
         max_queue=args.max_queue,
         device=pick("device", None),

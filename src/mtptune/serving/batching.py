@@ -88,29 +88,15 @@ def plan_forwards(
 class _BatchLoop:
     """What both batchers share: a background task woken by an event that waits a short window for requests to
     join, cuts a batch, runs it on the executor and resolves each request's future; on stop every pending request
-    fails. Subclasses decide the waiting, the cut, the inputs and the bookkeeping (the hooks below).
-
-    With `finish_batch`, `run_batch` only launches a batch and `finish_batch(launched)` (on `finish_executor`) waits
-    for its results, while the loop cuts and launches the next one; at most `max_in_flight` batches are launched and
-    not finished (the GPU runs one forward while the host launches the next).
-    """
+    fails. Subclasses decide the waiting, the cut, the inputs and the bookkeeping (the hooks below)."""
 
     _task_name = "batcher"
     _queue: deque | list
     _wakeup: asyncio.Event | None
     _task: asyncio.Task | None
-    run_batch: Callable
-    executor: Executor
-    finish_batch: Callable | None = None
-    finish_executor: Executor | None = None
-    _in_flight: asyncio.Semaphore | None = None
-    max_in_flight: int = 1
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
-        self._finishing: dict[asyncio.Task, list] = {}
-        if self.finish_batch is not None:
-            self._in_flight = asyncio.Semaphore(max(1, self.max_in_flight))
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self._task_name)
 
     # What each batcher decides (hooks of the shared loop below).
@@ -129,6 +115,7 @@ class _BatchLoop:
 
     async def _loop(self) -> None:
         assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 self._wakeup.clear()
@@ -141,57 +128,24 @@ class _BatchLoop:
                     await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
                 except asyncio.TimeoutError:
                     break
-            if self._in_flight is not None:
-                await self._in_flight.acquire()  # before the cut: requests keep joining while forwards run
             batch = self._cut()
             if not batch:
-                self._release_slot()
                 continue
             self._started(batch)
             start = time.perf_counter()
             try:
-                launched = await self._run(self.run_batch, self._inputs(batch))
-            except Exception as exc:
-                self._release_slot()
-                self._fail(batch, exc)
+                results = await loop.run_in_executor(self.executor, self.run_batch, self._inputs(batch))
+            except Exception as exc:  # one failure fails the batch's requests, never the loop
+                log.exception("%s: batch of %d requests failed", self._task_name, len(batch))
+                self._finished(batch, None)
+                for item in batch:
+                    if item.future is not None and not item.future.done():
+                        item.future.set_exception(exc)
                 continue
-            if self.finish_batch is None:
-                self._resolve(batch, launched, start)
-            else:  # wait for it beside the loop, which goes on to launch the next batch
-                task = asyncio.get_running_loop().create_task(self._finish(batch, launched, start))
-                self._finishing[task] = batch
-                task.add_done_callback(self._finishing.pop)
-
-    async def _run(self, fn: Callable, arg, executor: Executor | None = None):
-        return await asyncio.get_running_loop().run_in_executor(executor or self.executor, fn, arg)
-
-    async def _finish(self, batch: list, launched, start: float) -> None:
-        try:
-            results = await self._run(self.finish_batch, launched, self.finish_executor)
-        except Exception as exc:
-            self._fail(batch, exc)
-            return
-        finally:
-            self._release_slot()
-        self._resolve(batch, results, start)
-
-    def _release_slot(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight.release()
-
-    def _resolve(self, batch: list, results: list, start: float) -> None:
-        self._finished(batch, time.perf_counter() - start)
-        for item, result in zip(batch, results):
-            if item.future is not None and not item.future.done():
-                item.future.set_result(result)
-
-    def _fail(self, batch: list, exc: BaseException) -> None:
-        """One failure fails the batch's requests, never the loop."""
-        log.error("%s: batch of %d requests failed: %r", self._task_name, len(batch), exc, exc_info=exc)
-        self._finished(batch, None)
-        for item in batch:
-            if item.future is not None and not item.future.done():
-                item.future.set_exception(exc)
+            self._finished(batch, time.perf_counter() - start)
+            for item, result in zip(batch, results):
+                if item.future is not None and not item.future.done():
+                    item.future.set_result(result)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -199,11 +153,6 @@ class _BatchLoop:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for task, batch in list(
-            getattr(self, "_finishing", {}).items()
-        ):  # launched forwards whose results never came back
-            task.cancel()
-            self._queue.extend(batch)
         for pending in self._queue:
             if pending.future is not None and not pending.future.done():
                 pending.future.set_exception(RuntimeError("server shutting down"))
@@ -211,8 +160,7 @@ class _BatchLoop:
 
 
 class DynamicBatcher(_BatchLoop, Generic[Result]):
-    """Feeds `run_batch(list of token-id sequences) -> list of results` (run on `executor`) in padded batches, or,
-    with `finish_batch`, `run_batch(...) -> launched` and `finish_batch(launched) -> list of results` (pipelined).
+    """Feeds `run_batch(list of token-id sequences) -> list of results` (run on `executor`) in padded batches.
 
     `on_batch(rows, tokens, padded_tokens, seconds)` is called after each forward and `on_start(queue waits in
     seconds)` as it starts (metrics)."""
@@ -230,15 +178,9 @@ class DynamicBatcher(_BatchLoop, Generic[Result]):
         on_start: Callable[[list[float]], None] | None = None,
         overhead_tokens: int = FORWARD_OVERHEAD_TOKENS,
         max_rows: int | None = None,
-        finish_batch: Callable[[object], list[Result]] | None = None,
-        finish_executor: Executor | None = None,
-        max_in_flight: int = 2,
     ) -> None:
         self.run_batch = run_batch
         self.executor = executor
-        self.finish_batch = finish_batch
-        self.finish_executor = finish_executor
-        self.max_in_flight = max_in_flight
         self.max_batch_tokens = max_batch_tokens
         self.overhead_tokens = overhead_tokens
         self.max_rows = max_rows

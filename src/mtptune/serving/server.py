@@ -31,7 +31,7 @@ from mtptune.serving.hidden_state_files import (
 from mtptune.serving.metrics import ServerMetrics
 from mtptune.serving.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
 from mtptune.serving.server_config import ServerConfig
-from mtptune.serving.verifier_runtime import Capture, Generation, PendingCapture, VerifierRuntime, sample_token
+from mtptune.serving.verifier_runtime import Capture, Generation, VerifierRuntime, sample_token
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +56,13 @@ class HiddenStatesServer:
             )
         text_config = runtime.model.config.get_text_config()
         self.max_model_len = int(config.max_model_len or getattr(text_config, "max_position_embeddings", 4096))
-        # One model thread: torch calls are serialised. A second thread waits for each launched capture forward while
-        # the model thread launches the next; file writes overlap with both.
+        # One model thread: torch calls are serialised; file writes overlap with the next forward.
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="verifier")
-        self.finish_executor = ThreadPoolExecutor(1, thread_name_prefix="capture-done")
         self.writer_executor = ThreadPoolExecutor(config.writer_threads, thread_name_prefix="hs-writer")
         self.max_batch_tokens = config.batch_tokens_for(runtime.device.type)
         self.batcher: DynamicBatcher[Capture] = DynamicBatcher(
-            runtime.issue_capture,
+            runtime.capture,
             self.model_executor,
-            finish_batch=PendingCapture.result,
-            finish_executor=self.finish_executor,
-            max_in_flight=config.forwards_in_flight,
             max_batch_tokens=self.max_batch_tokens,
             window_s=config.batch_window_ms / 1000.0,
             max_queue=config.max_queue,
@@ -405,7 +400,6 @@ class HiddenStatesServer:
             await self.generator.stop()
             self.writer_executor.shutdown(wait=True)
             self.model_executor.shutdown(wait=False, cancel_futures=True)
-            self.finish_executor.shutdown(wait=False, cancel_futures=True)
             self.metrics.unwatch_gc()
 
 

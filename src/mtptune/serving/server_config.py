@@ -40,7 +40,6 @@ class ServerConfig:
     max_batch_tokens: int | None = None  # padded token slots per capture forward; None: by device (below)
     batch_overhead_tokens: int | None = None  # cost of one more forward, in padded tokens (None: batching's default)
     max_batch_rows: int | None = None  # requests per capture forward; None: by device (below)
-    forwards_in_flight: int = 2  # capture forwards launched and not yet finished (2: launch one while one runs)
     kernel_warmup: bool = True  # GPU: run every batch size once at start (kernel autotuning), see VerifierRuntime
     cudnn: bool = False  # GPU: cuDNN for the verifier's convolutions and SDPA (off: no per-shape plan building)
     gc_freeze: bool = True  # move the objects alive after start-up out of Python's garbage collector (as vLLM)

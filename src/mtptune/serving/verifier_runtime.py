@@ -36,40 +36,6 @@ class Capture:
 
 
 @dataclass(frozen=True)
-class PendingCapture:
-    """A launched capture forward: `result()` waits for the device (GIL released) and splits the batch by request."""
-
-    packed: torch.Tensor  # [real tokens, n_ids, H]: pinned host memory, filled once `done` fires
-    logits: torch.Tensor  # [rows, V] fp32, likewise
-    lengths: list[int]
-    done: torch.cuda.Event | None  # None: computed synchronously (CPU)
-    started: float  # perf_counter at issue
-    issue_s: float  # host time to launch it
-    issue_cpu_s: float  # the launching thread's CPU time within that (less: it waited for the GIL or a core)
-
-    def result(self) -> list[Capture]:
-        if self.done is not None:
-            self.done.synchronize()
-        # Host time to issue the forward vs time then waiting for the device: which side bounds a forward. The
-        # launching thread's own CPU time says whether issuing was work (Python, dispatch) or waiting to run (the
-        # GIL held by another thread, the core taken by another process).
-        log.debug(
-            "capture %d x %d (%d tokens): issued in %.1f ms (%.1f ms on CPU), device done %.1f ms later",
-            len(self.lengths),
-            max(self.lengths),
-            sum(self.lengths),
-            self.issue_s * 1e3,
-            self.issue_cpu_s * 1e3,
-            (time.perf_counter() - self.started - self.issue_s) * 1e3,
-        )
-        captures, offset = [], 0
-        for row, n in enumerate(self.lengths):
-            captures.append(Capture(hidden_states=self.packed[offset : offset + n], next_token_logits=self.logits[row]))
-            offset += n
-        return captures
-
-
-@dataclass(frozen=True)
 class Generation:
     token_ids: list[int]  # generated tokens (EOS included when it stopped there)
     finish_reason: str  # "stop" | "length"
@@ -178,20 +144,14 @@ class VerifierRuntime:
             )
         return cls(hf_model, hf_tokenizer, layer_ids, torch_device)
 
-    def capture(self, sequences: Sequence[Sequence[int]]) -> list[Capture]:
-        """One right-padded forward over the batch, waited for (see `issue_capture`)."""
-        return self.issue_capture(sequences).result()
-
     @torch.inference_mode()
-    def issue_capture(self, sequences: Sequence[Sequence[int]]) -> PendingCapture:
-        """Launch one right-padded forward over the batch (padding is exact for Gated DeltaNet; packing is not,
-        contracts f) and its copy back, without waiting for the device: the caller can launch the next forward while
-        this one runs (on a GPU the launches of a forward take about as long as its kernels, docs/benchmarks.md 8.2).
+    def capture(self, sequences: Sequence[Sequence[int]]) -> list[Capture]:
+        """One right-padded forward over the batch (padding is exact for Gated DeltaNet; packing is not, contracts f).
 
         No attention mask is passed: with right padding every real token precedes every pad, so causal attention,
         the causal conv and the delta-rule recurrence never let a pad reach a real row (exact, and SDPA keeps its
-        mask-free causal kernels). Only the real rows are copied back, in one pinned, non-blocking copy per tensor;
-        `PendingCapture.result()` waits for them and returns views of that one CPU buffer.
+        mask-free causal kernels). Only the real rows are copied back, in one pinned, non-blocking copy per tensor
+        and a single sync; the returned states are views of that one CPU buffer.
         """
         start, start_cpu = time.perf_counter(), time.thread_time()
         lengths = [len(s) for s in sequences]
@@ -218,17 +178,30 @@ class VerifierRuntime:
         packed = torch.stack([t.reshape(batch * width, -1).index_select(0, rows) for t in per_id], dim=1)
         last_hidden = out.last_hidden_state.reshape(batch * width, -1).index_select(0, rows.index_select(0, last_rows))
         logits = self.model.lm_head(last_hidden).float()
-        done = None
+        issued, issued_cpu = time.perf_counter(), time.thread_time()
         if cuda:
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (packed, logits)]
             for dst, src in zip(host, (packed, logits)):
                 dst.copy_(src, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
             packed, logits = host
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.device))
-        return PendingCapture(
-            packed, logits, lengths, done, start, time.perf_counter() - start, time.thread_time() - start_cpu
+        # Host time to issue the forward vs time then waiting for the device: which side bounds a forward. The
+        # launching thread's own CPU time says whether issuing was work (Python, dispatch) or waiting to run (the
+        # GIL held by another thread, the core taken by another process).
+        log.debug(
+            "capture %d x %d (%d tokens): issued in %.1f ms (%.1f ms on CPU), device done %.1f ms later",
+            batch,
+            width,
+            sum(lengths),
+            (issued - start) * 1e3,
+            (issued_cpu - start_cpu) * 1e3,
+            (time.perf_counter() - issued) * 1e3,
         )
+        captures, offset = [], 0
+        for row, n in enumerate(lengths):
+            captures.append(Capture(hidden_states=packed[offset : offset + n], next_token_logits=logits[row]))
+            offset += n
+        return captures
 
     def warm_up_batch_sizes(
         self,
