@@ -434,6 +434,10 @@ def _steps_per_record(train: list[dict], epoch_vals: list[dict]) -> list[int]:
     return out
 
 
+# Fewest rows a run on a prefix of the sample may train on: fewer make one or two steps per epoch.
+MIN_PREFIX_ROWS = 100
+
+
 def extrapolate(run: dict, scale: float, ref_val_s: float | None) -> dict | None:
     """wall(N) = fixed + scale * scalable. Scalable: each epoch's span (previous validation end to its validation
     end: checkpoint save, loader fill, steps, validation) less the save (validation end to the next epoch's loader
@@ -824,10 +828,13 @@ class Pipeline:
                 # Less time left than the previous run took: train on a prefix (--max-rows) sized by its timing
                 # (a hybrid run takes no longer than an online one on the same rows); its own scale applies.
                 fixed, wall = previous["extrapolated_to_N"]["fixed_s"], previous["measured"]["wall_s"]
-                rows = max(10, min(n, math.floor(0.9 * n * (remaining - fixed) / max(wall - fixed, 1.0))))
+                rows = max(0, min(n, math.floor(0.9 * n * (remaining - fixed) / max(wall - fixed, 1.0))))
                 max_rows = rows if rows < n else None
-            if remaining < 20 or (max_rows is not None and remaining < 0.5 * previous["extrapolated_to_N"]["fixed_s"]):
-                self.result["modes"][mode] = {"skipped": f"time budget: {remaining:.0f} s left"}
+            if remaining < 20 or (max_rows is not None and rows < MIN_PREFIX_ROWS):
+                # A prefix of a few rows is one step per epoch: its timing says nothing about N rows (2026-11-28:
+                # 10 rows "extrapolated" to 2,288 s). Better reported as not measured.
+                self.result["modes"][mode] = {"skipped": f"time budget: {remaining:.0f} s left, room for {rows} rows"}
+                say(f"{mode}: skipped, {remaining:.0f} s left is room for only {rows} rows")
                 continue
             val_ref = online_val_s * rows / n if online_val_s is not None else None
             run = self.result["modes"][mode] = self.run_mode(mode, rows, max_rows, val_ref)

@@ -138,9 +138,9 @@ def capture_flops(lengths: list[int], text: dict) -> dict[str, float]:
     }
 
 
-def mean_of(delta, histogram: str) -> float | None:
-    count = delta(histogram + "_count")
-    return round(delta(histogram + "_sum") / count, 4) if count == count and count else None
+def mean_of(delta, histogram: str, labels: str = "") -> float | None:
+    count = delta(f"{histogram}_count{labels}")
+    return round(delta(f"{histogram}_sum{labels}") / count, 4) if count == count and count else None
 
 
 def gc_delta(before: str, after: str, field: str, generation: int) -> float:
@@ -364,6 +364,10 @@ def main() -> None:
         # Where a capture request's time goes besides its forward (servers from before these histograms: None).
         "mean_queue_wait_s": mean_of(delta, "mtptune_queue_wait_seconds"),
         "mean_file_write_s": mean_of(delta, "mtptune_file_write_seconds"),
+        # The server's view of a capture request (arrival to answer); the client's cycle is concurrency x wall /
+        # requests, the rest of it is HTTP and the client itself.
+        "mean_request_latency_s": mean_of(delta, "mtptune_request_latency_seconds", '{endpoint="/v1/completions"}'),
+        "client_cycle_s": round(args.concurrency * wall / len(prompts), 4),
         "gc_pause_s": {g: round(gc_delta(before, after, "sum", g), 4) for g in range(3)},
         "gc_collections": {g: int(gc_delta(before, after, "count", g)) for g in range(3)},
         "failed": len(failed),

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mtptune.serving import hidden_state_files
 from mtptune.serving.hidden_state_files import (
     HiddenStatesInvalid,
     HiddenStatesWriteLock,
@@ -40,6 +41,24 @@ def test_reader_waits_for_the_writer_lock(tmp_path: Path) -> None:
     got = read_hidden_states_file(path, IDS, 1, 8, lock_timeout=5.0)
     assert time.monotonic() - start >= 0.25
     assert torch.equal(got.hidden_states, states) and got.token_ids.dtype == torch.int64
+
+
+def test_reader_polls_a_held_lock_from_1_ms_up_to_100_ms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server answers before its file is written and finishes it a few ms later: the reader polls again after
+    1, 2, 4, ... ms (at most 100 ms apart), not at a fixed 100 ms, which was most of a request's cycle on a GPU."""
+    path = tmp_path / "req.safetensors"
+    lock = HiddenStatesWriteLock(path)
+    pauses: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the writer finishes during the reader's 9th pause
+        pauses.append(seconds)
+        if len(pauses) == 9:
+            write_hidden_states_file(path, good_states(), torch.tensor(IDS))
+            lock.release()
+
+    monkeypatch.setattr(hidden_state_files.time, "sleep", sleep)
+    read_hidden_states_file(path, IDS, 1, 8, lock_timeout=60.0)
+    assert pauses == [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.1, 0.1]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
