@@ -39,7 +39,7 @@ class BatchLoader:
         self._prefetcher = prefetch(source, (rows[i] for ids in micro for i in ids), prefetch_rows)
 
         def assemble(ids: list[int]) -> PackedBatch | None:
-            kept, hidden = take_rows(self._prefetcher, [rows[i] for i in ids], stats, on_missing, warn)
+            kept, hidden = take_rows(self._prefetcher, len(ids), stats, on_missing, warn)
             if not kept:
                 return None
             batch = collate(kept, hidden, pad_to, num_steps)

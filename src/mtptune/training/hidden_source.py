@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,19 +167,34 @@ def build_source(config: HiddenStatesConfig, data_path: str, verifier_name: str,
 
 
 def prefetch(source, rows: Iterable[Row], depth: int) -> Background:
-    """`source.stream(rows)` in a background thread, at most `depth` rows ahead of the consumer."""
-    return Background(source.stream(rows), depth, "mtptune-prefetch")
+    """`source.stream(rows)` in a background thread, at most `depth` rows ahead of the consumer; yields each
+    `(row, hidden states or exception)`, so that the consumer never builds a row again."""
+    sent: deque[Row] = deque()  # rows handed to the source, not yet answered (the source answers in order)
+
+    def remember() -> Iterator[Row]:
+        for row in rows:
+            sent.append(row)
+            yield row
+
+    def answered() -> Iterator[tuple[Row, object]]:
+        for row_id, result in source.stream(remember()):
+            row = sent.popleft()
+            if row_id != row.row_id:
+                raise RuntimeError(f"hidden states arrived out of order: expected row {row.row_id}, got {row_id}")
+            yield row, result
+
+    return Background(answered(), depth, "mtptune-prefetch")
 
 
 def take_rows(
-    prefetcher: Background, rows: list[Row], stats: SourceStats, on_missing: str, warn: Callable[[str], None]
+    prefetcher: Background, count: int, stats: SourceStats, on_missing: str, warn: Callable[[str], None]
 ) -> tuple[list[Row], list[torch.Tensor]]:
-    """Pull the hidden states of `rows` (in order) and keep the rows that have valid ones; count the others."""
+    """Pull the next `count` rows and their hidden states (in order) and keep the rows that have valid ones; count
+    the others."""
     kept, hidden = [], []
-    for row in rows:
-        row_id, result = prefetcher.next()
-        if row_id != row.row_id:
-            raise RuntimeError(f"hidden states arrived out of order: expected row {row.row_id}, got {row_id}")
+    for _ in range(count):
+        row, result = prefetcher.next()
+        row_id = row.row_id
         if isinstance(result, ServerUnavailable):
             raise result  # skipping would lose the sample; the trainer saves a checkpoint and stops
         if isinstance(result, MissingHiddenStates):
