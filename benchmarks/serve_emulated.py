@@ -22,7 +22,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import httpx  # noqa: E402  (after the path insert)
 import torch  # noqa: E402
+from serve_gpu import start_server  # noqa: E402  (this folder)
 
 from mtptune.serving.client import HiddenStatesClient  # noqa: E402
 from mtptune.serving.server_config import ServerConfig, free_port  # noqa: E402
@@ -101,23 +101,11 @@ def main() -> None:
 
     shm = Path("/dev/shm")
     storage = Path(tempfile.mkdtemp(prefix="mtptune-emulated-hs-", dir=shm if shm.is_dir() else None))
-    port = free_port()
-    cmd = [sys.executable, __file__, "--serve", "--storage", str(storage), "--port", str(port),
+    cmd = [sys.executable, __file__, "--serve", "--storage", str(storage), "--port", str(free_port()),
            "--hidden-size", str(args.hidden_size), "--launch-ms", str(args.launch_ms),
            "--us-per-token", str(args.us_per_token)]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+    server, base, _ = start_server(cmd, storage / "server.log", timeout=120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"emulated server did not start: {server.stderr.read() if server.stderr else ''}")
-            time.sleep(0.2)
         rng = random.Random(0)
         prompts = [
             [rng.randint(1, VOCAB - 1) for _ in range(rng.randint(args.min_len, args.max_len))]
@@ -155,7 +143,9 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "tokens_per_s": round(tokens / wall, 1),
                 "rows_per_forward": round(rows / forwards, 2),
-                "padding_fraction": round(1 - delta("mtptune_batched_tokens_total") / delta("mtptune_padded_tokens_total"), 4),
+                "padding_fraction": round(
+                    1 - delta("mtptune_batched_tokens_total") / delta("mtptune_padded_tokens_total"), 4
+                ),
                 "mean_forward_s": round(delta("mtptune_forward_seconds_sum") / forwards, 4),
                 "mean_queue_wait_s": round(delta("mtptune_queue_wait_seconds_sum") / rows, 4),
                 "mean_server_latency_s": round(delta(latency.format("sum")) / delta(latency.format("count")), 4),

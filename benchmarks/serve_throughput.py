@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from serve_gpu import start_server  # this folder
 
 from mtptune.serving.client import HiddenStatesClient
 from mtptune.serving.server_config import free_port
@@ -68,20 +67,8 @@ def main() -> None:
     cmd = [sys.executable, "-m", "mtptune.cli.main", "serve", str(model_dir), "--engine", "builtin", "--port",
            str(port), "--hidden-states-path", str(work / "hs"), "--max-batch-tokens", str(budget),
            "--batch-window-ms", str(args.batch_window_ms)]  # fmt: skip
-    log = open(work / "server.log", "w")  # noqa: SIM115 - lives as long as the server
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    server, base, _ = start_server(cmd, work / "server.log", timeout=120)
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start:\n{(work / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.2)
         with HiddenStatesClient([base], concurrency=in_flight, hidden_size=spec.hidden_size) as client:
             list(client.iter_fetch([(i, prompts[i]) for i in range(args.concurrency)]))  # warm-up
             warm = httpx.get(base + "/metrics").text
