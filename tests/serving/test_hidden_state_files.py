@@ -45,7 +45,7 @@ def test_reader_waits_for_the_writer_lock(tmp_path: Path) -> None:
 
 def test_reader_polls_a_held_lock_from_1_ms_up_to_100_ms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server answers before its file is written and finishes it a few ms later: the reader polls again after
-    1, 2, 4, ... ms (at most 100 ms apart), not at a fixed 100 ms, which was most of a request's cycle on a GPU."""
+    1, 2, 4, ... ms (at most 100 ms apart), not at a fixed 100 ms."""
     path = tmp_path / "req.safetensors"
     lock = HiddenStatesWriteLock(path)
     pauses: list[float] = []

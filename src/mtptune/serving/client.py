@@ -75,8 +75,8 @@ class _ConnectionPools:
     """Several small httpx connection pools used in turn instead of one large one.
 
     httpcore checks every pooled connection for expiry whenever it hands one out, so one pool of 64 connections made
-    that scan ~40 % of the client's event loop (profiled with py-spy at 32 requests in flight); pools of
-    CONNECTIONS_PER_POOL keep the scan short.
+    that scan ~40 % of the client's event loop (py-spy, 32 requests in flight, `benchmarks/serve_emulated.py`); pools
+    of CONNECTIONS_PER_POOL keep the scan short.
     """
 
     CONNECTIONS_PER_POOL = 4

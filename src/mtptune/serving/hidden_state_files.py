@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 LOCK_SUFFIX = ".lock"
 PARTIAL_SUFFIX = ".partial"  # a file being written; renamed to its final name when complete
 # The reader polls a held lock after 1 ms, then twice as long each time up to 100 ms: the built-in server answers
-# before its file is written and finishes it a few ms later, so a fixed 100 ms poll cost most of a request's cycle.
+# before its file is written and finishes it a few ms later, so a fixed 100 ms poll could add ~100 ms to a request.
 LOCK_POLL_FIRST = 0.001
 LOCK_POLL_INTERVAL = 0.1
 INVALID_REASONS = ("missing_key", "token_mismatch", "shape", "non_finite", "all_zero", "unreadable")
