@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import httpx  # noqa: E402  (after the path insert)
 import torch  # noqa: E402
-from serve_gpu import start_server  # noqa: E402  (this folder)
+from serve_gpu import counter, mean_of, start_server, stop_server  # noqa: E402  (this folder)
 
 from mtptune.serving.client import HiddenStatesClient  # noqa: E402
 from mtptune.serving.server_config import ServerConfig, free_port  # noqa: E402
@@ -78,10 +78,6 @@ def serve(args: argparse.Namespace) -> None:
     uvicorn.run(HiddenStatesServer(config, runtime).build_app(), port=args.port, log_level="warning")  # type: ignore[arg-type]
 
 
-def metric(text: str, name: str) -> float:
-    return float(next((line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")), "nan"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=320, help="timed requests (after a warm-up of 64)")
@@ -122,15 +118,13 @@ def main() -> None:
             wall = time.perf_counter() - start
             after = httpx.get(base + "/metrics").text
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_server(server, profiled=False)
         shutil.rmtree(storage, ignore_errors=True)
 
     def delta(name: str) -> float:
-        return metric(after, name) - metric(before, name)
+        return counter(after, name) - counter(before, name)
 
     rows, forwards = delta("mtptune_batched_requests_total"), delta("mtptune_batches_total")
-    latency = 'mtptune_request_latency_seconds_{}{{endpoint="/v1/completions"}}'
     tokens = sum(len(p) for p in prompts[64:])
     print(
         json.dumps(
@@ -147,8 +141,10 @@ def main() -> None:
                     1 - delta("mtptune_batched_tokens_total") / delta("mtptune_padded_tokens_total"), 4
                 ),
                 "mean_forward_s": round(delta("mtptune_forward_seconds_sum") / forwards, 4),
-                "mean_queue_wait_s": round(delta("mtptune_queue_wait_seconds_sum") / rows, 4),
-                "mean_server_latency_s": round(delta(latency.format("sum")) / delta(latency.format("count")), 4),
+                "mean_queue_wait_s": mean_of(delta, "mtptune_queue_wait_seconds"),
+                "mean_server_latency_s": mean_of(
+                    delta, "mtptune_request_latency_seconds", '{endpoint="/v1/completions"}'
+                ),
                 "client_cycle_s": round(args.concurrency * wall / args.requests, 4),
                 "failed": sum(isinstance(r, Exception) for _, r in results),
             }

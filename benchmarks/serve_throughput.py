@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from serve_gpu import start_server  # this folder
+from serve_gpu import start_server, stop_server  # this folder
 
 from mtptune.serving.client import HiddenStatesClient
 from mtptune.serving.server_config import free_port
@@ -78,8 +78,7 @@ def main() -> None:
         failed = sum(isinstance(r, Exception) for _, r in results)
         metrics = httpx.get(base + "/metrics").text
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_server(server, profiled=False)
 
     runtime = VerifierRuntime.load(str(model_dir), [spec.num_hidden_layers])
     batches = [prompts[i : i + args.concurrency] for i in range(0, len(prompts), args.concurrency)]
