@@ -135,30 +135,54 @@ def _finish(args: argparse.Namespace, result, baseline=None) -> int:
 
 
 def run_offline(args: argparse.Namespace) -> int:
-    from mtptune.evaluation.hidden_sources import DirectForward, ServerHiddenStates
+    from mtptune.data.rows import load_rows
     from mtptune.evaluation.offline import evaluate_offline
     from mtptune.evaluation.result import EvaluationResult
-    from mtptune.evaluation.token_rows import load_eval_rows
-    from mtptune.evaluation.verifier_forward import VerifierForward
 
-    rows = load_eval_rows(args.data, args.max_rows)
+    rows = load_rows(args.data, args.max_rows)
     results = []
-    forward = None
-    for source in [s for s in (args.baseline_head, args.head) if s]:
-        source, head, verifier, k = _load(args, source)
-        if args.server:
-            states = ServerHiddenStates(args.server, args.server_model, head)
-        else:
-            forward = forward or VerifierForward.load(verifier, DTYPES[args.dtype], args.device)
-            states = DirectForward(forward)
-        log.info("offline: %s, K=%d, %d rows of %s", source, k, len(rows), args.data)
-        tally = evaluate_offline(head, rows, states, k)
-        results.append(
-            EvaluationResult(
-                "offline", source, str(verifier.root), str(args.data), tally.counts, tally.rows, tally.label_accuracy
+    states = None  # one source for both heads: the verifier is loaded (or the server asked) once
+    try:
+        for source in [s for s in (args.baseline_head, args.head) if s]:
+            source, head, verifier, k = _load(args, source)
+            states = states or _offline_source(args, verifier, head.hidden_size)
+            log.info("offline: %s, K=%d, %d rows of %s", source, k, len(rows), args.data)
+            tally = evaluate_offline(head, rows, states, k)
+            results.append(
+                EvaluationResult(
+                    "offline", source, str(verifier.root), str(args.data), tally.counts, tally.rows, tally.label_accuracy
+                )
             )
-        )
+    finally:
+        if states is not None:
+            states.close()
     return _finish(args, results[-1], results[0] if len(results) == 2 else None)
+
+
+def _offline_source(args: argparse.Namespace, verifier, hidden_size: int):
+    """The verifier's hidden states for offline evaluation: a server's (`--server`) or a forward in this process.
+    Both go through the trainer's source layer; the layer-N residual becomes h_t in `evaluate_offline`."""
+    from mtptune.serving.contract import capture_spec
+
+    dtype = DTYPES[args.dtype]
+    if args.server:
+        from mtptune.serving.client import HiddenStatesClient
+        from mtptune.serving.sources import ServerSource
+
+        client = HiddenStatesClient(args.server, args.server_model, num_layers=1, hidden_size=hidden_size)
+        spec = capture_spec(verifier.text_config.num_hidden_layers)
+        return ServerSource(client, spec, prefetch=64, dtype=dtype)
+    from mtptune.serving.colocated import ColocatedSource
+    from mtptune.serving.verifier_runtime import VerifierRuntime
+
+    runtime = VerifierRuntime.load(
+        str(verifier.root),
+        layer_ids=[verifier.text_config.num_hidden_layers],
+        device=args.device,
+        dtype=str(dtype).removeprefix("torch."),
+        with_tokenizer=False,
+    )
+    return ColocatedSource(runtime)
 
 
 def run_generate(args: argparse.Namespace) -> int:

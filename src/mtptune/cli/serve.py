@@ -175,11 +175,11 @@ def pick_engine(engine: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mtptune.serving.layer_ids import num_hidden_layers, resolve_layer_ids
+    from mtptune.serving.contract import model_capture_spec
     from mtptune.serving.server_config import default_hidden_states_path
 
     args = split_engine_args(args)
-    layer_ids = resolve_layer_ids(num_hidden_layers(args.model), args.target_layer_ids, args.include_last_layer)
+    layer_ids = list(model_capture_spec(args.model, args.target_layer_ids, args.include_last_layer).layer_ids)
     storage = args.hidden_states_path or str(default_hidden_states_path())
     engine = pick_engine(args.engine)
     if engine == "vllm":

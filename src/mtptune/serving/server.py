@@ -202,7 +202,7 @@ class HiddenStatesServer:
 
         def write() -> None:
             try:
-                write_hidden_states_file(path, result.hidden_states, token_ids)
+                write_hidden_states_file(path, result.hidden_states, token_ids, self.runtime.spec.to_metadata())
                 self.metrics.record_file(time.perf_counter() - forward_done)
             except Exception:
                 log.exception("writing %s failed", path)

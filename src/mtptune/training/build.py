@@ -12,11 +12,14 @@ from pathlib import Path
 import torch
 
 from mtptune.checkpoint.head_checkpoint import HeadConfig, is_head_checkpoint
+from mtptune.checkpoint.verifier import Verifier
+from mtptune.data.rows import PreparedRows
 from mtptune.metrics.acceptance import step_weights as fastmtp_weights
 from mtptune.modeling.head import MtpHead
 from mtptune.modeling.load import load_head
+from mtptune.serving.sources import HiddenSource
 from mtptune.training import checkpointing as ckpt
-from mtptune.training.batching import PreparedRows, pack_rows, split_train_val
+from mtptune.training.batching import pack_rows, split_train_val
 from mtptune.training.config import TrainConfig
 from mtptune.training.distributed import DistInfo, wrap_head
 from mtptune.training.hidden_source import SourceStats, build_source
@@ -39,7 +42,7 @@ class Parts:
     rows: PreparedRows
     train_ids: list[int]
     val_ids: list[int]
-    source: object
+    source: HiddenSource
     logger: MetricsLogger
     weights: list[float]  # alpha_k
     autocast_dtype: torch.dtype | None  # None: plain fp32
@@ -60,10 +63,12 @@ def loss_weights(config: TrainConfig) -> list[float]:
     return fastmtp_weights(config.num_speculative_steps, config.loss.step_weight_beta)
 
 
-def build_head(config: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None) -> tuple[MtpHead, HeadConfig]:
+def build_head(
+    config: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None
+) -> tuple[MtpHead, HeadConfig, Verifier]:
     """fp32 master weights on the device; the frozen shared tensors in the compute dtype."""
     source = config.from_pretrained or config.verifier
-    head, head_config, _ = load_head(
+    head, head_config, verifier = load_head(
         source, config.verifier, device=info.device, dtype=torch.float32, shared_dtype=autocast_dtype or torch.float32
     )
     if config.from_pretrained:
@@ -89,7 +94,7 @@ def build_head(config: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype 
     )
     for param in head.parameters():
         param.requires_grad_(True)
-    return head, head_config
+    return head, head_config, verifier
 
 
 def compile_head(head: MtpHead, scope: str) -> None:
@@ -157,7 +162,7 @@ def count_total_steps(config: TrainConfig, rows: PreparedRows, train_ids: list[i
 
 def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
     autocast_dtype = compute_dtype(config, info.device)
-    head, head_config = build_head(config, info, autocast_dtype)
+    head, head_config, verifier = build_head(config, info, autocast_dtype)
     if info.device.type == "cuda":
         compile_head(head, config.compile)
     rows = PreparedRows(config.data.data_path, config.data.total_seq_len, config.data.max_rows)
@@ -173,7 +178,7 @@ def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
     run_name = config.logging.run_name or save_path.resolve().name
     log_dir = Path(config.logging.log_dir) if config.logging.log_dir else save_path / "logs"
     logger = MetricsLogger(save_path, config.logging.loggers, log_dir, run_name, config.to_dict(), info.is_main)
-    source = build_source(config.hidden_states, config.data.data_path, config.verifier, head.hidden_size)
+    source = build_source(config.hidden_states, config.data.data_path, verifier, head.hidden_size, info.device)
     return Parts(
         config=config,
         info=info,

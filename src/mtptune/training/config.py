@@ -18,6 +18,8 @@ LossKind = Literal["ce", "kl", "tv", "ce+kl"]
 SchedulerKind = Literal["cosine", "linear", "constant"]
 DtypeName = Literal["auto", "float32", "bfloat16"]
 LOSS_KINDS: tuple[str, ...] = ("ce", "kl", "tv", "ce+kl")
+LoadFormat = Literal["auto", "dummy"]
+CacheDevice = Literal["auto", "cpu", "cuda"]
 CompileScope = Literal["step", "norms", "none"]
 COMPILE_SCOPES: tuple[str, ...] = get_args(CompileScope)
 
@@ -41,9 +43,17 @@ class HiddenStatesConfig:
     concurrency: int = 64  # requests in flight (the CLI default): the server batches what is in flight
     prefetch: int = 128  # rows fetched ahead of the step (2 x concurrency, as the CLI)
     dtype: str = "bfloat16"  # dtype the states are held in between fetch and step
-    num_layers: int = 1  # layer ids the server captures; the MTP input is the last one
+    target_layer_ids: tuple[int, ...] | None = None  # what the server captures (N appended); the MTP input is N
     api_key: str | None = None
     server_wait_timeout: float = 600.0
+    # Colocated: the verifier's forward runs in the trainer's process on its device (no server, no files).
+    colocated: bool = False
+    verifier_dtype: str = "auto"  # colocated verifier weights: auto = bf16 on GPU, the checkpoint's dtype on CPU
+    verifier_load_format: LoadFormat = "auto"  # "dummy": random weights from config.json (benchmarks only)
+    forward_tokens: int | None = None  # colocated tokens per verifier forward (default 16384 on GPU, 2048 on CPU)
+    # Hidden states kept in memory between epochs (LRU beyond the budget); 0 disables.
+    memory_cache_gib: float = 16.0
+    memory_cache_device: CacheDevice = "auto"  # auto: the training GPU when colocated, else host RAM
 
     def cache_dir(self, data_path: str) -> Path:
         return Path(self.hidden_states_path) if self.hidden_states_path else Path(data_path) / "hidden_states"
@@ -146,11 +156,23 @@ class TrainConfig:
         if self.optim.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.optim.lr}.")
         hs = self.hidden_states
-        if hs.on_missing == "generate" and not hs.endpoints:
+        if hs.colocated:
+            if hs.on_missing != "generate" or hs.on_generate != "delete":
+                raise ConfigError(
+                    "--colocated computes every row's hidden states in this process: it takes no --on-missing "
+                    f"{hs.on_missing} / --on-generate {hs.on_generate} (nothing is read from or written to disk)."
+                )
+            if hs.endpoints:
+                raise ConfigError("--colocated runs the verifier in this process: drop --vllm-endpoint.")
+            if hs.forward_tokens is not None and hs.forward_tokens < 1:
+                raise ConfigError(f"--verifier-forward-tokens must be >= 1, got {hs.forward_tokens}.")
+        elif hs.on_missing == "generate" and not hs.endpoints:
             raise ConfigError(
-                "--on-missing generate needs a hidden-state server: pass --vllm-endpoint URL "
-                "(or use --on-missing raise/skip/warn with pre-written hidden-state files)."
+                "--on-missing generate needs a hidden-state server: pass --vllm-endpoint URL, or --colocated to run "
+                "the verifier in this process (or use --on-missing raise/skip/warn with pre-written files)."
             )
+        if hs.memory_cache_gib < 0:
+            raise ConfigError(f"--hidden-states-memory-cache must be >= 0 GiB, got {hs.memory_cache_gib}.")
         if hs.on_generate == "cache" and hs.on_missing != "generate":
             raise ConfigError("--on-generate cache only applies with --on-missing generate.")
         if self.checkpoint.checkpoint_freq <= 0:

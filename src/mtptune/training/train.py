@@ -29,6 +29,7 @@ from mtptune.training.batching import PACKING, PackedBatch, pack_rows, plan_epoc
 from mtptune.training.build import Parts, build_parts
 from mtptune.training.config import TrainConfig
 from mtptune.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from mtptune.training.hidden_source import prefetch_depth
 from mtptune.training.loss import mtp_loss
 from mtptune.training.loss_plan import LossPlan
 from mtptune.training.metrics import StepMetrics
@@ -154,8 +155,7 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
         train_row_uses_max=int(trained.max()),
         train_row_uses_total=int(trained.sum()),
     )
-    if server := p.source.server_stats():
-        result.source_stats["server"] = server
+    result.source_stats.update(p.source.stats())
     p.logger.log("summary", state.global_step, result.source_stats)
     best = save_path / ckpt.BEST_LINK
     result.best_checkpoint = best if best.exists() else None
@@ -203,8 +203,7 @@ def _forward_loss(
     p: Parts, model: torch.nn.Module, b: PackedBatch, normalizers: list[float], with_reference: bool = True
 ):
     config = p.config
-    post_norm = p.head.verifier_final_norm(b.hidden_states)  # h_t = FinalNorm(r_t), the verifier's output
-    head_input = post_norm if config.mtp_input_norm == "post_norm" else b.hidden_states
+    post_norm, head_input = p.head.residual_to_inputs(b.hidden_states, config.mtp_input_norm)
     outputs = model(
         b.input_ids, head_input, b.position_ids, config.num_speculative_steps, config.mtp_input_norm, False,
         block_masks=b.block_masks,
@@ -380,7 +379,7 @@ def _loader(p: Parts, micro_batches) -> BatchLoader:
         p.source,
         p.rows,
         micro_batches,
-        prefetch_rows=p.config.hidden_states.prefetch,
+        prefetch_rows=prefetch_depth(p.config.hidden_states),
         stats=p.stats,
         on_missing=p.config.hidden_states.on_missing,
         warn=_warn,
