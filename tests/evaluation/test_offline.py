@@ -72,7 +72,9 @@ def test_rows_from_a_prepared_dataset_and_a_jsonl_are_the_same(tiny: TinySetup, 
         }
     ).save_to_disk(str(tmp_path / "prepared"))
     jsonl = tmp_path / "rows.jsonl"
-    jsonl.write_text("".join(json.dumps({"input_ids": r.input_ids.tolist(), "loss_mask": r.loss_mask.tolist()}) + "\n" for r in rows))
+    jsonl.write_text(
+        "".join(json.dumps({"input_ids": r.input_ids.tolist(), "loss_mask": r.loss_mask.tolist()}) + "\n" for r in rows)
+    )
     assert load_rows(tmp_path / "prepared") == rows
     assert load_rows(jsonl, max_rows=2) == rows[:2]
 

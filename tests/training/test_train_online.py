@@ -37,7 +37,10 @@ def test_hybrid_cache_run_generates_once_then_reads_the_cache(learnable, tmp_pat
     storage, cache = tmp_path / "server_hs", tmp_path / "cache"
     with running_server(learnable.verifier, storage) as base:
         hs = HiddenStatesConfig(
-            endpoints=(base + "/v1",), hidden_states_path=str(cache), on_generate="cache", concurrency=4,
+            endpoints=(base + "/v1",),
+            hidden_states_path=str(cache),
+            on_generate="cache",
+            concurrency=4,
             memory_cache_gib=0,  # epoch 1 reads the disk cache
         )
         config = offline_config(

@@ -150,7 +150,13 @@ def run_offline(args: argparse.Namespace) -> int:
             tally = evaluate_offline(head, rows, states, k)
             results.append(
                 EvaluationResult(
-                    "offline", source, str(verifier.root), str(args.data), tally.counts, tally.rows, tally.label_accuracy
+                    "offline",
+                    source,
+                    str(verifier.root),
+                    str(args.data),
+                    tally.counts,
+                    tally.rows,
+                    tally.label_accuracy,
                 )
             )
     finally:

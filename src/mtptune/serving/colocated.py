@@ -79,9 +79,7 @@ class ColocatedStats:
 
 
 class ColocatedSource:
-    def __init__(
-        self, runtime: VerifierRuntime, shapes: ForwardShapes | None = None, window_forwards: int = 4
-    ) -> None:
+    def __init__(self, runtime: VerifierRuntime, shapes: ForwardShapes | None = None, window_forwards: int = 4) -> None:
         self.runtime = runtime
         self.shapes = shapes or (GPU_SHAPES if runtime.device.type == "cuda" else CPU_SHAPES)
         self.window_tokens = window_forwards * self.shapes.tokens

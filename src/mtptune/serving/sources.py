@@ -129,10 +129,13 @@ class ServerSource:
             if isinstance(result, Exception):
                 yield row, result
             elif self.spec is not None and result.spec is not None and result.spec != self.spec:
-                yield row, HiddenStatesInvalid(
-                    "layer_mismatch",
-                    f"row {row_id}: the server captured {result.spec.describe()}, but this run expects "
-                    f"{self.spec.describe()}; start the server and the trainer with the same --target-layer-ids.",
+                yield (
+                    row,
+                    HiddenStatesInvalid(
+                        "layer_mismatch",
+                        f"row {row_id}: the server captured {result.spec.describe()}, but this run expects "
+                        f"{self.spec.describe()}; start the server and the trainer with the same --target-layer-ids.",
+                    ),
                 )
             else:
                 yield row, mtp_residual(result.hidden_states, result.spec or self.spec).to(self.dtype)

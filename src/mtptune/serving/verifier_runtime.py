@@ -139,7 +139,9 @@ class VerifierRuntime:
             f"{sum(p.numel() for p in hf_model.parameters()):,}",
             torch_device,
             time.perf_counter() - start,
-            "" if hf_tokenizer is not None or not with_tokenizer else "; no tokenizer: only token-id prompts are accepted",
+            ""
+            if hf_tokenizer is not None or not with_tokenizer
+            else "; no tokenizer: only token-id prompts are accepted",
         )
         if load_format == "dummy":
             log.warning(
