@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from mtptune.modeling.compile_cache import use_persistent_compile_cache
 from mtptune.serving.batching import DynamicBatcher, GenerationBatcher, GenerationRequest, QueueFull
 from mtptune.serving.hidden_state_files import (
     HiddenStatesWriteLock,
@@ -405,6 +406,7 @@ class HiddenStatesServer:
 
 def serve(config: ServerConfig) -> None:
     """Load the verifier and run the server until interrupted (blocking)."""
+    use_persistent_compile_cache()  # the kernel warm-up's Triton compilations, kept for the next start
     runtime = VerifierRuntime.load(
         config.model,
         config.layer_ids,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from mtptune.checkpoint.head_checkpoint import HeadConfig, is_head_checkpoint
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.data.rows import PreparedRows
 from mtptune.metrics.acceptance import step_weights as fastmtp_weights
+from mtptune.modeling.compile_cache import use_persistent_compile_cache
 from mtptune.modeling.head import MtpHead
 from mtptune.modeling.load import load_head
 from mtptune.serving.sources import HiddenSource
 from mtptune.training import checkpointing as ckpt
+from mtptune.training.background import Background
 from mtptune.training.batching import pack_rows, split_train_val
 from mtptune.training.config import TrainConfig
 from mtptune.training.distributed import DistInfo, wrap_head
@@ -48,6 +51,7 @@ class Parts:
     autocast_dtype: torch.dtype | None  # None: plain fp32
     total_steps: int
     stats: SourceStats = field(default_factory=SourceStats)
+    timings: dict[str, float] = field(default_factory=dict)  # start-up costs, seconds (logged with the summary)
 
 
 def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -64,12 +68,16 @@ def loss_weights(config: TrainConfig) -> list[float]:
 
 
 def build_head(
-    config: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None
+    config: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None, verifier: Verifier | None = None
 ) -> tuple[MtpHead, HeadConfig, Verifier]:
     """fp32 master weights on the device; the frozen shared tensors in the compute dtype."""
     source = config.from_pretrained or config.verifier
     head, head_config, verifier = load_head(
-        source, config.verifier, device=info.device, dtype=torch.float32, shared_dtype=autocast_dtype or torch.float32
+        source,
+        verifier or config.verifier,
+        device=info.device,
+        dtype=torch.float32,
+        shared_dtype=autocast_dtype or torch.float32,
     )
     if config.from_pretrained:
         if head_config.num_speculative_steps != config.num_speculative_steps:
@@ -161,24 +169,39 @@ def count_total_steps(config: TrainConfig, rows: PreparedRows, train_ids: list[i
 
 
 def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
-    autocast_dtype = compute_dtype(config, info.device)
-    head, head_config, verifier = build_head(config, info, autocast_dtype)
-    if info.device.type == "cuda":
-        compile_head(head, config.compile)
-    rows = PreparedRows(config.data.data_path, config.data.total_seq_len, config.data.max_rows)
-    train_ids, val_ids = split_train_val(len(rows), config.data.train_data_ratio)
-    if not val_ids and info.is_main:
-        log.warning("no validation rows (--train-data-ratio 1.0): checkpoint_best will point at the last epoch.")
-    total_steps = count_total_steps(config, rows, train_ids, info.world_size)
-    optimizer = build_optimizer(config, head)
-    scheduler = build_scheduler(config, optimizer, total_steps)
-    save_path = Path(config.checkpoint.save_path)
-    if info.is_main:
-        ckpt.write_run_files(save_path, config)
-    run_name = config.logging.run_name or save_path.resolve().name
-    log_dir = Path(config.logging.log_dir) if config.logging.log_dir else save_path / "logs"
-    logger = MetricsLogger(save_path, config.logging.loggers, log_dir, run_name, config.to_dict(), info.is_main)
-    source = build_source(config.hidden_states, config.data.data_path, verifier, head.hidden_size, info.device)
+    """The head, data, optimizer, loggers and hidden-state source. The source (for --colocated: loading the
+    verifier, the largest start-up cost) is built in a background thread while the head and the data load."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    use_persistent_compile_cache()
+    verifier = Verifier.open(config.verifier)
+    pending_source = Background(
+        (_timed(build_source, config.hidden_states, config.data.data_path, verifier, verifier.text_config.hidden_size,
+                info.device) for _ in range(1)), 1, "mtptune-source"
+    )  # fmt: skip
+    try:
+        autocast_dtype = compute_dtype(config, info.device)
+        head, head_config, verifier = build_head(config, info, autocast_dtype, verifier)
+        if info.device.type == "cuda":
+            compile_head(head, config.compile)
+        rows = PreparedRows(config.data.data_path, config.data.total_seq_len, config.data.max_rows)
+        train_ids, val_ids = split_train_val(len(rows), config.data.train_data_ratio)
+        if not val_ids and info.is_main:
+            log.warning("no validation rows (--train-data-ratio 1.0): checkpoint_best will point at the last epoch.")
+        total_steps = count_total_steps(config, rows, train_ids, info.world_size)
+        optimizer = build_optimizer(config, head)
+        scheduler = build_scheduler(config, optimizer, total_steps)
+        save_path = Path(config.checkpoint.save_path)
+        if info.is_main:
+            ckpt.write_run_files(save_path, config)
+        run_name = config.logging.run_name or save_path.resolve().name
+        log_dir = Path(config.logging.log_dir) if config.logging.log_dir else save_path / "logs"
+        logger = MetricsLogger(save_path, config.logging.loggers, log_dir, run_name, config.to_dict(), info.is_main)
+        timings["head_and_data_s"] = time.perf_counter() - start
+        source, timings["source_s"] = pending_source.next()
+    finally:
+        pending_source.close()
+    timings["build_s"] = time.perf_counter() - start
     return Parts(
         config=config,
         info=info,
@@ -195,7 +218,13 @@ def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
         weights=loss_weights(config),
         autocast_dtype=autocast_dtype,
         total_steps=total_steps,
+        timings=timings,
     )
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
 
 
 def pretrained_num_steps(path: str) -> int | None:

@@ -58,6 +58,7 @@ def run_training(config: TrainConfig, should_stop: Callable[[int], bool] | None 
     info = init_distributed(config.device)
     torch.manual_seed(config.seed)
     parts = build_parts(config, info)
+    parts.logger.log("phase", 0, {"phase": "ready", **{k: round(v, 3) for k, v in parts.timings.items()}})
     try:
         with _StopSignals() as signals:
 
@@ -78,8 +79,10 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
     if state is None:
         state = ckpt.TrainingState(epoch=0, local_step=0, global_step=0)
         if config.validate_at_start and p.val_ids:
+            started = time.perf_counter()
             with _checkpoint_if_server_lost(p, state):
                 result.val_before = validate(p)
+            p.timings["initial_validation_s"] = time.perf_counter() - started
             p.logger.log("val", 0, result.val_before)
             _report_val("untrained head", result.val_before, info)
     row_uses = torch.zeros(len(p.rows), dtype=torch.int32)  # training uses of each row in this process
@@ -156,6 +159,7 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
         train_row_uses_total=int(trained.sum()),
     )
     result.source_stats.update(p.source.stats())
+    result.source_stats["timings"] = {k: round(v, 3) for k, v in p.timings.items()}
     p.logger.log("summary", state.global_step, result.source_stats)
     best = save_path / ckpt.BEST_LINK
     result.best_checkpoint = best if best.exists() else None
