@@ -63,14 +63,15 @@ GRAPH = {name: imported_modules(name, path) for name, path in MODULES.items()}
 
 
 def layer(name: str) -> int:
-    best = None
-    for index, prefixes in enumerate(LAYERS):
-        for prefix in prefixes:
-            if name == prefix or name.startswith(prefix + "."):
-                if best is None or len(prefix) > best[1]:
-                    best = (index, len(prefix))
-    assert best is not None, f"{name} is in no layer: add it to LAYERS"
-    return best[0]
+    """The index in LAYERS of the longest prefix that covers `name` (the bare `mtptune` covers only itself)."""
+    matches = [
+        (len(prefix), index)
+        for index, prefixes in enumerate(LAYERS)
+        for prefix in prefixes
+        if name == prefix or (prefix != "mtptune" and name.startswith(prefix + "."))
+    ]
+    assert matches, f"{name} is in no layer: add it to LAYERS"
+    return max(matches)[1]
 
 
 def test_every_module_has_a_layer():
@@ -96,7 +97,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt) :] + [nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
