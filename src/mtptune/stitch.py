@@ -29,7 +29,13 @@ from safetensors.torch import save_file
 
 from mtptune.checkpoint.files import atomic_folder, is_temporary, json_text
 from mtptune.checkpoint.head_checkpoint import load_head_checkpoint
-from mtptune.checkpoint.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsCheckpoint, read_config_dict
+from mtptune.checkpoint.safetensors_io import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    SafetensorsCheckpoint,
+    open_safetensors,
+    read_config_dict,
+)
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.errors import CheckpointError
 from mtptune.families import family_by_name
@@ -160,15 +166,14 @@ def _write(
         if skip(entry):
             continue
         if entry.name in shards_with_head:
-            keys = [k for k, shard in ckpt.weight_map.items() if shard == entry.name]
-            tensors = {}
-            for key in keys:
+            shard, tensors = open_safetensors(entry), {}
+            for key in shard.keys():  # every tensor the file holds, whether or not the index lists it
                 if key in native:
-                    changed += int(not _same_bits(ckpt.get(key), native[key]))
+                    changed += int(not _same_bits(shard.get_tensor(key), native[key]))
                     tensors[key] = native[key]
                 else:
-                    tensors[key] = ckpt.get(key)
-            save_file(tensors, target, metadata=ckpt.shard_metadata(entry.name))
+                    tensors[key] = shard.get_tensor(key)
+            save_file(tensors, target, metadata=shard.metadata())
             rewritten.append(entry.name)
         else:
             _copy_untouched(entry, target, copy_untouched, linked, copied, skip)
