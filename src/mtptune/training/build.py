@@ -3,7 +3,6 @@ the hidden-state source, optimizer, scheduler and loggers."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mtptune.checkpoint.head_checkpoint import HeadConfig, is_head_checkpoint
+from mtptune.checkpoint.head_checkpoint import HeadConfig, is_head_checkpoint, read_head_config
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.data.rows import PreparedRows
 from mtptune.metrics.acceptance import step_weights as fastmtp_weights
@@ -228,7 +227,5 @@ def _timed(fn, *args):
 
 
 def pretrained_num_steps(path: str) -> int | None:
-    """K recorded in a head checkpoint (None for a verifier folder)."""
-    if not is_head_checkpoint(Path(path)):
-        return None
-    return int(json.loads((Path(path) / "config.json").read_text()).get("num_speculative_steps", 0)) or None
+    """K recorded in a head checkpoint of either format (None for a verifier folder: a native head records none)."""
+    return read_head_config(path).num_speculative_steps if is_head_checkpoint(Path(path)) else None
