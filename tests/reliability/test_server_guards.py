@@ -223,3 +223,16 @@ def test_concurrent_chat_renders_are_correct(server):
         return [r.json()["prompt_token_ids"] for r in responses]
 
     assert asyncio.run(chats()) == [[1, i, i + 1, 2, 3] for i in range(10, 26)]
+
+
+def test_rendering_parameters_in_template_kwargs_are_400(server):
+    """`chat_template_kwargs` carries template variables; one of the renderer's own parameters (tokenize, return
+    tensors, truncation) would change the answer's form and is refused by name."""
+    proc, _ = server
+    for key, value in (("tokenize", False), ("return_tensors", "pt"), ("add_generation_prompt", False)):
+        body = {"messages": [{"role": "user", "content": "w1"}], "max_tokens": 1, "chat_template_kwargs": {key: value}}
+        response = httpx.post(proc.base + "/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 400, response.text
+        assert f"chat_template_kwargs.{key}" in response.json()["error"]["message"]
+    variables = {"messages": [{"role": "user", "content": "w1"}], "max_tokens": 1, "chat_template_kwargs": {"x": 1}}
+    assert httpx.post(proc.base + "/v1/chat/completions", json=variables, timeout=30).status_code == 200
