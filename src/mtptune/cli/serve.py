@@ -190,14 +190,18 @@ def split_engine_args(args: argparse.Namespace) -> argparse.Namespace:
     cut = raw.index("--") if "--" in raw else len(raw)
     ours, engine = raw[:cut], raw[cut + 1 :]
     if ours:
-        options = argparse.ArgumentParser(prog="mtptune serve MODEL", add_help=False)
+        options = _FlagParser(prog="mtptune serve MODEL", add_help=False)
         add_serve_options(options)
-        try:
-            options.parse_args(ours, namespace=args)
-        except SystemExit as exc:
-            raise ConfigError(f"cannot parse serve flags {ours}; put engine args after `--`.") from exc
+        options.parse_args(ours, namespace=args)
     args.engine_args = engine
     return args
+
+
+class _FlagParser(argparse.ArgumentParser):
+    """Raises argparse's own reason (`argument --max-queue: must be ...`) as a ConfigError instead of exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"cannot parse serve flags: {message} (engine args go after `--`).")
 
 
 def pick_engine(engine: str) -> str:
