@@ -80,24 +80,27 @@ def test_slow_chat_template_is_stopped_and_never_blocks_health(server):
     def ask() -> None:
         started = time.monotonic()
         answer["response"] = httpx.post(proc.base + "/v1/chat/completions", json=body, timeout=60)
-        answer["seconds"] = time.monotonic() - started
+        answer["done"] = time.monotonic()
+        answer["seconds"] = answer["done"] - started
 
     asker = threading.Thread(target=ask)
     asker.start()
-    health = []
+    time.sleep(0.5)  # the render is under way
+    probes = []  # (seconds taken, when answered)
     while asker.is_alive():
         started = time.monotonic()
-        assert httpx.get(proc.base + "/health", timeout=5).status_code == 200
-        health.append(time.monotonic() - started)
+        assert httpx.get(proc.base + "/health", timeout=30).status_code == 200
+        probes.append((time.monotonic() - started, time.monotonic()))
         time.sleep(0.05)
     asker.join()
     response = answer["response"]
     assert response.status_code == 400, response.text
     assert "did not finish within 3 s" in response.json()["error"]["message"]
-    assert TEMPLATE_TIMEOUT <= answer["seconds"] < TEMPLATE_TIMEOUT + 3
-    # The event loop stayed free: /health answered throughout (slower, as the render thread shares the GIL), where
-    # a render on the loop would have held every probe until the render ended.
-    assert len(health) >= 3 and max(health) < 1.0, health
+    assert TEMPLATE_TIMEOUT <= answer["seconds"] < TEMPLATE_TIMEOUT + 5
+    # The event loop stayed free: /health was answered while the render ran (slower, as the render thread shares
+    # the GIL and the box may be busy), where a render on the loop would have held every probe until it ended.
+    during = [taken for taken, when in probes if when < answer["done"] - 0.2]
+    assert len(during) >= 1 and max(during) < TEMPLATE_TIMEOUT, probes
     # The render thread was stopped: the idle server burns no CPU afterwards (the loops would take one core).
     before = cpu_seconds(proc.proc.pid)
     time.sleep(1.5)
