@@ -44,8 +44,9 @@ $(INTEROP_STAMP):
 interop-env: $(INTEROP_STAMP)
 
 # Round trips against the real speculators package (tests/interop, marked `interop`; skipped by `make test`).
+# The venv path is made absolute: the tests run speculators from temp folders, where a relative one does not resolve.
 test-interop: $(STAMP) $(INTEROP_STAMP)
-	MTPTUNE_INTEROP_VENV=$(INTEROP_VENV) $(VENV)/bin/python -m pytest -q -m interop tests/interop $(PYTEST_ARGS)
+	MTPTUNE_INTEROP_VENV=$(abspath $(INTEROP_VENV)) $(VENV)/bin/python -m pytest -q -m interop tests/interop $(PYTEST_ARGS)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests scripts benchmarks examples

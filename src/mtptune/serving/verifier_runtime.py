@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel, StoppingCriteriaList
 
 from mtptune.checkpoint.safetensors_io import resolve_model_dir
 from mtptune.checkpoint.verifier import build_random_causal_lm, load_causal_lm
@@ -274,11 +274,13 @@ class VerifierRuntime:
         temperature: float,
         top_p: float,
         seed: int | None,
+        stopping_criteria: StoppingCriteriaList | None = None,
     ) -> list[Generation]:
         """One left-padded `model.generate` over several prompts that share sampling parameters.
 
         Row i stops at its first EOS or after `max_tokens[i]` tokens; greedy rows equal unbatched greedy decoding up
-        to numerical near-ties (padding changes the matmul shapes, not the math).
+        to numerical near-ties (padding changes the matmul shapes, not the math). `stopping_criteria` (transformers'
+        StoppingCriteriaList) may end rows early: the server's stops the rows whose client has disconnected.
         """
         if len(prompts) != len(max_tokens) or not prompts:
             raise ValueError("generate_batch needs one max_tokens per prompt and at least one prompt")
@@ -301,6 +303,8 @@ class VerifierRuntime:
             kwargs.update(eos_token_id=self.eos_token_ids, pad_token_id=pad_id)
         else:
             kwargs.update(pad_token_id=pad_id)
+        if stopping_criteria is not None:
+            kwargs["stopping_criteria"] = stopping_criteria
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         results = []
         for row, limit in enumerate(max_tokens):
