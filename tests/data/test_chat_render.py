@@ -80,6 +80,64 @@ def test_qwen3_5_answer_without_reasoning_sits_after_the_closed_empty_think_bloc
     assert qwen.decode(row.input_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nYo<|im_end|>\n")
 
 
+# Qwen3.5 ids, checked by hand (`qwen.decode([i])`): <|im_start|> user \n Hi <|im_end|> \n <|im_start|> assistant \n
+QWEN_PROMPT = [248045, 846, 198, 12675, 248046, 198, 248045, 74455, 198]
+THINK_OPEN, THINK_CLOSE, NL, NLNL, IM_END = 248068, 248069, 198, 271, 248046
+OK, YO = 547, 62535  # "ok", "Yo"
+REASONING_FORMS = {
+    "reasoning_content": {"content": "Yo", "reasoning_content": "ok"},
+    "vllm_reasoning_field": {"content": "Yo", "reasoning": "ok"},
+    "inline_think_block": {"content": "<think>\nok\n</think>\n\nYo"},
+    "inline_after_opened_think": {"content": "ok\n</think>\n\nYo"},  # the prompt held `<think>\n`
+}
+
+
+@pytest.mark.parametrize("form", sorted(REASONING_FORMS))
+def test_qwen3_5_reasoning_in_every_form_is_supervised_exactly(qwen, form):
+    answer = {"role": "assistant", **REASONING_FORMS[form]}
+    renderer = ChatRenderer(qwen)
+    [row] = renderer.render(parse_conversation({"messages": [{"role": "user", "content": "Hi"}, answer]}))
+    # prompt ... assistant \n <think> \n | ok \n </think> \n\n Yo <|im_end|> | \n
+    assert row.input_ids == [*QWEN_PROMPT, THINK_OPEN, NL, OK, NL, THINK_CLOSE, NLNL, YO, IM_END, NL]
+    assert row.loss_mask == [0] * 11 + [1] * 6 + [0]
+    assert renderer.notes.counts == {}
+
+
+def test_qwen3_5_empty_inline_think_block_is_an_answer_with_thinking_off(qwen):
+    answer = {"role": "assistant", "content": "<think>\n\n</think>\n\nYo"}
+    [row] = ChatRenderer(qwen).render(parse_conversation({"messages": [{"role": "user", "content": "Hi"}, answer]}))
+    # the thinking-off prompt holds the closed empty block; the model wrote only the answer
+    assert row.input_ids == [*QWEN_PROMPT, THINK_OPEN, NLNL, THINK_CLOSE, NLNL, YO, IM_END, NL]
+    assert row.loss_mask == [0] * 13 + [1, 1, 0]
+
+
+def test_qwen3_5_multi_turn_inline_reasoning_follows_the_templates_history(qwen):
+    data = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "<think>\nok\n</think>\n\nYo"},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "ok\n</think>\n\nYo"},
+        ]
+    }
+    first, second = ChatRenderer(qwen, "turn").render(parse_conversation(data))
+    turn = [THINK_OPEN, NL, OK, NL, THINK_CLOSE, NLNL, YO, IM_END, NL]
+    assert first.input_ids == [*QWEN_PROMPT, *turn]
+    # history: the first answer without its reasoning (Qwen drops reasoning before the last user message)
+    history = [*QWEN_PROMPT, YO, IM_END, NL, *QWEN_PROMPT]
+    assert second.input_ids == [*history, *turn]
+    assert second.loss_mask == [0] * (len(history) + 2) + [1] * 6 + [0]
+    assert qwen.decode(supervised(second)) == "ok\n</think>\n\nYo<|im_end|>"
+
+
+def test_inline_reasoning_with_a_template_that_knows_no_reasoning_is_kept_verbatim(smollm2):
+    renderer = ChatRenderer(smollm2)
+    answer = {"role": "assistant", "content": "<think>\nok\n</think>\n\nYo"}
+    [row] = renderer.render(parse_conversation({"messages": [{"role": "user", "content": "Hi"}, answer]}))
+    assert smollm2.decode(supervised(row)) == "<think>\nok\n</think>\n\nYo<|im_end|>"  # what the model wrote
+    assert renderer.notes.counts == {}
+
+
 def test_qwen3_5_rewrites_history_so_one_row_per_conversation_is_refused_but_turns_work(qwen):
     data = {
         "messages": [

@@ -3,45 +3,63 @@ SmolLM2's real tokenizer and ChatML template."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from mtptune.data.prepare import prepare_dataset
 from mtptune.data.regenerate import ChatClient, ClientConfig, SamplingConfig, regenerate
 from mtptune.errors import ServerError
 from mtptune.serving.server_config import free_port
-from mtptune.testing.tiny import TinySpec, write_tiny_verifier
+from mtptune.testing.tiny import TinySpec, build_model, write_tiny_verifier
+from tests.serving.conftest import running_server
 
 
 @pytest.fixture(scope="module")
 def chat_server(tmp_path_factory, smollm2):
     root = write_tiny_verifier(tmp_path_factory.mktemp("chat") / "verifier", TinySpec(layout="text", vocab_size=49152))
     smollm2.save_pretrained(str(root))
-    port = free_port()
-    cmd = [sys.executable, "-m", "mtptune.cli.main", "serve", str(root), "--engine", "builtin", "--port", str(port)]
-    cmd += ["--hidden-states-path", str(tmp_path_factory.mktemp("hs"))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+    with running_server(root, tmp_path_factory.mktemp("hs") / "storage") as url:
         yield url, root
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+
+# Qwen3.5 ids: "\n" (the last token of the thinking prompt `...assistant\n<think>\n`), "ok", " \n", </think>, "\n\n",
+# "Yo", <|im_end|>. The scripted verifier greedily writes the reasoning "ok " and the answer "Yo".
+THINKING_CHAIN = (198, 547, 695, 248069, 271, 62535, 248046)
+
+
+def write_scripted_verifier(root: Path, vocab_size: int, chain: tuple[int, ...]) -> Path:
+    """A tiny Qwen3.5 whose greedy next token depends only on the current one: chain[k] -> chain[k + 1].
+
+    Every layer's output projection is zero, so the last hidden state is the current token's embedding; chain
+    token k embeds as the unit vector e_k and the LM head maps e_k to chain[k + 1] only.
+    """
+    spec = TinySpec(layout="text", vocab_size=vocab_size)
+    model = build_model(spec)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+                param.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        head.zero_()
+        for k, (token, following) in enumerate(itertools.pairwise(chain)):
+            embed[token] = 0.0
+            embed[token, k] = 1.0
+            head[following, k] = 10.0
+    model.generation_config.eos_token_id = [248046, 248044]  # <|im_end|>, <|endoftext|>: as Qwen3.5 ships it
+    return write_tiny_verifier(root, spec, model)
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tmp_path_factory, qwen):
+    root = write_scripted_verifier(tmp_path_factory.mktemp("thinker") / "verifier", len(qwen), THINKING_CHAIN)
+    qwen.save_pretrained(str(root))
+    with running_server(root, tmp_path_factory.mktemp("hs") / "storage") as url:
+        yield url, root
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -154,3 +172,42 @@ def test_forced_apis_route_text_prompts_to_completions_and_skip_token_rows_in_ch
 
     chat_only = regenerate([str(data)], tmp_path / "chat.jsonl", url, sampling=SamplingConfig(max_tokens=1), api="chat")
     assert chat_only.skipped == {"token_id_row": 1} and chat_only.regenerated == 1
+
+
+def test_regenerate_against_a_thinking_model_keeps_the_reasoning(thinking_server, tmp_path, qwen):
+    url, root = thinking_server
+    data = tmp_path / "chat.jsonl"
+    old = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "old"},
+        {"role": "user", "content": "Hi"},
+    ]
+    data.write_text(json.dumps({"id": "c", "messages": old}) + "\n")
+    out = tmp_path / "regen.jsonl"
+    report = regenerate(
+        [str(data)], out, url, sampling=SamplingConfig(temperature=0.0, max_tokens=16), one_row_per="turn"
+    )
+    assert (report.regenerated, report.rows_written, report.tokenized_locally) == (1, 2, 0)
+    first, second = read_rows(out)
+    prompt = qwen.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n", add_special_tokens=False)
+    answer = list(THINKING_CHAIN[1:])  # ok, " \n", </think>, "\n\n", Yo, <|im_end|>: reasoning tokens supervised
+    assert first["input_ids"] == prompt + answer and first["loss_mask"] == [0] * len(prompt) + [1] * len(answer)
+    # a server without a reasoning parser returns the reasoning inline; it is kept, markup included
+    assert first["messages"][-1] == {"role": "assistant", "content": "ok \n</think>\n\nYo"}
+    # the next prompt is the server's rendering of history: the template dropped the first answer's reasoning
+    history = qwen.encode(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n",
+        add_special_tokens=False,
+    )
+    assert second["input_ids"] == history + answer and sum(second["loss_mask"]) == len(answer)
+
+    # the regenerated conversation, prepared as chat data, gives the very ids and masks the server produced
+    chat = tmp_path / "as_chat.jsonl"
+    chat.write_text(json.dumps({"messages": second["messages"]}) + "\n")
+    prepare_dataset(str(root), [str(chat)], tmp_path / "prepared", one_row_per="turn")
+    from mtptune.data.prepare import load_prepared
+
+    rows = sorted(zip(*(load_prepared(tmp_path / "prepared")[c] for c in ("input_ids", "loss_mask"))), key=len)
+    for (ids, mask), regenerated in zip(sorted(rows, key=lambda r: len(r[0])), (first, second)):
+        assert ids[:-1] == regenerated["input_ids"] and mask[:-1] == regenerated["loss_mask"]  # + ChatML's "\n"

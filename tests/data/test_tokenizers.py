@@ -19,6 +19,12 @@ def test_qwen3_5_round_trips_text_and_normalises_to_nfc(qwen):
     assert qwen.encode("<think>", add_special_tokens=False) == [248068]
 
 
+def test_qwen3_5_decoding_keeps_reasoning_and_tool_markup_but_skips_control_tokens(qwen):
+    # what a server returns as `content`: `</think>` must survive for the reasoning to be found again
+    ids = qwen.encode("<|im_start|>assistant\n<think>\nr\n</think>\n\n<tool_call>x</tool_call><|im_end|>")
+    assert qwen.decode(ids, skip_special_tokens=True) == "assistant\n<think>\nr\n</think>\n\n<tool_call>x</tool_call>"
+
+
 def test_qwen3_5_template_generation_prompt_opens_thinking(qwen):
     msgs = [{"role": "user", "content": "Hi"}]
     on = qwen.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

@@ -57,6 +57,25 @@ QWEN3_5_SPECIAL_TOKENS = (
     "<tts_text_bos_single>",
     "<|audio_pad|>",
 )
+# Markup the model writes as text, so a server's detokenised answer keeps it (`</think>` is how a reasoning parser, or
+# mtptune, finds the end of the reasoning): not "special" in Qwen's own tokenizer configs, so not skipped on decode.
+QWEN3_5_TEXT_MARKUP = frozenset(
+    {
+        "<tool_call>",
+        "</tool_call>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+        "<tool_response>",
+        "</tool_response>",
+        "<think>",
+        "</think>",
+    }
+)
+QWEN3_5_TOKENIZER_VERSION = "2"  # part of the cache key: bump when the built tokenizer changes
 QWEN3_5_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -181,7 +200,8 @@ def build_qwen3_5_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTo
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     source = qwen3_5_tiktoken_path()
-    key = hashlib.sha256(source.read_bytes()[:1_000_000] + QWEN3_5_CHAT_TEMPLATE.encode()).hexdigest()[:16]
+    salt = (QWEN3_5_TOKENIZER_VERSION + QWEN3_5_CHAT_TEMPLATE).encode()
+    key = hashlib.sha256(source.read_bytes()[:1_000_000] + salt).hexdigest()[:16]
     root = Path(cache_dir or os.environ.get("MTPTUNE_CACHE") or Path.home() / ".cache" / "mtptune")
     folder = root / f"qwen3_5-tokenizer-{key}"
     if (folder / "tokenizer.json").is_file():
@@ -211,7 +231,11 @@ def build_qwen3_5_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTo
         ]
     )
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in QWEN3_5_SPECIAL_TOKENS])
+    for token in QWEN3_5_SPECIAL_TOKENS:  # one at a time: ids follow the list's order
+        if token in QWEN3_5_TEXT_MARKUP:
+            backend.add_tokens([AddedToken(token, normalized=False, special=False)])
+        else:
+            backend.add_special_tokens([AddedToken(token, normalized=False, special=True)])
     for i, token in enumerate(QWEN3_5_SPECIAL_TOKENS):
         if backend.token_to_id(token) != QWEN3_5_SPECIAL_START_ID + i:
             raise DataError(f"Qwen3.5 special token {token} did not land on id {QWEN3_5_SPECIAL_START_ID + i}.")
