@@ -138,3 +138,48 @@ def test_prepare_data_script_accepts_the_tutorial_flags(tmp_path, tiny_verifier)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(load_prepared(tmp_path / "output")) == 2
+
+
+def chat(*turns: str, reasoning: str | None = None) -> dict:
+    """A conversation of alternating user/assistant contents."""
+    roles = ("user", "assistant")
+    messages = [{"role": roles[k % 2], "content": text} for k, text in enumerate(turns)]
+    if reasoning is not None:
+        messages[-1]["reasoning_content"] = reasoning
+    return {"messages": messages}
+
+
+def test_conversations_are_one_row_each_unless_the_template_rewrites_history(tmp_path):
+    rows = [
+        chat("Hi", "Yo", "Again?", "Sure", "Once more?", "Done"),  # 3 assistant turns
+        chat("Q", "A"),
+    ]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    whole = prepare_dataset("smollm2", [str(data)], tmp_path / "conv")  # ChatML renders history as it was
+    assert whole.rows_out == 2
+    assert whole.chat_rows == {"conversation_rows": 2, "turn_rows": 0, "conversations_split": 0}
+    turns = prepare_dataset("smollm2", [str(data)], tmp_path / "turn", one_row_per="turn")
+    assert turns.rows_out == 4
+    assert turns.chat_rows == {"conversation_rows": 0, "turn_rows": 4, "conversations_split": 0}
+    assert whole.supervised_tokens_total == turns.supervised_tokens_total  # the same supervision...
+    assert whole.tokens_total < turns.tokens_total  # ...with each prefix processed once
+    saved = json.loads((tmp_path / "conv" / "report.json").read_text())
+    assert saved["chat_rows"] == whole.chat_rows and saved["settings"]["one_row_per"] == "conversation"
+
+
+def test_qwen3_5_multi_turn_conversations_fall_back_to_turn_rows_and_are_counted(tmp_path, qwen, caplog):
+    rows = [chat("Hi", "A1", "Q2", "A2", reasoning="r2"), chat("Q", "A", reasoning="r")]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    report = prepare_dataset("qwen3.5", [str(data)], tmp_path / "out")
+    # Qwen's template renders an answer differently once a later user message follows: exact only per turn
+    assert report.chat_rows == {"conversation_rows": 1, "turn_rows": 2, "conversations_split": 1}
+    assert report.rows_out == 3 and report.dropped == {}
+    assert "1 conversation(s) are not rendered prefix-stably" in caplog.text and "chat.jsonl:1" in caplog.text
+    assert "1 conversation rows, 2 turn rows" in report.summary()
+    supervised = sorted(qwen.decode([t for t, m in zip(i, k) if m]) for i, k in zip(*load_columns(tmp_path / "out")))
+    assert supervised == sorted(["A1<|im_end|>", "r2\n</think>\n\nA2<|im_end|>", "r\n</think>\n\nA<|im_end|>"])
+
+
+def load_columns(path: Path) -> tuple[list[list[int]], list[list[int]]]:
+    ds = load_prepared(path)
+    return ds["input_ids"], ds["loss_mask"]

@@ -58,7 +58,8 @@ def write_scripted_verifier(root: Path, vocab_size: int, chain: tuple[int, ...])
 def thinking_server(tmp_path_factory, qwen):
     root = write_scripted_verifier(tmp_path_factory.mktemp("thinker") / "verifier", len(qwen), THINKING_CHAIN)
     qwen.save_pretrained(str(root))
-    with running_server(root, tmp_path_factory.mktemp("hs") / "storage") as url:
+    # loading a 248k-token vocabulary and its tokenizer.json takes a while on a busy 2-core box
+    with running_server(root, tmp_path_factory.mktemp("hs") / "storage", startup_timeout=300) as url:
         yield url, root
 
 
@@ -70,7 +71,7 @@ def test_multi_turn_regeneration_uses_server_ids_feeds_own_answers_and_resumes(c
     url, root = chat_server
     out = tmp_path / "regen.jsonl"
     sampling = SamplingConfig(temperature=0.0, max_tokens=3)
-    report = regenerate(["mt_bench"], out, url, sampling=sampling, max_samples=2, concurrency=2)
+    report = regenerate(["mt_bench"], out, url, sampling=sampling, max_samples=2, concurrency=2, one_row_per="turn")
     assert (report.regenerated, report.rows_written, report.tokenized_locally) == (2, 4, 0)
     rows = read_rows(out)
     by_id = {(r["id"], r["turn"]): r for r in rows}
@@ -97,7 +98,7 @@ def test_one_row_per_conversation_merges_prefix_stable_turns(chat_server, tmp_pa
     url, _ = chat_server
     out = tmp_path / "conv.jsonl"
     sampling = SamplingConfig(temperature=0.0, max_tokens=2)
-    report = regenerate(["mt_bench"], out, url, sampling=sampling, max_samples=1, one_row_per="conversation")
+    report = regenerate(["mt_bench"], out, url, sampling=sampling, max_samples=1)  # the default: one row
     [row] = read_rows(out)
     assert report.conversations_split == 0 and sum(row["loss_mask"]) == 4
     assert len(row["input_ids"]) == len(row["loss_mask"])
@@ -202,10 +203,16 @@ def test_regenerate_against_a_thinking_model_keeps_the_reasoning(thinking_server
     )
     assert second["input_ids"] == history + answer and sum(second["loss_mask"]) == len(answer)
 
+    # one row per conversation (the default) is not exact here: the server dropped the first answer's reasoning
+    split = regenerate([str(data)], tmp_path / "conv.jsonl", url, sampling=SamplingConfig(temperature=0.0))
+    assert (split.conversations_split, split.rows_written) == (1, 2)
+    assert [r["input_ids"] for r in read_rows(tmp_path / "conv.jsonl")] == [first["input_ids"], second["input_ids"]]
+
     # the regenerated conversation, prepared as chat data, gives the very ids and masks the server produced
     chat = tmp_path / "as_chat.jsonl"
     chat.write_text(json.dumps({"messages": second["messages"]}) + "\n")
-    prepare_dataset(str(root), [str(chat)], tmp_path / "prepared", one_row_per="turn")
+    prepared = prepare_dataset(str(root), [str(chat)], tmp_path / "prepared")
+    assert prepared.chat_rows == {"conversation_rows": 0, "turn_rows": 2, "conversations_split": 1}
     from mtptune.data.prepare import load_prepared
 
     rows = sorted(zip(*(load_prepared(tmp_path / "prepared")[c] for c in ("input_ids", "loss_mask"))), key=len)

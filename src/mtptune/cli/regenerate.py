@@ -37,7 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-retries", type=int, default=3, help="per request, with exponential backoff")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--max-samples", type=int, default=None, help="first N rows of --data")
-    parser.add_argument("--one-row-per", choices=("turn", "conversation"), default="turn")
+    parser.add_argument(
+        "--one-row-per",
+        choices=("conversation", "turn"),
+        default="conversation",
+        help="multi-turn conversations: one token-id row per conversation (default) where each turn's prompt "
+        "starts with the previous prompt + answer, else one row per turn (counted: conversations_split); or always "
+        "one row per turn",
+    )
     parser.add_argument(
         "--api",
         choices=("auto", "chat", "completions"),

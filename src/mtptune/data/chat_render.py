@@ -7,6 +7,13 @@ generated exactly F_i minus P_i, up to and including its end-of-turn token; temp
 P_i is a prefix of F_i both as text and as token ids (tokenization may merge across the boundary); a row failing
 the check is dropped as `not_prefix_stable`.
 
+Rows: by default one row per conversation, every assistant turn supervised. That row is the rendering of the whole
+conversation F_last, and it is exact when every F_i is a token prefix of it: then the context before turn i inside it
+is P_i, what the model saw. Its ids are then the last per-turn row's ids and its mask the union of the per-turn masks,
+and the conversation's prefix is processed once instead of once per turn. A conversation whose rendering is not
+prefix-stable (templates that rewrite history, such as Qwen's dropping of earlier reasoning) falls back to one row
+per assistant turn, which is exact for every template; `one_row_per="turn"` forces that for all.
+
 Reasoning: an answer carries reasoning in any of the forms regenerated data holds: a `reasoning_content` field,
 vLLM's `reasoning` field, or inline in `content` (`<think>\n...\n</think>\n\nanswer`, or without the opening tag
 that the generation prompt already holds), as a server without a reasoning parser returns it. Such an answer was
@@ -51,6 +58,15 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<
 class Conversation:
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class ChatRows:
+    """The rows of one conversation: one row holding every turn, or one row per assistant turn."""
+
+    rows: list[TokenRow]
+    layout: Literal["conversation", "turn"]
+    split: str | None = None  # why a conversation asked as one row was written per turn (None: not split)
 
 
 @dataclass
@@ -132,7 +148,7 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
 class ChatRenderer:
     """Renders conversations into masked token rows for one tokenizer."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, one_row_per: OneRowPer = "turn") -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, one_row_per: OneRowPer = "conversation") -> None:
         if one_row_per not in ("turn", "conversation"):
             raise ValueError(f"one_row_per must be 'turn' or 'conversation', not {one_row_per!r}")
         self.tokenizer = tokenizer
@@ -199,7 +215,7 @@ class ChatRenderer:
                 return False
         return True
 
-    def render(self, conv: Conversation) -> list[TokenRow] | Dropped:
+    def render(self, conv: Conversation) -> ChatRows | Dropped:
         assistant = [i for i, m in enumerate(conv.messages) if m["role"] == "assistant"]
         if not assistant:
             return Dropped("no_assistant_turn", "no assistant message to supervise (regenerate answers first)")
@@ -210,21 +226,26 @@ class ChatRenderer:
                 return span
             spans.append(span)
         if self.one_row_per == "turn":
-            rows = []
-            for ids, start, end in spans:
-                mask = [0] * len(ids)
-                mask[start:end] = [1] * (end - start)
-                rows.append(TokenRow(ids, mask))
-            return rows
+            return ChatRows(per_turn_rows(spans), "turn")
         # One row per conversation: the last F_i covers everything up to the last assistant turn.
         ids = spans[-1][0]
         mask = [0] * len(ids)
         for n, (turn_ids, start, end) in enumerate(spans):
             if ids[: len(turn_ids)] != turn_ids:
-                return Dropped(
-                    "not_prefix_stable",
-                    f"assistant message {assistant[n]} renders differently once later turns follow "
-                    "(the template rewrites history); use one row per turn",
+                why = (
+                    f"assistant message {assistant[n]} renders differently once later turns follow (the template "
+                    "rewrites history, e.g. drops earlier reasoning)"
                 )
+                return ChatRows(per_turn_rows(spans), "turn", split=why)
             mask[start:end] = [1] * (end - start)
-        return [TokenRow(ids, mask)]
+        return ChatRows([TokenRow(ids, mask)], "conversation")
+
+
+def per_turn_rows(spans: list[tuple[list[int], int, int]]) -> list[TokenRow]:
+    """One row per assistant turn: F_i with only turn i's tokens supervised."""
+    rows = []
+    for ids, start, end in spans:
+        mask = [0] * len(ids)
+        mask[start:end] = [1] * (end - start)
+        rows.append(TokenRow(ids, mask))
+    return rows

@@ -1,10 +1,10 @@
 """`prepare`: raw rows (token ids, conversations, presets) -> a prepared dir the trainer reads (contracts a3, a7).
 
 Output in `output`: the `datasets` arrow dataset (`input_ids` int64[], `loss_mask` int64[], `seq_len`),
-`token_freq.pt` (`{token_id: count}` over supervised tokens) and `report.json` (`PrepareReport`). Conversations
-become one row per assistant turn by default (the speculators contract; exact even for templates that rewrite
-history, e.g. Qwen dropping earlier reasoning); `one_row_per="conversation"` packs all turns into one row and
-drops conversations whose rendering is not prefix-stable.
+`token_freq.pt` (`{token_id: count}` over supervised tokens) and `report.json` (`PrepareReport`). A conversation
+becomes one row with every assistant turn supervised where its rendering is prefix-stable (its prefix is processed
+once, not once per turn), else one row per assistant turn (exact for every template, e.g. Qwen dropping earlier
+reasoning); `one_row_per="turn"` writes every conversation per turn. `chat_rows` in the report counts both.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from mtptune.data.chat_render import ChatRenderer, OneRowPer, is_chat_row, parse_conversation
+from mtptune.data.chat_render import ChatRenderer, ChatRows, OneRowPer, is_chat_row, parse_conversation
 from mtptune.data.presets import read_source
 from mtptune.data.readers import SourceRow
 from mtptune.data.token_rows import Dropped, TokenRow, is_token_row, truncate, validate_token_row
@@ -55,6 +55,9 @@ class PrepareReport:
     truncated: int  # written rows cut to seq_length
     formats: dict[str, int]  # "token_ids" / "chat" -> source rows of that format
     notes: dict[str, int]  # kept rows worth a warning (e.g. reasoning the template cannot show)
+    # written chat rows: "conversation_rows" (each a whole conversation), "turn_rows" (each one assistant turn),
+    # "conversations_split" (conversations written per turn because their rendering is not prefix-stable)
+    chat_rows: dict[str, int]
     tokens_total: int
     supervised_tokens_total: int
     length_histogram: dict[str, int]  # "lo-hi" tokens -> rows
@@ -65,10 +68,17 @@ class PrepareReport:
 
     def summary(self) -> str:
         drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+        chat = self.chat_rows
+        conversations = (
+            f"; chat: {chat['conversation_rows']} conversation rows, {chat['turn_rows']} turn rows "
+            f"({chat['conversations_split']} conversations not prefix-stable, written per turn)"
+            if chat.get("conversation_rows") or chat.get("turn_rows")
+            else ""
+        )
         return (
             f"{self.rows_in} rows in -> {self.rows_out} rows out ({self.tokens_total} tokens, "
             f"{self.supervised_tokens_total} supervised); dropped: {drops}; truncated: {self.truncated}; "
-            f"not used (--max-samples): {self.rows_not_used}"
+            f"not used (--max-samples): {self.rows_not_used}{conversations}"
         )
 
 
@@ -80,6 +90,8 @@ class RowResult:
     dropped: list[Dropped]
     truncated: list[bool]  # per row in `rows`
     notes: dict[str, int]
+    layout: str | None = None  # chat rows: "conversation" or "turn"
+    split: str | None = None  # chat rows: why a conversation was written per turn although asked as one row
 
 
 class RowProcessor:
@@ -104,15 +116,20 @@ class RowProcessor:
     def __call__(self, src: SourceRow) -> RowResult:
         data = src.data
         notes: dict[str, int] = {}
+        layout = split = None
         if is_token_row(data):
             fmt = "token_ids"
             parsed = validate_token_row(data, self.vocab_size)
             candidates: list[TokenRow] | Dropped = parsed if isinstance(parsed, Dropped) else [parsed]
         elif is_chat_row(data):
             fmt = "chat"
-            candidates = self.render(data)
+            rendered = self.render(data)
             if self.renderer is not None:
                 notes, self.renderer.notes.counts = self.renderer.notes.counts, {}
+            if isinstance(rendered, Dropped):
+                candidates = rendered
+            else:
+                candidates, layout, split = rendered.rows, rendered.layout, rendered.split
         elif any(k in data for k in PROMPT_ONLY_KEYS):
             fmt = "prompt"
             candidates = Dropped("no_assistant_turn", "prompt-only row; write answers with `mtptune regenerate` first")
@@ -137,9 +154,9 @@ class RowProcessor:
                 continue
             truncated.append(cut.truncated)
             rows.append(cut.row)
-        return RowResult(src.where, fmt, rows, dropped, truncated, notes)
+        return RowResult(src.where, fmt, rows, dropped, truncated, notes, layout, split)
 
-    def render(self, data: dict[str, Any]) -> list[TokenRow] | Dropped:
+    def render(self, data: dict[str, Any]) -> ChatRows | Dropped:
         if self.renderer is None or self.tokenizer is None:
             raise DataError(
                 f"--model {self.model} has no tokenizer, but the data holds conversations that must be rendered "
@@ -153,7 +170,7 @@ class RowProcessor:
         rendered = self.renderer.render(conv)
         if isinstance(rendered, Dropped):
             return rendered
-        for row in rendered:
+        for row in rendered.rows:
             if self.vocab_size is not None and max(row.input_ids) >= self.vocab_size:
                 return Dropped("id_out_of_range", f"tokenizer produced id {max(row.input_ids)} >= {self.vocab_size}")
         return rendered
@@ -256,7 +273,7 @@ def prepare_dataset(
     overwrite: bool = False,
     minimum_valid_tokens: int = 1,
     num_workers: int = 1,
-    one_row_per: OneRowPer = "turn",
+    one_row_per: OneRowPer = "conversation",
 ) -> PrepareReport:
     """Read `data` (files, folders, presets), shuffle with `seed`, validate/render/truncate, keep at most
     `max_samples` rows, and write the prepared dir `output`. Raises DataError when nothing usable remains."""
@@ -286,6 +303,8 @@ def prepare_dataset(
     examples: dict[str, list[str]] = {}
     notes: Counter[str] = Counter()
     formats: Counter[str] = Counter()
+    chat_rows: Counter[str] = Counter({"conversation_rows": 0, "turn_rows": 0, "conversations_split": 0})
+    split_examples: list[str] = []
     truncated = used = 0
     with tqdm(total=len(source), desc="prepare", unit="row") as bar:
         for result in process_rows(processor, source, num_workers):
@@ -298,7 +317,14 @@ def prepare_dataset(
                 if len(examples.setdefault(drop.reason, [])) < MAX_EXAMPLES:
                     examples[drop.reason].append(f"{result.where}: {drop.detail}")
             room = None if max_samples is None else max_samples - len(kept)
-            kept.extend(result.rows[:room])
+            written = result.rows[:room]
+            kept.extend(written)
+            if result.layout is not None and written:
+                chat_rows[f"{result.layout}_rows"] += len(written)
+                if result.split is not None:
+                    chat_rows["conversations_split"] += 1
+                    if len(split_examples) < MAX_EXAMPLES:
+                        split_examples.append(f"{result.where}: {result.split}")
             truncated += sum(result.truncated[:room])
             if max_samples is not None and len(kept) >= max_samples:
                 break
@@ -307,6 +333,13 @@ def prepare_dataset(
         log.warning("dropped %d row(s): %s, e.g. %s", count, reason, examples[reason][0])
     for note, count in sorted(notes.items()):
         log.warning("%d kept row(s): %s", count, note)
+    if chat_rows["conversations_split"]:
+        log.warning(
+            "%d conversation(s) are not rendered prefix-stably by the chat template and were written one row per "
+            "assistant turn (exact, but each turn re-processes the conversation's prefix), e.g. %s",
+            chat_rows["conversations_split"],
+            split_examples[0],
+        )
     if not kept:
         detail = "; ".join(f"{r} x{c} (e.g. {examples[r][0]})" for r, c in sorted(dropped.items()))
         raise DataError(f"no usable rows in --data {' '.join(data)}: every row was dropped: {detail}")
@@ -327,6 +360,7 @@ def prepare_dataset(
         truncated=truncated,
         formats=dict(formats),
         notes=dict(notes),
+        chat_rows=dict(chat_rows),
         tokens_total=sum(lengths),
         supervised_tokens_total=sum(freq.values()),
         length_histogram=histogram(lengths, seq_length),

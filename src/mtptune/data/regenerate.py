@@ -11,8 +11,10 @@ masked-out prefix is the prompt) go to `/v1/completions` instead (`"prompt": ids
 plain-text `prompt` rows with `api="completions"` (the server tokenizes them). A row's own `max_tokens` overrides
 the global one. `api="auto"` (default) picks per row: token ids -> completions, everything else -> chat.
 
-Rows are appended to a jsonl as conversations finish (all rows of a conversation in one write); a re-run skips
-conversation ids already in the file (resume).
+A conversation is written as one row (every answer supervised) when each turn's prompt ids start with the previous
+prompt + answer ids, else one row per turn (`one_row_per="turn"` forces that). Rows are appended to a jsonl as
+conversations finish (all rows of a conversation in one write); a re-run skips conversation ids already in the file
+(resume).
 """
 
 from __future__ import annotations
@@ -501,7 +503,7 @@ def regenerate(
     timeout_s: float = 600.0,
     api_key: str | None = None,
     max_samples: int | None = None,
-    one_row_per: OneRowPer = "turn",
+    one_row_per: OneRowPer = "conversation",
     overwrite: bool = False,
     tokenizer: str | None = None,
     api: Api = "auto",
