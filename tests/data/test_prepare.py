@@ -183,3 +183,56 @@ def test_qwen3_5_multi_turn_conversations_fall_back_to_turn_rows_and_are_counted
 def load_columns(path: Path) -> tuple[list[list[int]], list[list[int]]]:
     ds = load_prepared(path)
     return ds["input_ids"], ds["loss_mask"]
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mtptune.cli.main", *argv], capture_output=True, text=True, timeout=300
+    )
+
+
+LATIN1_ROW = '{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1")  # é as the byte 0xe9
+
+
+@pytest.mark.parametrize("command", ["prepare", "regenerate"])
+def test_a_file_that_is_not_utf8_is_a_one_line_error_naming_file_and_line(tmp_path, tiny_verifier, command):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(json.dumps(good(4)).encode() + b"\n" + LATIN1_ROW + b"\n")
+    out = tmp_path / ("out" if command == "prepare" else "out.jsonl")
+    argv = ["--data", str(data), "--output", str(out)]
+    argv += ["--model", str(tiny_verifier)] if command == "prepare" else ["--endpoint", "http://127.0.0.1:9/v1"]
+    done = run_cli(command, *argv)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"mtptune {command}: error: {data}:2: not valid UTF-8 (byte 0xe9 at byte 47 ")
+    assert "iconv" in message
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["latin1.jsonl"]
+
+
+def test_json_list_not_utf8_names_its_line_and_a_bom_is_accepted(tmp_path, tiny_verifier):
+    bad = tmp_path / "rows.json"
+    bad.write_bytes(b"[\n  " + json.dumps(good(3)).encode() + b",\n  " + LATIN1_ROW + b"\n]\n")
+    with pytest.raises(DataError, match=r"rows\.json:3: not valid UTF-8"):
+        prepare_dataset(str(tiny_verifier), [str(bad)], tmp_path / "a")
+    bom = write_jsonl(tmp_path / "bom.jsonl", [good(3), good(4)])
+    bom.write_bytes(b"\xef\xbb\xbf" + bom.read_bytes())  # as some editors save UTF-8
+    assert prepare_dataset(str(tiny_verifier), [str(bom)], tmp_path / "b").rows_out == 2
+
+
+def test_a_failed_prepare_leaves_no_output_and_keeps_an_earlier_dataset(tmp_path, tiny_verifier):
+    dropped = write_jsonl(tmp_path / "dropped.jsonl", [{"input_ids": [5000], "loss_mask": [1]}])
+    out = tmp_path / "runs" / "prepared"
+    with pytest.raises(DataError, match="every row was dropped"):
+        prepare_dataset(str(tiny_verifier), [str(dropped)], out)
+    assert not (tmp_path / "runs").exists()  # not even the parent folder
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [good(4), good(5)])
+    prepare_dataset(str(tiny_verifier), [str(data)], out)
+    (out / "checkpoints").mkdir()
+    with pytest.raises(DataError, match="every row was dropped"):  # --overwrite with bad data: the old one stays
+        prepare_dataset(str(tiny_verifier), [str(dropped)], out, overwrite=True)
+    assert len(load_prepared(out)) == 2
+    prepare_dataset(str(tiny_verifier), [str(data)], out, overwrite=True, max_samples=1)
+    assert len(load_prepared(out)) == 1 and (out / "checkpoints").is_dir()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]  # no staging folder left beside it
+    assert len(list(out.glob("*.arrow"))) == 1 and (out / "report.json").is_file()

@@ -1,6 +1,7 @@
 """`prepare`: raw rows (token ids, conversations, presets) -> a prepared dir the trainer reads (contracts a3, a7).
 
-Output in `output`: the `datasets` arrow dataset (`input_ids` int64[], `loss_mask` int64[], `seq_len`),
+Output in `output` (written beside it first and moved in when complete: a failed prepare leaves no output folder
+and keeps an earlier dataset): the `datasets` arrow dataset (`input_ids` int64[], `loss_mask` int64[], `seq_len`),
 `token_freq.pt` (`{token_id: count}` over supervised tokens) and `report.json` (`PrepareReport`). A conversation
 becomes one row with every assistant turn supervised where its rendering is prefix-stable (its prefix is processed
 once, not once per turn), else one row per assistant turn (exact for every template, e.g. Qwen dropping earlier
@@ -13,7 +14,9 @@ import itertools
 import json
 import logging
 import multiprocessing
+import os
 import random
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -181,8 +184,8 @@ def model_vocab_size(model: str, tokenizer: PreTrainedTokenizerBase | None) -> i
     config = Path(model).expanduser() / "config.json"
     if config.is_file():
         try:
-            cfg = json.loads(config.read_text())
-        except json.JSONDecodeError as exc:
+            cfg = json.loads(config.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{config}: not valid JSON ({exc}).") from exc
         for section in (cfg, cfg.get("text_config") or {}):
             if isinstance(section.get("vocab_size"), int):
@@ -197,8 +200,8 @@ def existing_outputs(output: Path) -> list[Path]:
 
 
 def claim_output(output: Path, overwrite: bool) -> None:
-    """Refuse to clobber an earlier prepare unless asked; with overwrite remove only prepare's own files (the dir
-    may also hold the trainer's hidden-state cache and checkpoints)."""
+    """Refuse to clobber an earlier prepare unless asked (checked before any work; nothing is written or removed
+    here: the old dataset stays until the new one is complete, see `publish`)."""
     if output.exists() and not output.is_dir():
         raise DataError(f"--output {output} is a file; expected a folder.")
     old = existing_outputs(output)
@@ -207,11 +210,51 @@ def claim_output(output: Path, overwrite: bool) -> None:
             f"--output {output} already holds a prepared dataset ({', '.join(p.name for p in old[:4])}); "
             "pass --overwrite to replace it or choose another --output."
         )
-    for path in old:
-        path.unlink()
     if old and (output / "hidden_states").exists():
         log.warning("%s holds a hidden-state cache made from the old data; delete it before training.", output)
-    output.mkdir(parents=True, exist_ok=True)
+
+
+STAGING_PREFIX = ".prepare-"
+
+
+def staging_dir(output: Path) -> Path:
+    """A fresh folder beside `output` (same file system, so moving out of it is a rename); folders left there by
+    a prepare that was killed are removed first."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f"{STAGING_PREFIX}{output.name}.*"):
+        pid = stale.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = output.parent / f"{STAGING_PREFIX}{output.name}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Move the complete dataset in `staging` to `output`. A new `output` is one rename. In an existing folder (which
+    may hold the trainer's cache and checkpoints) the old prepared files go first, `state.json` (what makes a folder
+    load as a dataset) before the rest, and the new `state.json` arrives last: an interrupted publish leaves a folder
+    that `load_prepared` refuses, never a mix that looks complete."""
+    if not output.exists():
+        staging.rename(output)
+        return
+    old = existing_outputs(output)
+    for path in sorted(old, key=lambda p: p.name != "state.json"):
+        path.unlink()
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == "state.json"):
+        os.replace(path, output / path.name)
+    staging.rmdir()
 
 
 def histogram(lengths: list[int], seq_length: int) -> dict[str, int]:
@@ -348,8 +391,6 @@ def prepare_dataset(
     freq: Counter[int] = Counter()
     for row in kept:
         freq.update(t for t, m in zip(row.input_ids, row.loss_mask) if m)
-    write_dataset(kept, output)
-    torch.save(dict(freq), output / TOKEN_FREQ_FILE)
     report = PrepareReport(
         output=str(output),
         rows_in=len(source),
@@ -375,7 +416,15 @@ def prepare_dataset(
             "vocab_size": vocab_size,
         },
     )
-    (output / REPORT_FILE).write_text(report.to_json() + "\n")
+    staging = staging_dir(output)
+    try:
+        write_dataset(kept, staging)
+        torch.save(dict(freq), staging / TOKEN_FREQ_FILE)
+        (staging / REPORT_FILE).write_text(report.to_json() + "\n")
+        publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed or interrupted prepare leaves nothing behind
+        raise
     log.info("prepare: %s -> %s", report.summary(), output)
     return report
 

@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mtptune.data.chat_render import OneRowPer, is_chat_row, parse_conversation
 from mtptune.data.presets import read_source
-from mtptune.data.readers import SourceRow
+from mtptune.data.readers import SourceRow, decode_utf8
 from mtptune.data.token_rows import Dropped
 from mtptune.errors import DataError, ServerError
 from mtptune.openai_http import GaveUp, HttpStatusError, OpenAIHttpClient, RetryPolicy, normalize_endpoint
@@ -392,7 +392,7 @@ def done_ids(output: Path) -> set[str]:
             f.truncate(keep)
         raw = raw[:keep]
     ids: set[str] = set()
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(decode_utf8(raw, output).splitlines(), start=1):
         if line.strip():
             try:
                 ids.add(str(json.loads(line)["id"]))
