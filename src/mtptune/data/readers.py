@@ -8,6 +8,7 @@ silently bias the data. A UTF-8 byte-order mark at the start of a file is allowe
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from mtptune.errors import DataError
 
+log = logging.getLogger(__name__)
 DATA_SUFFIXES = (".jsonl", ".json")
 
 
@@ -82,6 +84,41 @@ def read_json(path: Path) -> Iterator[SourceRow]:
         line = text.count("\n", 0, pos) + 1
         _, pos = decoder.raw_decode(text, pos)
         yield SourceRow(f"{path}:{line}", as_object(item, f"{path}:{line}"))
+
+
+def read_truncated_json_list(path: Path, name: str) -> Iterator[SourceRow]:
+    """The complete elements of a JSON list whose file is cut off before its end (the packaged ShareGPT file stops
+    mid-conversation, so `json.load` fails): decoded one element at a time until the cut, which is warned about.
+    Rows are tagged `name:index`."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.reason != "unexpected end of data":  # not just a character cut in half by the truncation
+            raise not_utf8(
+                path, raw.count(b"\n", 0, exc.start) + 1, exc.start - raw.rfind(b"\n", 0, exc.start), raw[exc.start]
+            ) from None
+        text = raw[: exc.start].decode("utf-8")
+    start = text.find("[")
+    if start < 0:
+        raise DataError(f"{path}:1: expected a JSON list of row objects.")
+    decoder = json.JSONDecoder()
+    pos, index = start + 1, 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            line = text.count("\n", 0, pos) + 1
+            log.warning(
+                "%s: the file ends inside element %d (line %d); the %d complete ones are used", path, index, line, index
+            )
+            return
+        yield SourceRow(f"{name}:{index}", as_object(item, f"{path} element {index}"))
+        index += 1
 
 
 def as_object(data: Any, where: str) -> dict[str, Any]:

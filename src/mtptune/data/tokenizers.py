@@ -164,7 +164,10 @@ QWEN3_5_CHAT_TEMPLATE = r"""
 
 def package_dir(module: str, hint: str) -> Path:
     """Folder of an installed (data) package, found without importing it (some need deps we do not install)."""
-    spec = importlib.util.find_spec(module)
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # ValueError: blocked (sys.modules[module] is None)
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"package `{module}` is not installed; {hint}")
     return Path(next(iter(spec.submodule_search_locations)))
