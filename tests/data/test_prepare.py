@@ -149,16 +149,18 @@ def chat(*turns: str, reasoning: str | None = None) -> dict:
     return {"messages": messages}
 
 
-def test_conversations_are_one_row_each_unless_the_template_rewrites_history(tmp_path):
+def test_conversations_are_one_row_each_unless_the_template_rewrites_history(tmp_path, smollm2):
     rows = [
         chat("Hi", "Yo", "Again?", "Sure", "Once more?", "Done"),  # 3 assistant turns
         chat("Q", "A"),
     ]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
-    whole = prepare_dataset("smollm2", [str(data)], tmp_path / "conv")  # ChatML renders history as it was
+    model = tmp_path / "smollm2"  # its tokenizer as a folder: loads faster than from the GGUF
+    smollm2.save_pretrained(str(model))
+    whole = prepare_dataset(str(model), [str(data)], tmp_path / "conv")  # ChatML renders history as it was
     assert whole.rows_out == 2
     assert whole.chat_rows == {"conversation_rows": 2, "turn_rows": 0, "conversations_split": 0}
-    turns = prepare_dataset("smollm2", [str(data)], tmp_path / "turn", one_row_per="turn")
+    turns = prepare_dataset(str(model), [str(data)], tmp_path / "turn", one_row_per="turn")
     assert turns.rows_out == 4
     assert turns.chat_rows == {"conversation_rows": 0, "turn_rows": 4, "conversations_split": 0}
     assert whole.supervised_tokens_total == turns.supervised_tokens_total  # the same supervision...
@@ -185,25 +187,20 @@ def load_columns(path: Path) -> tuple[list[list[int]], list[list[int]]]:
     return ds["input_ids"], ds["loss_mask"]
 
 
-def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mtptune.cli.main", *argv], capture_output=True, text=True, timeout=300
-    )
-
-
 LATIN1_ROW = '{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1")  # é as the byte 0xe9
 
 
 @pytest.mark.parametrize("command", ["prepare", "regenerate"])
-def test_a_file_that_is_not_utf8_is_a_one_line_error_naming_file_and_line(tmp_path, tiny_verifier, command):
+def test_a_file_that_is_not_utf8_is_a_one_line_error_naming_file_and_line(tmp_path, tiny_verifier, command, capsys):
     data = tmp_path / "latin1.jsonl"
     data.write_bytes(json.dumps(good(4)).encode() + b"\n" + LATIN1_ROW + b"\n")
     out = tmp_path / ("out" if command == "prepare" else "out.jsonl")
     argv = ["--data", str(data), "--output", str(out)]
     argv += ["--model", str(tiny_verifier)] if command == "prepare" else ["--endpoint", "http://127.0.0.1:9/v1"]
-    done = run_cli(command, *argv)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    message = done.stderr.strip().splitlines()[-1]
+    assert main([command, *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [message] = err.strip().splitlines()
     assert message.startswith(f"mtptune {command}: error: {data}:2: not valid UTF-8 (byte 0xe9 at byte 47 ")
     assert "iconv" in message
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["latin1.jsonl"]
