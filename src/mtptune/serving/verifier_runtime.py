@@ -9,13 +9,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel, StoppingCriteriaList
+from transformers import PreTrainedModel, StoppingCriteriaList
 
 from mtptune.checkpoint.safetensors_io import resolve_model_dir
 from mtptune.checkpoint.verifier import build_random_causal_lm, load_causal_lm
+from mtptune.data.tokenizers import load_tokenizer
 from mtptune.errors import CheckpointError, ConfigError
 from mtptune.serving.contract import CaptureSpec
 from mtptune.serving.server_config import LOAD_FORMATS
@@ -129,7 +129,9 @@ class VerifierRuntime:
             hf_model = hf_model.to(torch_device).eval()
         hf_tokenizer = None
         if with_tokenizer:
-            hf_tokenizer = load_tokenizer(resolve_model_dir(tokenizer) if tokenizer else root, trust_remote_code)
+            hf_tokenizer = load_tokenizer(
+                resolve_model_dir(tokenizer) if tokenizer else root, trust_remote_code, on_error="warn"
+            )
         log.info(
             "%s verifier %s (%s, %s, %s parameters) on %s in %.1f s%s",
             "built RANDOM-WEIGHT" if load_format == "dummy" else "loaded",
@@ -331,15 +333,3 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, seed: i
         probs = filtered / filtered.sum()
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def load_tokenizer(root: Path, trust_remote_code: bool = False):
-    """The verifier's tokenizer, or None when the folder ships none (token-id prompts still work)."""
-    has_files = any((root / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    if not has_files:
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(root, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        log.warning("cannot load the tokenizer from %s (%s); only token-id prompts are accepted", root, exc)
-        return None
