@@ -59,20 +59,23 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 echo "{\"part\": \"setup\", \"seconds\": $(elapsed), \"cannot_import\": \"${DEVICE_SETUP_MISSING}\"}" >> "$J"
 grep -E "MISSING|INCOMPLETE|!!!" "$LOGS/setup.log" | tee -a "$LOGS/timeline.txt"
 PEER_OK=1
-case " $DEVICE_SETUP_MISSING " in *" speculators.train.cli "*) PEER_OK=0; note "the peer cannot be imported: its parts are skipped";; esac
+case " $DEVICE_SETUP_MISSING " in *" speculators.train.cli "*) PEER_OK=0;; esac
+[ -d .bench/whl ] || PEER_OK=0
+[ $PEER_OK = 1 ] || note "the peer (speculators) is not importable: its parts are skipped"
 # DataLoader workers hand 64 MiB packed batches to the peer's trainer through /dev/shm
 SHM_KB=$(df -k /dev/shm 2>/dev/null | tail -1 | awk '{print $2}')
 if command -v nvidia-smi > /dev/null && [ -n "$SHM_KB" ] && [ "$SHM_KB" -lt 16000000 ]; then
   mount -o remount,size=32G /dev/shm || true
 fi
 
-# The workload, on the CPU while the GPU runs parts 1-2: verifier, 8.1 rows (400: ~44 packed steps), GSM8K rows.
+# The workload, on the CPU while the GPU runs parts 1-2: verifier, 8.1 rows (400: ~45 packed steps), GSM8K-length
+# rows (1500: ~37 steps).
 (
   set -e
   python3 benchmarks/peer/make_fake_verifier.py $W/verifier --device cpu ${DATA_ARGS:-}
   python3 benchmarks/peer/make_offline_data.py $W/long $W/long_hs --num-samples ${ROWS_LONG:-400} --device cpu \
     ${DATA_ARGS:-}
-  python3 benchmarks/peer/make_offline_data.py $W/gsm8k $W/gsm8k_hs --num-samples ${ROWS_GSM8K:-1400} --lengths gsm8k \
+  python3 benchmarks/peer/make_offline_data.py $W/gsm8k $W/gsm8k_hs --num-samples ${ROWS_GSM8K:-1500} --lengths gsm8k \
     --device cpu ${DATA_ARGS:-}
 ) > "$LOGS/data.log" 2>&1 &
 DATA_PID=$!
@@ -119,4 +122,4 @@ fi
 note "done at $(elapsed)s"
 cat "$J"
 tar -czf "$OUT/issue19_logs.tar.gz" -C "$LOGS" . 2>/dev/null
-echo "$OUT: issue19.jsonl, issue19_logs.tar.gz, train_profile.txt, gpu_tests_tail.txt ($(elapsed)s)"
+echo "done ($(elapsed)s): $(ls "$OUT" | tr '\n' ' ')"

@@ -58,18 +58,18 @@ def long_lengths(n: int, seed: int = 1234, min_len: int = 300, max_len: int = 15
     return [(int(p), int(t - p)) for t, p in zip(lens.tolist(), prompts.tolist())]
 
 
-def row_layout(mix: str, n: int, seed: int | None = None) -> list[tuple[int, int, int]]:
-    """(prompt, answer, trailing) tokens of n rows of a mix."""
+def row_layout(mix: str, n: int, seed: int = 1234) -> list[tuple[int, int, int]]:
+    """(prompt, answer, trailing) tokens of n rows of a mix (seed 1234: make_offline_data.py's default)."""
     if mix == "long":
-        return [(p, a, 0) for p, a in long_lengths(n, 1234 if seed is None else seed)]
+        return [(p, a, 0) for p, a in long_lengths(n, seed)]
     if mix == "gsm8k":
-        return [(p, a, TRAILING_TOKENS) for p, a in sample_gsm8k_lengths(n, 0 if seed is None else seed)]
+        return [(p, a, TRAILING_TOKENS) for p, a in sample_gsm8k_lengths(n, seed)]
     raise ValueError(f"unknown row mix {mix!r} (one of {', '.join(MIXES)})")
 
 
 def supervised_rows_per_step(mix: str, n: int, total_seq_len: int = 8192, num_steps: int = 3, batches: int = 4):
     """The LM-head rows of each MTP step in the first `batches` packed micro-batches (mtptune's packing and loss
-    plan), as [[rows of step 0, 1, ...], ...]: what one trainer step feeds the LM head + loss."""
+    plan, the trainer's seed 0), as [[rows of step 0, 1, ...], ...]: what one trainer step feeds the LM head + loss."""
     import torch
 
     from mtptune.training.batching import pack_rows
