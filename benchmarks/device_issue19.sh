@@ -48,7 +48,7 @@ part() {
     return 1
   fi
   note "== $name (limit ${t}s, at $(elapsed)s)"
-  timeout -k 10 "$t" "$@" 2>&1 | tee "$LOGS/$name.log" | grep --line-buffered '^{' >> "$J"
+  PART_LIMIT_S=$t timeout -k 10 "$t" "$@" 2>&1 | tee "$LOGS/$name.log" | grep --line-buffered '^{' >> "$J"
   local rc=${PIPESTATUS[0]}
   note "   $name rc=$rc at $(elapsed)s"
   return "$rc"

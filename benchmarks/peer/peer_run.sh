@@ -17,7 +17,10 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do SUMMARY_ARGS+=("$1"); shift; done
 [ $# -gt 0 ] && shift
 mkdir -p "$DIR"
 T0=$(date +%s)
-BENCH_DIR=$DIR BENCH_PROFILE_STEP=-1 BENCH_EXIT_AT_EPOCH_END=1 python3 "$S/run_train_hooked.py" \
+# Under a time limit of PART_LIMIT_S (set by device_issue19.sh) less 20 s, so that a run cut short is still
+# summarized from the steps it logged.
+BENCH_DIR=$DIR BENCH_PROFILE_STEP=-1 BENCH_EXIT_AT_EPOCH_END=1 timeout -k 5 $(( ${PART_LIMIT_S:-100000} - 20 )) \
+  python3 "$S/run_train_hooked.py" \
   --verifier-name-or-path "$VERIFIER" --data-path "$DATA" --hidden-states-path "$HS" --on-missing raise \
   --speculator-type mtp --num-speculative-steps 3 --step-weight-beta 0.6 --epochs 1 --lr 1e-4 --total-seq-len 8192 \
   --save-path "/tmp/peer_ckpt_$NAME" "$@" > "$DIR/train_log.txt" 2>&1
