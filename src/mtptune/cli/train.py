@@ -19,6 +19,7 @@ import sys
 
 from mtptune.errors import ConfigError
 from mtptune.training.config import COMPILE_SCOPES
+from mtptune.training.loss_kernels import DEFAULT_LOSS_KERNEL, LOSS_KERNELS
 
 log = logging.getLogger("mtptune.train")
 
@@ -120,8 +121,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps")
     g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
-    g.add_argument("--muon-lr", type=float, default=None)
+    g.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                   help="adamw (fused), or muon: Muon for the 2-D weight matrices + AdamW for norms (speculators' default)")  # fmt: skip
+    g.add_argument(
+        "--muon-lr", type=float, default=None, help="Muon's lr (default --lr; its update RMS matches AdamW's)"
+    )
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--grad-accum", type=int, default=1)
@@ -132,6 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--loss", choices=("ce", "kl", "tv", "ce+kl"), default="ce")
     g.add_argument("--kl-weight", type=float, default=1.0, help="weight of kl in --loss ce+kl")
     g.add_argument("--loss-chunk-rows", type=int, default=2048, help="rows per chunked lm_head + loss")
+    g.add_argument("--loss-kernel", choices=LOSS_KERNELS, default=DEFAULT_LOSS_KERNEL,
+                   help="LM head + cross-entropy of the training steps (--loss ce): ours (chunked, every loss kind), "
+                        "liger (liger-kernel) or cce (cut-cross-entropy); the libraries need CUDA")  # fmt: skip
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -197,8 +204,8 @@ def build_config(args: argparse.Namespace):
     concurrency = args.concurrency or args.num_workers or 64
     if args.save_best:
         log.info("--save-best: checkpoint_best is always maintained (highest validation tau_sim).")
-    if args.optimizer == "muon" or args.muon_lr is not None:
-        log.warning("!!! --optimizer muon / --muon-lr are not supported by mtptune yet; training with AdamW.")
+    if args.muon_lr is not None and args.optimizer != "muon":
+        log.warning("--muon-lr applies to --optimizer muon only; this run uses %s.", args.optimizer)
     step_weights = None
     if args.step_weights:
         try:
@@ -241,7 +248,9 @@ def build_config(args: argparse.Namespace):
             scheduler=args.scheduler,
             warmup_steps=args.warmup_steps,
         ),
-        loss=LossConfig(args.loss, args.step_weight_beta, step_weights, args.loss_chunk_rows, args.kl_weight),
+        loss=LossConfig(
+            args.loss, args.step_weight_beta, step_weights, args.loss_chunk_rows, args.kl_weight, args.loss_kernel
+        ),
         logging=LoggingConfig(loggers, args.log_dir, args.run_name, args.log_every, not args.no_progress),
         from_pretrained=args.from_pretrained,
         num_speculative_steps=steps,

@@ -26,6 +26,7 @@ from mtptune.training.config import TrainConfig
 from mtptune.training.distributed import DistInfo, wrap_head
 from mtptune.training.hidden_source import SourceStats, build_source
 from mtptune.training.loggers import MetricsLogger
+from mtptune.training.optim import MuonWithAdamW
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,16 @@ def compile_head(head: MtpHead, scope: str) -> None:
 
 
 def build_optimizer(config: TrainConfig, head: MtpHead) -> torch.optim.Optimizer:
-    if config.optim.name == "muon":
-        log.warning(
-            "--optimizer muon is not supported for MTP heads by mtptune yet; using AdamW (--lr %g).", config.optim.lr
+    # fused: one kernel for the whole AdamW update on CUDA (the foreach default launches several per tensor group)
+    fused = all(p.is_cuda for p in head.parameters())
+    if config.optim.name == "muon":  # Muon on the 2-D weights, AdamW on the norms (training/optim.py)
+        return MuonWithAdamW(
+            head.parameters(),
+            config.optim.lr,
+            config.optim.muon_lr,
+            config.optim.weight_decay,
+            config.optim.betas,
+            fused,
         )
     decay = [p for p in head.parameters() if p.ndim >= 2]
     no_decay = [p for p in head.parameters() if p.ndim < 2]  # norms
@@ -137,8 +145,6 @@ def build_optimizer(config: TrainConfig, head: MtpHead) -> torch.optim.Optimizer
         {"params": decay, "weight_decay": config.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # fused: one kernel for the whole update on CUDA (the foreach default launches several per tensor group)
-    fused = all(p.is_cuda for p in head.parameters())
     return torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas, fused=fused)
 
 

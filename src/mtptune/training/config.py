@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from mtptune.errors import ConfigError
+from mtptune.training.loss_kernels import check_loss_kernel
 
 OnMissing = Literal["generate", "skip", "warn", "raise"]
 OnGenerate = Literal["delete", "cache"]
@@ -63,7 +64,7 @@ class HiddenStatesConfig:
 class OptimConfig:
     name: Literal["adamw", "muon"] = "adamw"
     lr: float = 1e-4
-    muon_lr: float | None = None  # default 10 x lr (speculators)
+    muon_lr: float | None = None  # Muon's lr for 2-D weights; default lr (as speculators 0.9.0: RMS matched to AdamW)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -80,6 +81,7 @@ class LossConfig:
     step_weights: tuple[float, ...] | None = None  # explicit alpha_k; overrides beta
     chunk_rows: int = 2048  # rows per lm_head chunk; never more than chunk_rows x V logits alive
     kl_weight: float = 1.0  # weight of the distillation term in "ce+kl"
+    kernel: str = "ours"  # LM head + CE of the training steps: ours, liger, cce (training/loss_kernels.py)
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,7 @@ class TrainConfig:
             raise ConfigError(f"--loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss.kind!r}.")
         if self.loss.chunk_rows < 1:
             raise ConfigError("--loss-chunk-rows must be >= 1.")
+        check_loss_kernel(self.loss.kernel, self.loss.kind)
         if self.loss.step_weights is not None:
             if len(self.loss.step_weights) != self.num_speculative_steps:
                 raise ConfigError(

@@ -214,7 +214,7 @@ def _forward_loss(
     )  # fmt: skip
     loss, metrics = mtp_loss(
         outputs, b.plan, post_norm.detach(), p.head.lm_head, p.weights, normalizers, config.loss.kind,
-        config.loss.chunk_rows, config.loss.kl_weight, with_reference,
+        config.loss.chunk_rows, config.loss.kl_weight, with_reference, kernel=config.loss.kernel,
     )  # fmt: skip
     if torch.is_grad_enabled() and not loss.requires_grad:
         # Keep every parameter in the graph so DDP's reducer sees a gradient (zero) from this rank.
