@@ -508,7 +508,7 @@ def server_delta(before: dict[str, float], after: dict[str, float], busy_window_
 AUTO_TRAINER_TOKENS_PER_S = {"gpu": 25_000.0, "tiny": 1_500.0}
 AUTO_FIXED_PER_RUN_S = {"gpu": 120.0, "tiny": 20.0}
 VAL_RATIO = 0.1  # the trainer's default --train-data-ratio 0.9
-JOB_MODES = ("colocated", "server")  # timed as whole jobs (process start to checkpoint_best)
+JOB_MODES = ("colocated", "server", "warmup")  # timed as whole jobs (process start to checkpoint_best)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -519,8 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--modes",
         default="online,hybrid",
         help="comma list, run in this order: colocated / server (the whole job timed from process start: the "
-        "verifier in the trainer's process, or a server started together with the trainer), online / hybrid (the "
-        "trainer against a server already up and probed)",
+        "verifier in the trainer's process, or a server started together with the trainer), warmup (a colocated "
+        "run of 2 steps on 600 rows that fills the compile caches), online / hybrid (the trainer against a server "
+        "already up and probed)",
     )
     p.add_argument(
         "--fraction",
@@ -891,8 +892,10 @@ class Pipeline:
                "--num-speculative-steps", "3", "--target-layer-ids", str(self.layers), "--step-weight-beta", "0.6",
                "--lr", "1e-4", "--total-seq-len", str(self.seq), "--epochs", str(self.epochs),
                "--device", "cpu" if self.tiny else "cuda", "--no-progress", "--log-every", str(self.log_every)]  # fmt: skip
-        if mode == "colocated":
+        if mode in ("colocated", "warmup"):
             cmd += ["--colocated"] + (["--verifier-load-format", "dummy"] if self.fake else [])
+            if mode == "warmup":  # the README's recipe: compile once on a few rows, then time the real job
+                cmd += ["--max-steps", "2", "--max-rows", "600"]
         else:
             cmd += ["--vllm-endpoint", f"{self.base}/v1", "--on-missing", "generate", "--on-generate", "delete"]
             if self.args.concurrency:

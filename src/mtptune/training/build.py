@@ -52,6 +52,7 @@ class Parts:
     total_steps: int
     stats: SourceStats = field(default_factory=SourceStats)
     timings: dict[str, float] = field(default_factory=dict)  # start-up costs, seconds (logged with the summary)
+    writer: ckpt.BackgroundWriter = field(default_factory=ckpt.BackgroundWriter)  # checkpoint folders, in order
 
 
 def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:

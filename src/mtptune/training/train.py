@@ -67,9 +67,12 @@ def run_training(config: TrainConfig, should_stop: Callable[[int], bool] | None 
 
             return train(parts, stop)
     finally:
-        parts.logger.close()
-        parts.source.close()
-        shutdown(info)
+        try:
+            parts.writer.close()  # a checkpoint still being written is finished, never abandoned
+        finally:
+            parts.logger.close()
+            parts.source.close()
+            shutdown(info)
 
 
 def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
@@ -161,6 +164,7 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
     result.source_stats.update(p.source.stats())
     result.source_stats["timings"] = {k: round(v, 3) for k, v in p.timings.items()}
     p.logger.log("summary", state.global_step, result.source_stats)
+    p.writer.wait()
     best = save_path / ckpt.BEST_LINK
     result.best_checkpoint = best if best.exists() else None
     barrier(info)
@@ -315,12 +319,11 @@ def _end_of_epoch(p: Parts, epoch: int, state: ckpt.TrainingState, result: Train
     )
     if better:
         state = replace(state, best_epoch=epoch, best_tau_sim=tau, best_loss=val["loss"] if val else None)
-    _save(p, save_path / str(epoch), state, val)
-    if p.info.is_main:
-        if complete:
-            ckpt.link(save_path, f"epoch{epoch}_end", str(epoch))
-        if better and config.checkpoint.save_best:
-            ckpt.link(save_path, ckpt.BEST_LINK, str(epoch))
+    links = [f"epoch{epoch}_end"] if complete else []
+    if better and config.checkpoint.save_best:
+        links.append(ckpt.BEST_LINK)
+    # Written while the next epoch trains; the links move only once the folder is complete.
+    _save(p, save_path / str(epoch), state, val, links=links, background=True)
     if complete:
         result.epochs_completed += 1
     return state
@@ -343,9 +346,27 @@ def _checkpoint_if_server_lost(p: Parts, state: ckpt.TrainingState, step_log: _S
         ) from exc
 
 
-def _save(p: Parts, path: Path, state: ckpt.TrainingState, val: dict | None) -> None:
+def _save(
+    p: Parts,
+    path: Path,
+    state: ckpt.TrainingState,
+    val: dict | None,
+    links: list[str] | None = None,
+    background: bool = False,
+) -> None:
+    """Rank 0 writes the checkpoint (and then points `links` at it); with `background`, training goes on while the
+    host copy is written (`p.writer`), else this returns once the folder is complete."""
     if p.info.is_main:
-        ckpt.save_checkpoint(path, p.head_config, p.head, p.optimizer, p.scheduler, state, val)
+        snap = ckpt.snapshot(p.head, p.optimizer, p.scheduler, state, val)
+
+        def write() -> None:
+            ckpt.write_snapshot(path, p.head_config, snap)
+            for name in links or []:
+                ckpt.link(path.parent, name, path.name)
+
+        p.writer.submit(write)
+        if not background:
+            p.writer.wait()
     barrier(p.info)
 
 
