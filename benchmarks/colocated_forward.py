@@ -110,20 +110,23 @@ def main() -> None:
         }
         for seed, (name, fn) in enumerate(passes.items()):
             result[name] = fn(make_rows(n, seed, vocab))
+            print(json.dumps({"pass": name, **result[name]}), file=sys.stderr, flush=True)
         planner_rows = make_rows(n, 7, vocab)
         run_planner(runtime, planner_rows, shapes.tokens, 64)  # first sight of the planner's shapes
         result["planner_warm"] = run_planner(runtime, make_rows(n, 8, vocab), shapes.tokens, 64)
         for name in ("fixed_cold", "fixed_warm", "planner_warm"):
-            entry = result[name]
-            entry["tokens_per_s"] = round(entry["tokens"] / entry["s"])
-            entry["fill"] = round(entry["tokens"] / entry["padded_tokens"], 3)
-            if rate is not None:
-                rows = make_rows(n, 0, vocab)
-                flops = capture_flops([len(r) for r in rows], text)
-                per_token = sum(v for k, v in flops.items() if k != "decoder_params") / sum(len(r) for r in rows)
-                entry["fraction_of_floor"] = round(per_token * entry["tokens"] / rate / entry["s"], 3)
-            entry["s"] = round(entry["s"], 2)
+            _finish(result[name], rate, text, make_rows(n, 0, vocab))
     print(json.dumps(result), flush=True)
+
+
+def _finish(entry: dict, rate: float | None, text: dict, rows: list[Row]) -> None:
+    entry["tokens_per_s"] = round(entry["tokens"] / entry["s"])
+    entry["fill"] = round(entry["tokens"] / entry["padded_tokens"], 3)
+    if rate is not None:
+        flops = capture_flops([len(r) for r in rows], text)
+        per_token = sum(v for k, v in flops.items() if k != "decoder_params") / sum(len(r) for r in rows)
+        entry["fraction_of_floor"] = round(per_token * entry["tokens"] / rate / entry["s"], 3)
+    entry["s"] = round(entry["s"], 2)
 
 
 if __name__ == "__main__":
