@@ -3,10 +3,11 @@ hidden-state client.
 
 - `normalize_endpoint`: what a user types as `--endpoint` / `--vllm-endpoint` -> the OpenAI base URL.
 - `OpenAIHttpClient.send`: one JSON request over pooled connections; a failure that another attempt may fix
-  (connection error, 408/409/425/429, 5xx other than 501/505) raises `Unavailable`, an error response that will
-  repeat raises `HttpStatusError`.
+  (connection error, 408/409/425/429, 5xx other than 501/505/507) raises `Unavailable`, HTTP 507 (the server's
+  storage is full) raises `InsufficientStorage`, an error response that will repeat raises `HttpStatusError`.
 - `with_retries`: attempts with exponential backoff (`RetryPolicy`); a server that is down may be waited for longer
-  than `max_retries` attempts (`wait_timeout`), e.g. while it restarts.
+  than `max_retries` attempts (`wait_timeout`), e.g. while it restarts. A full disk is not waited for: it is
+  retried `max_retries` times only (the client's own deletions may free space), then given up.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ T = TypeVar("T")
 # Statuses a later attempt may fix (timeouts, rate limits, a server restarting or overloaded).
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 FINAL_5XX = frozenset({501, 505})  # "not implemented", "HTTP version not supported": no retry fixes these
+INSUFFICIENT_STORAGE = 507  # the server cannot store the result (the built-in server's full storage folder)
 BODY_IN_MESSAGE = 500  # characters of an error body quoted in messages
 
 
@@ -67,6 +69,26 @@ class Unavailable(RetryableError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status  # None: no response at all
+
+
+class InsufficientStorage(RetryableError):
+    """HTTP 507: the server's storage is full. Retried `max_retries` times (space may be freed meanwhile), never
+    waited for like a restarting server; `server_message` is the server's own `error.message`."""
+
+    status = INSUFFICIENT_STORAGE
+
+    def __init__(self, message: str, server_message: str) -> None:
+        super().__init__(message)
+        self.server_message = server_message
+
+
+def error_message(response: httpx.Response) -> str:
+    """The OpenAI-style `error.message` of an error response, else its text (both as the server wrote them)."""
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:BODY_IN_MESSAGE]
+    return message if isinstance(message, str) else response.text[:BODY_IN_MESSAGE]
 
 
 class HttpStatusError(ServerError):
@@ -167,12 +189,16 @@ class OpenAIHttpClient:
         self.pools = ConnectionPools(connections, timeout, bearer_headers(api_key))
 
     async def send(self, method: str, url: str, payload: dict[str, Any] | None = None) -> Any:
-        """One attempt: the response's JSON; raises Unavailable, HttpStatusError, or ServerError (not JSON)."""
+        """One attempt: the response's JSON; raises Unavailable, InsufficientStorage, HttpStatusError, or ServerError
+        (not JSON)."""
         try:
             response = await self.pools.next().request(method, url, json=payload)
         except httpx.HTTPError as exc:
             raise Unavailable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
         if response.status_code >= 400:
+            if response.status_code == INSUFFICIENT_STORAGE:
+                message = error_message(response)
+                raise InsufficientStorage(f"{method} {url}: HTTP 507: {message}", message)
             if is_retryable_status(response.status_code):
                 raise Unavailable(
                     f"{method} {url}: HTTP {response.status_code}: {response.text[:BODY_IN_MESSAGE]}",

@@ -16,6 +16,7 @@ import yaml
 from mtptune.errors import DataError
 from mtptune.modeling.load import load_head
 from mtptune.testing.learnable import write_prepared_rows
+from mtptune.training import checkpointing as ckpt
 from mtptune.training.config import DataConfig, HiddenStatesConfig
 from mtptune.training.train import run_training
 
@@ -94,19 +95,21 @@ def test_mid_epoch_resume_of_an_older_packing_warns(learnable, tmp_path, caplog)
     assert any("packed rows next-fit" in r.getMessage() for r in caplog.records), caplog.text
 
 
-def test_all_unsupervised_batches_take_no_optimizer_step(learnable, tmp_path):
+def test_all_unsupervised_batches_take_no_optimizer_step_and_save_nothing(learnable, tmp_path):
+    """No step without a supervised token; and a run that trained on nothing writes no checkpoint (issue 22: an
+    untrained checkpoint_best would reach stitch) but stops with exit 2 at the end of its first epoch."""
     rows = [{"input_ids": r["input_ids"], "loss_mask": [0] * len(r["loss_mask"])} for r in learnable.rows[:12]]
     data = write_prepared_rows(rows, tmp_path / "data")
     hs = HiddenStatesConfig(on_missing="raise", hidden_states_path=str(learnable.data / "hidden_states"))
-    config = offline_config(learnable, tmp_path / "ckpt", data=DataConfig(str(data), 128, 1.0), hidden_states=hs)
-    result = run_training(config)
-    assert result.global_step > 0 and result.optimizer_steps == 0 and result.skipped_steps == result.global_step
-    assert all(loss == 0.0 for loss in result.train_losses)
-    native, _, _ = load_head(learnable.verifier, learnable.verifier, dtype=torch.float32)
-    trained = torch.load(tmp_path / "ckpt" / "1" / "master_weights.pt", weights_only=True)
-    assert all(torch.equal(v, trained[k]) for k, v in native.state_dict().items())
-    optimizer = torch.load(tmp_path / "ckpt" / "1" / "optimizer_state_dict.pt", weights_only=True)
-    assert optimizer["state"] == {}
+    save = tmp_path / "ckpt"
+    config = offline_config(learnable, save, data=DataConfig(str(data), 128, 1.0), hidden_states=hs)
+    with pytest.raises(DataError, match="epoch 0 ended and the head has not been trained"):
+        run_training(config)
+    train = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["split"] == "train"]
+    assert train and all(r["loss"] == 0.0 and r["grad_norm"] == 0.0 for r in train)  # every step skipped
+    assert ckpt.complete_checkpoints(save) == [] and not (save / "checkpoint_best").exists()
+    assert not (save / ".train.lock").exists()  # the run lock went with the run
 
 
 def test_on_missing_skip_counts_and_raise_fails(learnable, tmp_path):

@@ -95,6 +95,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="where the memory cache lives (auto: the training GPU with --colocated, host RAM otherwise)",
     )
+    g.add_argument(
+        "--max-failed-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="stop the run (exit 2, a resumable interrupted/ checkpoint) when more than F of the last "
+        "--failed-fraction-window rows had no usable hidden states (invalid or failed; rows missing under "
+        "--on-missing skip|warn do not count); also checked at each epoch's end over what the window holds. "
+        "Default 0.1; 1 never stops. Errors that every row would hit (another verifier's states, a storage folder "
+        "the trainer may not read, a 4xx from the server) stop the run at the first row whatever F is",
+    )
+    g.add_argument(
+        "--failed-fraction-window",
+        type=int,
+        default=200,
+        metavar="N",
+        help="rows (training and validation, most recent) over which --max-failed-fraction is measured (default 200)",
+    )
     g.add_argument("--train-data-ratio", type=float, default=0.9, help="train fraction; the tail validates")
     g.add_argument("--total-seq-len", type=int, default=8192, help="packed tokens per micro-batch per rank")
 
@@ -154,6 +172,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-freq", type=float, default=1.0, help="in epochs; < 1 adds mid-epoch step<N>/ saves")
     g.add_argument("--save-best", action="store_true", help="(always on) keep checkpoint_best -> best val tau_sim")
     g.add_argument("--no-resume", action="store_true", help="ignore checkpoints already under --save-path")
+    g.add_argument(
+        "--resume-with-changes",
+        action="store_true",
+        help="resume even though flags that change the maths (lr, schedule, epochs, loss, data, ranks ...) differ "
+        "from the checkpoint's run: the new values apply from the resumed step and the changes are recorded in "
+        "metrics.jsonl and run.yaml (without it such a resume is refused, listing the differences; a new K is "
+        "always refused)",
+    )
     g.add_argument("--val-every", type=int, default=None, help="also validate every N steps")
     g.add_argument("--no-initial-val", action="store_true", help="skip validating the untrained head")
     g.add_argument("--logger", action="append", default=None, help="tensorboard, trackio, wandb (comma list/repeat)")
@@ -217,7 +243,9 @@ def build_config(args: argparse.Namespace):
     return TrainConfig(
         verifier=args.verifier_name_or_path,
         data=DataConfig(args.data_path, args.total_seq_len, args.train_data_ratio, args.max_rows),
-        checkpoint=CheckpointConfig(args.save_path, args.checkpoint_freq, True, not args.no_resume),
+        checkpoint=CheckpointConfig(
+            args.save_path, args.checkpoint_freq, True, not args.no_resume, args.resume_with_changes
+        ),
         hidden_states=HiddenStatesConfig(
             endpoints=endpoints,
             hidden_states_path=args.hidden_states_path,
@@ -237,6 +265,8 @@ def build_config(args: argparse.Namespace):
             forward_tokens=args.verifier_forward_tokens,
             memory_cache_gib=args.hidden_states_memory_cache,
             memory_cache_device=args.hidden_states_memory_cache_device,
+            max_failed_fraction=args.max_failed_fraction,
+            failed_fraction_window=args.failed_fraction_window,
         ),
         optim=OptimConfig(
             name=args.optimizer,

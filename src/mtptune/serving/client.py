@@ -3,11 +3,18 @@
 Works against real vLLM (`extract_hidden_states` + `ExampleHiddenStatesConnector`) and `mtptune serve` alike: both
 return `kv_transfer_params.hidden_states_path`, and every file goes through `read_hidden_states_file` (b5 lock, b7
 checks). A sample is either returned valid or raised, and counted in `stats`; nothing is dropped silently.
+
+Errors that every row would hit are raised at once, never retried (serving/failures.py): a 4xx from the server, a
+file of another verifier or other layers, a storage folder the trainer may not read. A full storage folder (HTTP
+507) is retried `max_retries` times only. On `close()` the requests still in flight are waited for and their files
+deleted, so a run that stops leaves no hidden-state file behind (`--on-generate delete`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import itertools
 import json
 import logging
@@ -28,6 +35,7 @@ from mtptune.errors import ServerError
 from mtptune.openai_http import (
     GaveUp,
     HttpStatusError,
+    InsufficientStorage,
     OpenAIHttpClient,
     RetryableError,
     RetryPolicy,
@@ -37,13 +45,24 @@ from mtptune.openai_http import (
     server_root,
     with_retries,
 )
+from mtptune.serving.failures import (
+    SYSTEMATIC_REASONS,
+    ServerStorageFull,
+    ServerUnavailable,
+    SystematicFailure,
+    mismatch_failure,
+    permission_denied,
+)
 from mtptune.serving.hidden_state_files import (
     PARTIAL_SUFFIX,
     HiddenStates,
     HiddenStatesInvalid,
     lock_path_for,
     read_hidden_states_file,
+    wait_for_writer,
 )
+
+__all__ = ["ClientStats", "HiddenStatesClient", "ServerStorageFull", "ServerUnavailable", "SystematicFailure"]
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +82,16 @@ class ClientStats:
         self.invalid[reason] = self.invalid.get(reason, 0) + 1
 
 
-class ServerUnavailable(ServerError):
-    """No server answered (connection refused, 5xx, 429) for longer than the wait limit; the trainer must stop
-    (saving a resumable checkpoint) rather than skip the sample."""
-
-
 class _InvalidFile(RetryableError):
     """The server's file failed validation; another request may write a good one."""
+
+
+class _Closed(ServerError):
+    """The client is closing: a fetch still in flight stops (its file, if any, is deleted)."""
+
+
+# How long `close()` waits for the requests still in flight (their files are deleted once they are answered).
+CLOSE_WAIT_S = 30.0
 
 
 class HiddenStatesClient:
@@ -110,6 +132,7 @@ class HiddenStatesClient:
         self.api_key = api_key
         self.server_wait_timeout = server_wait_timeout
         self._next_down_warning = 0.0  # rate limit of the "server unavailable, retrying" warning (all fetches)
+        self._next_full_warning = 0.0  # the same for "storage full (507)"
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.lock_timeout = lock_timeout
@@ -120,6 +143,9 @@ class HiddenStatesClient:
         self._per_loop: dict[asyncio.AbstractEventLoop, tuple[OpenAIHttpClient, asyncio.Semaphore]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._inflight: set[Future] = set()
+        self.undeletable: list[str] = []  # server files this client could not delete (permission denied)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -232,9 +258,15 @@ class HiddenStatesClient:
         async def attempt() -> HiddenStates:
             # The slot bounds requests at the servers; reading and checking the file happens after it is free.
             async with semaphore:
+                if self._closing.is_set():
+                    raise _Closed("the client is closing")
                 path = await self._request(http, row_id, token_ids)
+            if self._closing.is_set():  # nobody will read it: delete it once the server has written it
+                await asyncio.to_thread(self._discard, path)
+                raise _Closed("the client is closing")
             return await self._collect(row_id, path, token_ids)
 
+        started = time.monotonic()
         try:
             states = await with_retries(
                 attempt, self.retry_policy, lambda exc, n, waited: self._retrying(row_id, exc, n, waited)
@@ -242,6 +274,12 @@ class HiddenStatesClient:
         except GaveUp as exc:
             self._count(failed=1)
             last_error = exc.last.__cause__ or exc.last
+            if isinstance(exc.last, InsufficientStorage):
+                raise ServerStorageFull(
+                    f"hidden-state server {', '.join(self.endpoints)} could not store row {row_id}'s hidden states: "
+                    f"HTTP 507 on {exc.attempts} attempts over {time.monotonic() - started:.0f} s (--max-retries "
+                    f"{self.max_retries}). The server says:\n{exc.last.server_message}"
+                ) from exc.last
             if isinstance(exc.last, Unavailable):
                 raise ServerUnavailable(
                     f"hidden-state server {', '.join(self.endpoints)} unavailable: row {row_id} got no answer "
@@ -251,6 +289,8 @@ class HiddenStatesClient:
             raise ServerError(
                 f"row {row_id}: no valid hidden states after {exc.attempts} attempts; last error: {last_error}"
             ) from last_error
+        except _Closed:
+            raise
         except ServerError:
             self._count(failed=1)
             raise
@@ -261,6 +301,17 @@ class HiddenStatesClient:
         """Before each retry: count it, and say (at most every 30 s, over all fetches) that a server is down."""
         self._count(retried=1)
         log.debug("row %d attempt %d failed: %s", row_id, attempts, exc)
+        if isinstance(exc, InsufficientStorage) and (now := time.monotonic()) >= self._next_full_warning:
+            self._next_full_warning = now + 30.0
+            log.warning(
+                "the hidden-state server's storage is full (HTTP 507; row %d, attempt %d of %d, retried up to "
+                "--max-retries %d times): %s",
+                row_id,
+                attempts,
+                self.max_retries + 1,
+                self.max_retries,
+                exc.server_message,
+            )
         if isinstance(exc, Unavailable) and (now := time.monotonic()) >= self._next_down_warning:
             self._next_down_warning = now + 30.0
             log.warning(
@@ -278,7 +329,10 @@ class HiddenStatesClient:
         try:
             payload = await http.send("POST", base + "/completions", body)
         except HttpStatusError as exc:
-            raise ServerError(f"row {row_id}: {exc}") from exc
+            # Every row would get the same answer (another vocabulary, a key, a length limit): stop, don't retry.
+            raise SystematicFailure(
+                f"hidden-state server {base} refused row {row_id}'s request: {exc}\n{refusal_hint(exc)}"
+            ) from exc
         try:
             path = payload["kv_transfer_params"]["hidden_states_path"]
         except (KeyError, TypeError) as exc:
@@ -290,7 +344,7 @@ class HiddenStatesClient:
         echoed = (payload.get("choices") or [{}])[0].get("prompt_token_ids")
         if echoed is not None and list(echoed) != token_ids:
             self._count_invalid("token_mismatch")
-            self._discard(path)
+            await asyncio.to_thread(self._discard, path)
             # The server tokenised differently: retrying cannot help (contracts b3).
             raise HiddenStatesInvalid(
                 "token_mismatch", f"row {row_id}: {base} echoed different prompt_token_ids than were sent."
@@ -299,21 +353,37 @@ class HiddenStatesClient:
         return path
 
     async def _collect(self, row_id: int, path: str, token_ids: list[int]) -> HiddenStates:
-        """Wait for the server's file, read and check it, then delete or cache it; invalid files are retried."""
+        """Wait for the server's file, read and check it, then delete or cache it. A bad file is retried; a file
+        that no retry can fix (another verifier's states, a folder the trainer may not read) stops the run."""
         try:
             states = await asyncio.to_thread(self._read, path, token_ids)
-        except HiddenStatesInvalid as exc:
-            self._count_invalid(exc.reason)
-            self._discard(path)
+        except (HiddenStatesInvalid, OSError) as exc:
+            if isinstance(exc, HiddenStatesInvalid):
+                self._count_invalid(exc.reason)
+            await asyncio.to_thread(self._discard, path)
+            if (denied := permission_denied(exc)) is not None:
+                raise SystematicFailure(unreadable_storage_message(path, denied)) from exc
+            if not isinstance(exc, HiddenStatesInvalid):
+                raise
+            if exc.reason in SYSTEMATIC_REASONS:
+                raise mismatch_failure(exc, self.model_id) from exc
             raise _InvalidFile(str(exc)) from exc
         await asyncio.to_thread(self._dispose, row_id, path)
         return states
 
     def _discard(self, path: str | os.PathLike) -> None:
-        Path(path).unlink(missing_ok=True)
+        """Delete a server file nobody will use, once its writer is done (else the file would appear after the
+        delete). A file this user may not delete is remembered in `undeletable` (reported on close)."""
+        # A writer that never finishes, or a lock we may not open: delete what we can anyway.
+        with contextlib.suppress(HiddenStatesInvalid, OSError):
+            wait_for_writer(path, self.lock_timeout)
         # A server killed mid-write leaves its temp file behind (write_hidden_states_file's `.partial`).
-        Path(str(path) + PARTIAL_SUFFIX).unlink(missing_ok=True)
-        lock_path_for(path).unlink(missing_ok=True)
+        for leftover in (Path(path), Path(str(path) + PARTIAL_SUFFIX), lock_path_for(path)):
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError as exc:
+                with self._stats_lock:
+                    self.undeletable.append(f"{leftover} ({exc.strerror or exc})")
 
     def _dispose(self, row_id: int, path: str) -> None:
         """After use: delete the server's file, or move it into the cache (b5.4); always remove the lock."""
@@ -352,7 +422,11 @@ class HiddenStatesClient:
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append((row_id, asyncio.run_coroutine_threadsafe(self.fetch(row_id, token_ids), loop)))
+                future = asyncio.run_coroutine_threadsafe(self.fetch(row_id, token_ids), loop)
+                with self._stats_lock:
+                    self._inflight.add(future)
+                future.add_done_callback(self._done)
+                pending.append((row_id, future))
             if not pending:
                 return
             row_id, future = pending.popleft()
@@ -363,7 +437,31 @@ class HiddenStatesClient:
                 result = exc
             yield row_id, result
 
+    def _done(self, future: Future) -> None:
+        with self._stats_lock:
+            self._inflight.discard(future)
+
     def close(self) -> None:
+        """Stop: requests still in flight are waited for (up to CLOSE_WAIT_S) and their files deleted, so that a
+        run that stops early leaves no hidden-state file behind; then the connections and the event loop close."""
+        self._closing.set()
+        with self._stats_lock:
+            inflight = list(self._inflight)
+        if inflight:
+            _, not_done = concurrent.futures.wait(inflight, timeout=CLOSE_WAIT_S)
+            if not_done:
+                log.warning(
+                    "%d hidden-state requests were still in flight after %.0f s; their files may stay in the "
+                    "server's storage folder.",
+                    len(not_done),
+                    CLOSE_WAIT_S,
+                )
+        if self.undeletable:
+            log.warning(
+                "%d hidden-state files could not be deleted (this user may not): %s; delete them as the server's user.",
+                len(self.undeletable),
+                ", ".join(self.undeletable[:5]) + (" ..." if len(self.undeletable) > 5 else ""),
+            )
         loop, self._loop = self._loop, None
         if loop is not None:
             state = self._per_loop.pop(loop, None)
@@ -383,3 +481,35 @@ class HiddenStatesClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def refusal_hint(exc: HttpStatusError) -> str:
+    """What to do about a 4xx that every row would get."""
+    body = exc.body.lower()
+    if "vocabulary" in body or "token id" in body:
+        return (
+            "The prepared data holds token ids the server's verifier does not have: it was tokenized for another "
+            "model. Prepare it again with the verifier's tokenizer (mtptune prepare --model VERIFIER), or serve the "
+            "verifier the data was made for."
+        )
+    if exc.status in (401, 403):
+        return "The server wants an API key: pass the one it was started with as --api-key (or OPENAI_API_KEY)."
+    if exc.status == 404:
+        return "Check --vllm-endpoint (the OpenAI base URL, ending in /v1) and --verifier-name-or-path."
+    if "max_model_len" in body or "max-model-len" in body or "longer than" in body or exc.status == 413:
+        return (
+            "The rows are longer than the server accepts: start it with a larger --max-model-len, or train with a "
+            "smaller --total-seq-len."
+        )
+    return "Every row would get the same answer; fix the server's or the trainer's settings named above."
+
+
+def unreadable_storage_message(path: str | os.PathLike, denied: PermissionError) -> str:
+    folder = Path(path).parent
+    return (
+        f"the trainer may not read the hidden-state file {path} that the server wrote ({denied.strerror or denied}: "
+        f"{denied.filename or path}). The trainer reads each file in the server's storage folder {folder} and then "
+        f"deletes it, so that folder must be readable and writable by the trainer's user (uid {os.getuid()}). Run "
+        "the server and the trainer as the same user, or give both one group with read and write access to the "
+        "folder (and umask 002)."
+    )

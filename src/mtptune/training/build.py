@@ -1,5 +1,6 @@
 """Building the trainer's parts from a `TrainConfig`: the head (native or --from-pretrained), the data split,
-the hidden-state source, optimizer, scheduler and loggers."""
+the hidden-state source, optimizer, scheduler and loggers. Before anything is written under --save-path the run
+takes its lock (run_lock.py) and, when it resumes, checks that its flags are the checkpoint's (resume_check.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from mtptune.checkpoint.head_checkpoint import HeadConfig, is_head_checkpoint, read_head_config
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.data.rows import PreparedRows
+from mtptune.errors import ConfigError
 from mtptune.metrics.acceptance import step_weights as fastmtp_weights
 from mtptune.modeling.compile_cache import use_persistent_compile_cache
 from mtptune.modeling.head import MtpHead
@@ -23,10 +25,13 @@ from mtptune.training import checkpointing as ckpt
 from mtptune.training.background import Background
 from mtptune.training.batching import pack_rows, split_train_val
 from mtptune.training.config import TrainConfig
-from mtptune.training.distributed import DistInfo, wrap_head
-from mtptune.training.hidden_source import SourceStats, build_source
+from mtptune.training.distributed import DistInfo, broadcast_object, wrap_head
+from mtptune.training.hidden_source import FailedRows, SourceStats, build_source
 from mtptune.training.loggers import MetricsLogger
+from mtptune.training.numerics import NonFiniteTraining, describe_tensors, non_finite_tensors
 from mtptune.training.optim import MuonWithAdamW
+from mtptune.training.resume_check import check_fresh_start, check_resume, run_record
+from mtptune.training.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,9 @@ class Parts:
     stats: SourceStats = field(default_factory=SourceStats)
     timings: dict[str, float] = field(default_factory=dict)  # start-up costs, seconds (logged with the summary)
     writer: ckpt.BackgroundWriter = field(default_factory=ckpt.BackgroundWriter)  # checkpoint folders, in order
+    lock: RunLock | None = None  # rank 0's lock on --save-path, released when the run ends
+    run: dict = field(default_factory=dict)  # the run's flags, recorded in every checkpoint (resume_check)
+    resume_changes: list = field(default_factory=list)  # what --resume-with-changes let differ from the checkpoint
 
 
 def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -103,6 +111,12 @@ def build_head(
     )
     for param in head.parameters():
         param.requires_grad_(True)
+    if bad := non_finite_tensors(head):
+        raise NonFiniteTraining(
+            f"the starting head ({source}) holds NaN or Inf in {describe_tensors(bad)}: training it would only "
+            "produce NaN. It was probably written by a run that diverged; start from an earlier checkpoint or from "
+            "the verifier's own head (drop --from-pretrained)."
+        )
     return head, head_config, verifier
 
 
@@ -181,6 +195,50 @@ def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
     start = time.perf_counter()
     use_persistent_compile_cache()
     verifier = Verifier.open(config.verifier)
+    save_path = Path(config.checkpoint.save_path)
+    lock = lock_save_path(save_path, info)
+    try:
+        return _build_parts(config, info, verifier, lock, timings, start)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def lock_save_path(save_path: Path, info: DistInfo) -> RunLock | None:
+    """Rank 0 takes the run lock; every rank stops when it could not (the reason is broadcast)."""
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = RunLock.acquire(save_path)
+        except ConfigError as exc:
+            if not info.enabled:
+                raise
+            error = str(exc)
+    error = broadcast_object(error, info)
+    if error is not None:
+        if lock is not None:
+            lock.release()
+        raise ConfigError(error)
+    return lock
+
+
+def check_resume_flags(config: TrainConfig, info: DistInfo) -> list:
+    """Before run.yaml is rewritten: the flags of a resumed run must be its checkpoint's (resume_check.py)."""
+    save_path = Path(config.checkpoint.save_path)
+    if not config.checkpoint.resume:
+        check_fresh_start(config, ckpt.complete_checkpoints(save_path))
+        return []
+    checkpoint = ckpt.find_resume_checkpoint(save_path)
+    if checkpoint is None:
+        return []
+    return check_resume(config, checkpoint, info.world_size)
+
+
+def _build_parts(
+    config: TrainConfig, info: DistInfo, verifier: Verifier, lock: RunLock | None, timings: dict, start: float
+) -> Parts:
+    resume_changes = check_resume_flags(config, info)
     pending_source = Background(
         (_timed(build_source, config.hidden_states, config.data.data_path, verifier, verifier.text_config.hidden_size,
                 info.device) for _ in range(1)), 1, "mtptune-source"
@@ -199,7 +257,8 @@ def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
         scheduler = build_scheduler(config, optimizer, total_steps)
         save_path = Path(config.checkpoint.save_path)
         if info.is_main:
-            ckpt.write_run_files(save_path, config)
+            changes = [{"flag": flag, "checkpoint": old, "now": new} for _, flag, old, new in resume_changes]
+            ckpt.write_run_files(save_path, config, changes)
         run_name = config.logging.run_name or save_path.resolve().name
         log_dir = Path(config.logging.log_dir) if config.logging.log_dir else save_path / "logs"
         logger = MetricsLogger(save_path, config.logging.loggers, log_dir, run_name, config.to_dict(), info.is_main)
@@ -224,7 +283,13 @@ def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
         weights=loss_weights(config),
         autocast_dtype=autocast_dtype,
         total_steps=total_steps,
+        stats=SourceStats(
+            guard=FailedRows(config.hidden_states.max_failed_fraction, config.hidden_states.failed_fraction_window)
+        ),
         timings=timings,
+        lock=lock,
+        run=run_record(config, info.world_size),
+        resume_changes=resume_changes,
     )
 
 

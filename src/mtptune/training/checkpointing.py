@@ -1,9 +1,10 @@
 """Training checkpoints under --save-path (contracts a7), written by rank 0, atomically.
 
-    <save-path>/run.yaml, train_command.txt, metrics.jsonl
+    <save-path>/run.yaml, train_command.txt, metrics.jsonl, .train.lock (while a trainer runs: run_lock.py)
     <save-path>/<epoch>/        config.json + model.safetensors (bf16 head: `stitch` and `--from-pretrained` read it)
                                 master_weights.pt (fp32), optimizer_state_dict.pt, scheduler_state_dict.pt,
-                                rng_state.pt, training_state.json, val_metrics.json
+                                rng_state.pt, training_state.json, val_metrics.json,
+                                run_config.json (the run's flags: a resume compares them, resume_check.py)
     <save-path>/step<N>/        mid-epoch checkpoints (--checkpoint-freq < 1), same content
     <save-path>/interrupted/    written on SIGINT / SIGTERM, same content
     <save-path>/epoch<E>_end -> <E>/, checkpoint_best -> <E>/   (relative symlinks; best = highest val tau_sim)
@@ -33,6 +34,7 @@ from mtptune.errors import CheckpointError, ConfigError
 from mtptune.modeling.head import MtpHead
 from mtptune.training.batching import PACKING
 from mtptune.training.config import TrainConfig
+from mtptune.training.resume_check import RUN_CONFIG_FILE
 
 STATE_FILE = "training_state.json"
 BEST_LINK = "checkpoint_best"
@@ -57,11 +59,15 @@ class TrainingState:
         return cls(**{"packing": "next-fit", **{k: v for k, v in body.items() if k in known}})
 
 
-def write_run_files(save_path: Path, config: TrainConfig) -> None:
-    """Also the early check that --save-path is writable, before any GPU time is spent."""
+def write_run_files(save_path: Path, config: TrainConfig, resumed_with_changes: list | None = None) -> None:
+    """Also the early check that --save-path is writable, before any GPU time is spent. `resumed_with_changes`
+    (flag, checkpoint's value, this run's value) is recorded in run.yaml when --resume-with-changes applied some."""
+    body = _plain(config.to_dict())
+    if resumed_with_changes:
+        body["resumed_with_changes"] = _plain(resumed_with_changes)
     try:
         save_path.mkdir(parents=True, exist_ok=True)
-        (save_path / "run.yaml").write_text(yaml.safe_dump(_plain(config.to_dict()), sort_keys=False))
+        (save_path / "run.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
         if config.command:
             (save_path / "train_command.txt").write_text(shlex.join(config.command) + "\n")
     except OSError as exc:
@@ -104,7 +110,9 @@ def snapshot(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainingState,
     val_metrics: dict | None,
+    run: dict | None = None,
 ) -> Snapshot:
+    """`run`: the run's flags (resume_check.run_record), which a resume compares with its own."""
     head_state = {k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()}
     extra: dict[str, object] = {
         "master_weights.pt": {k: v.float().clone() for k, v in head_state.items()},
@@ -116,6 +124,8 @@ def snapshot(
     }
     if val_metrics is not None:
         extra["val_metrics.json"] = val_metrics
+    if run is not None:
+        extra[RUN_CONFIG_FILE] = run
     return Snapshot(head_state, extra)
 
 
@@ -197,18 +207,26 @@ def load_checkpoint(
         ) from exc
 
 
+def complete_checkpoints(save_path: Path) -> list[Path]:
+    """The complete checkpoint folders under `save_path` (not the links, not temporary folders)."""
+    if not save_path.is_dir():
+        return []
+    return sorted(
+        child
+        for child in save_path.iterdir()
+        if not child.is_symlink()
+        and child.is_dir()
+        and not child.name.startswith(".")
+        and (child / STATE_FILE).is_file()
+        and (child / "config.json").is_file()
+    )
+
+
 def find_resume_checkpoint(save_path: Path) -> Path | None:
     """The complete checkpoint folder (not a symlink) with the highest global step, or None."""
-    if not save_path.is_dir():
-        return None
     best: tuple[int, int, Path] | None = None
-    for child in save_path.iterdir():
-        if child.is_symlink() or not child.is_dir() or child.name.startswith("."):
-            continue
-        state_file, config_file = child / STATE_FILE, child / "config.json"
-        if not (state_file.is_file() and config_file.is_file()):
-            continue
-        state = TrainingState.from_json(json.loads(state_file.read_text()))
+    for child in complete_checkpoints(save_path):
+        state = TrainingState.from_json(json.loads((child / STATE_FILE).read_text()))
         # Prefer the latest by global step; at equal steps an epoch folder beats interrupted/ (same content).
         key = (state.global_step, 0 if child.name == INTERRUPTED else 1, child)
         if best is None or key[:2] > best[:2]:

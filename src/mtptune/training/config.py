@@ -55,6 +55,9 @@ class HiddenStatesConfig:
     # Hidden states kept in memory between epochs (LRU beyond the budget); 0 disables.
     memory_cache_gib: float = 16.0
     memory_cache_device: CacheDevice = "auto"  # auto: the training GPU when colocated, else host RAM
+    # Stop when more than this fraction of the last `failed_fraction_window` rows had no usable hidden states.
+    max_failed_fraction: float = 0.1
+    failed_fraction_window: int = 200
 
     def cache_dir(self, data_path: str) -> Path:
         return Path(self.hidden_states_path) if self.hidden_states_path else Path(data_path) / "hidden_states"
@@ -90,6 +93,8 @@ class CheckpointConfig:
     checkpoint_freq: float = 1.0  # in epochs; < 1 adds mid-epoch checkpoints `step{N}/`
     save_best: bool = True
     resume: bool = True  # continue from the newest checkpoint under save_path
+    # Resume even though flags that change the maths differ from the checkpoint's run (warned and recorded).
+    resume_with_changes: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,10 @@ class TrainConfig:
                 "--on-missing generate needs a hidden-state server: pass --vllm-endpoint URL, or --colocated to run "
                 "the verifier in this process (or use --on-missing raise/skip/warn with pre-written files)."
             )
+        if not 0.0 <= hs.max_failed_fraction <= 1.0:
+            raise ConfigError(f"--max-failed-fraction must be in [0, 1], got {hs.max_failed_fraction}.")
+        if hs.failed_fraction_window < 1:
+            raise ConfigError(f"--failed-fraction-window must be >= 1, got {hs.failed_fraction_window}.")
         if hs.memory_cache_gib < 0:
             raise ConfigError(f"--hidden-states-memory-cache must be >= 0 GiB, got {hs.memory_cache_gib}.")
         if hs.on_generate == "cache" and hs.on_missing != "generate":

@@ -11,6 +11,7 @@ ahead of the step, and counting every row that could not be used.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -18,8 +19,16 @@ import torch
 
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.data.rows import Row
-from mtptune.serving.client import ServerUnavailable
+from mtptune.errors import DataError
 from mtptune.serving.contract import CaptureSpec, capture_spec
+from mtptune.serving.failures import (
+    ServerStorageFull,
+    ServerUnavailable,
+    SystematicFailure,
+    is_systematic,
+    mismatch_failure,
+)
+from mtptune.serving.hidden_state_files import HiddenStatesInvalid
 from mtptune.serving.memory_cache import HiddenStateCache
 from mtptune.serving.sources import CachedSource, FolderSource, HiddenSource, MissingHiddenStates, ServerSource
 from mtptune.training.background import Background
@@ -30,6 +39,51 @@ log = logging.getLogger(__name__)
 COLOCATED_PREFETCH_ROWS = 4096  # a colocated source computes whole windows (~1,300 GSM8K rows); let it run one ahead
 
 
+# Errors that stop the run at the row where they happen instead of costing that row (serving/failures.py).
+STOPPING = (ServerUnavailable, ServerStorageFull, SystematicFailure)
+
+
+class TooManyFailedRows(DataError):
+    """More than --max-failed-fraction of the rows asked for had no usable hidden states."""
+
+
+@dataclass
+class FailedRows:
+    """The failed-row fraction guard (`--max-failed-fraction F`, `--failed-fraction-window N`): the outcome of the
+    last N rows asked for (training and validation), each usable or not (invalid or failed; rows missing under
+    `--on-missing skip|warn` are the user's choice and do not count). Checked after each micro-batch once N rows
+    were seen, and at the end of each epoch over what the window holds (a run shorter than N rows is checked too)."""
+
+    max_fraction: float = 0.1
+    window: int = 200
+    outcomes: deque = field(default_factory=deque)  # True: failed
+    failed_in_window: int = 0
+    last_error: str = ""
+
+    def record(self, failed: bool, error: str = "") -> None:
+        self.outcomes.append(failed)
+        self.failed_in_window += failed
+        if len(self.outcomes) > self.window:
+            self.failed_in_window -= self.outcomes.popleft()
+        if failed:
+            self.last_error = error
+
+    def check(self, stats: SourceStats, end_of_epoch: bool = False) -> None:
+        seen = len(self.outcomes)
+        if not seen or (seen < self.window and not end_of_epoch):
+            return
+        if self.failed_in_window / seen <= self.max_fraction:
+            return
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.reasons.items()))
+        raise TooManyFailedRows(
+            f"{self.failed_in_window} of the last {seen} rows had no usable hidden states, more than "
+            f"--max-failed-fraction {self.max_fraction:g} (so far: {stats.invalid} invalid"
+            f"{f' ({reasons})' if reasons else ''}, {stats.failed} failed, {stats.loaded} loaded). Last error: "
+            f"{self.last_error}\nFix the cause (the reasons above; regenerate or delete bad files), or pass "
+            "--max-failed-fraction 1 to skip such rows whatever their number."
+        )
+
+
 @dataclass
 class SourceStats:
     loaded: int = 0
@@ -37,6 +91,7 @@ class SourceStats:
     invalid: int = 0
     failed: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    guard: FailedRows = field(default_factory=FailedRows)
 
     def to_dict(self) -> dict:
         return {
@@ -131,13 +186,16 @@ def take_rows(
     prefetcher: Background, count: int, stats: SourceStats, on_missing: str, warn: Callable[[str], None]
 ) -> tuple[list[Row], list[torch.Tensor]]:
     """Pull the next `count` rows and their hidden states (in order) and keep the rows that have valid ones; count
-    the others."""
+    the others. An error that every row would hit stops the run at once (`STOPPING`, or an invalid file of another
+    verifier), and so do too many failed rows (`FailedRows`): skipping would lose the samples, or all of them."""
     kept, hidden = [], []
     for _ in range(count):
         row, result = prefetcher.next()
         row_id = row.row_id
-        if isinstance(result, ServerUnavailable):
+        if isinstance(result, STOPPING):
             raise result  # skipping would lose the sample; the trainer saves a checkpoint and stops
+        if isinstance(result, HiddenStatesInvalid) and is_systematic(result):
+            raise mismatch_failure(result, None) from result
         if isinstance(result, MissingHiddenStates):
             stats.missing += 1
             if on_missing == "warn":
@@ -151,12 +209,16 @@ def take_rows(
             else:
                 stats.failed += 1
             warn(f"row {row_id}: hidden states rejected, sample skipped: {result}")
+            stats.guard.record(True, f"row {row_id}: {result}")
             continue
         if result.shape[0] != len(row):
             stats.invalid += 1
             warn(f"row {row_id}: {result.shape[0]} hidden-state rows for {len(row)} tokens; skipped")
+            stats.guard.record(True, f"row {row_id}: {result.shape[0]} hidden-state rows for {len(row)} tokens")
             continue
         stats.loaded += 1
+        stats.guard.record(False)
         kept.append(row)
         hidden.append(result)
+    stats.guard.check(stats)
     return kept, hidden

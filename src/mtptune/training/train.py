@@ -6,12 +6,19 @@ distributed, loggers); this file wires them and runs the loop, which reads top t
     for each epoch: plan packed micro-batches -> prefetch hidden states -> for each global step:
         forward K MTP steps per micro-batch -> chunked loss / N_k -> backward -> clip -> AdamW -> schedule
     validate -> checkpoint (<epoch>/, epoch{E}_end, checkpoint_best)
+
+A run never ends quietly in a bad state (docs/reliability.md): a hidden-state failure that would repeat for every
+row, or too many failed rows, stops it after the last finished step with a resumable `interrupted/` (when it
+trained anything) and exit 2; so does a server lost on any one rank under torchrun (the ranks agree on it with one
+all-reduce per step); a non-finite loss, gradient or weight stops it without saving that state; a run that
+trained on nothing writes no checkpoint at all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -22,7 +29,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mtptune.serving.client import ServerUnavailable
+from mtptune.errors import DataError, MtpTuneError, ServerError
+from mtptune.serving.failures import ServerStorageFull, ServerUnavailable
 from mtptune.training import checkpointing as ckpt
 from mtptune.training.batch_loader import BatchLoader
 from mtptune.training.batching import PACKING, PackedBatch, pack_rows, plan_epoch
@@ -33,8 +41,19 @@ from mtptune.training.hidden_source import prefetch_depth
 from mtptune.training.loss import mtp_loss
 from mtptune.training.loss_plan import LossPlan
 from mtptune.training.metrics import StepMetrics
+from mtptune.training.numerics import NonFiniteTraining, describe_tensors, non_finite_tensors
 
 log = logging.getLogger(__name__)
+
+
+class StoppedOnAnotherRank(MtpTuneError):
+    """Under torchrun: another rank's hidden-state source failed, so this rank stops after the same step."""
+
+
+# What stops a run after its last finished step (with `interrupted/` when it trained anything) rather than crashing
+# it: the hidden-state source's failures (a lost or full server, a systematic error, too many failed rows, a bad
+# file under --on-missing raise) and another rank's.
+SOURCE_FAILURES = (ServerError, DataError, StoppedOnAnotherRank)
 
 
 @dataclass
@@ -71,7 +90,9 @@ def run_training(config: TrainConfig, should_stop: Callable[[int], bool] | None 
             parts.writer.close()  # a checkpoint still being written is finished, never abandoned
         finally:
             parts.logger.close()
-            parts.source.close()
+            parts.source.close()  # waits for requests in flight and deletes their files
+            if parts.lock is not None:
+                parts.lock.release()
             shutdown(info)
 
 
@@ -83,7 +104,7 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
         state = ckpt.TrainingState(epoch=0, local_step=0, global_step=0)
         if config.validate_at_start and p.val_ids:
             started = time.perf_counter()
-            with _checkpoint_if_server_lost(p, state):
+            with _stop_on_source_failure(p, state, result):
                 result.val_before = validate(p)
             p.timings["initial_validation_s"] = time.perf_counter() - started
             p.logger.log("val", 0, result.val_before)
@@ -102,13 +123,20 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
         step_log.start_interval(loader)
         try:
             for local in range(start, plan.num_steps):
-                if _agree(stop(state.global_step), info):
+                requested, failure, micro = stop(state.global_step), None, []
+                if not requested:
+                    try:
+                        micro = [loader.next() for _ in plan.steps[local]]
+                    except SOURCE_FAILURES as exc:
+                        failure = exc
+                stop_all, failed_ranks = _agree_step(requested, failure is not None, info)
+                if failed_ranks:  # every rank saves the same step (rank 0 writes) and stops
+                    _stop_after_failure(p, state, result, failure, failed_ranks, step_log)
+                if stop_all:
                     step_log.flush()
                     _save(p, save_path / ckpt.INTERRUPTED, state, None)
                     result.interrupted = True
                     break
-                with _checkpoint_if_server_lost(p, state, step_log):
-                    micro = [loader.next() for _ in plan.steps[local]]
                 for b in micro:
                     if b is not None:
                         row_uses[list(b.row_ids)] += 1
@@ -131,7 +159,7 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
                 if logged or validate_now or checkpoint_now or _max_steps_reached(config, state):
                     step_log.flush()
                 if validate_now:
-                    with _checkpoint_if_server_lost(p, state, step_log):
+                    with _stop_on_source_failure(p, state, result, step_log):
                         p.logger.log("val", state.global_step, validate(p))
                     step_log.start_interval(loader)
                 if checkpoint_now:
@@ -174,8 +202,9 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
 def train_step(p: Parts, micro: list[PackedBatch | None], with_reference: bool = True) -> tuple[torch.Tensor, bool]:
     """One global step over this rank's micro-batches (on the device, each with its `LossPlan`). Returns the
     step's metric sums as one flat device tensor (summed over ranks; `StepMetrics.from_flat` reads it, which waits
-    for the device, so the loop does that only when it logs) and whether an optimizer step was taken (never on a
-    global batch without a supervised token). `with_reference` adds the verifier-reference metrics (tau_sim)."""
+    for the device, so the loop does that only when it logs), with the gradient norm as its last element, and
+    whether an optimizer step was taken (never on a global batch without a supervised token). `with_reference` adds
+    the verifier-reference metrics (tau_sim)."""
     K, info = p.config.num_speculative_steps, p.info
     counts = [0] * K
     for b in micro:
@@ -199,12 +228,17 @@ def train_step(p: Parts, micro: list[PackedBatch | None], with_reference: bool =
         if supervised:
             (loss * info.world_size).backward()  # DDP averages gradients; the loss is already a global mean
         metrics = metrics.merge(m)
+    grad_norm = torch.zeros(1, dtype=torch.float64, device=info.device)
     if supervised:
-        torch.nn.utils.clip_grad_norm_(p.head.parameters(), p.config.optim.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(p.head.parameters(), p.config.optim.grad_clip)
+        if hasattr(norm, "full_tensor"):  # FSDP2: the same total norm on every rank
+            norm = norm.full_tensor()
+        grad_norm = norm.detach().to(torch.float64).reshape(1) / info.world_size  # summed back over the ranks
         p.optimizer.step()
         p.scheduler.step()
     p.optimizer.zero_grad(set_to_none=True)
-    return all_reduce_sum(metrics.to_flat(), info), supervised
+    # The gradient norm rides along with the metrics: the NaN guard reads both at the next flush, without a sync.
+    return all_reduce_sum(torch.cat([metrics.to_flat(), grad_norm]), info), supervised
 
 
 def _forward_loss(
@@ -235,6 +269,7 @@ def validate(p: Parts) -> dict:
     loader = _loader(p, mine)
     metrics = StepMetrics.zeros(K, device=info.device)
     p.head.eval()
+    failure = None
     try:
         for _ in mine:
             b = _to_device(p, loader.next())
@@ -243,8 +278,13 @@ def validate(p: Parts) -> dict:
             with _autocast(p):
                 _, m = _forward_loss(p, p.head, b, [float(c) for c in b.plan.counts])
             metrics = metrics.merge(m)
+    except SOURCE_FAILURES as exc:
+        failure = exc
     finally:
         loader.close()
+    # Ranks hold different numbers of validation batches: they agree on a failure before the metrics' all-reduce.
+    if failed_ranks := _failed_ranks(failure is not None, info):
+        raise failure if failure is not None else _elsewhere(failed_ranks, info)
     flat = all_reduce_sum(metrics.to_flat(), info)
     return StepMetrics.from_flat(K, flat).summary(p.weights, p.config.loss.kind, p.config.loss.kl_weight)
 
@@ -252,7 +292,9 @@ def validate(p: Parts) -> dict:
 class _StepLog:
     """Per-step metrics stay on the device until a flush (a logged step, validation, a checkpoint, the end of an
     epoch): one device sync there instead of one per step, so the host runs ahead and queues the next step while
-    the GPU works. Timings are per interval between flushes, which is what an asynchronous step can be timed by."""
+    the GPU works. Timings are per interval between flushes, which is what an asynchronous step can be timed by.
+    The flush is also the NaN guard: every checkpoint and interrupt flushes first, so a step with a non-finite loss
+    or gradient norm stops the run (`NonFiniteTraining`, that step logged) before its state is ever saved."""
 
     def __init__(self, p: Parts, bar: tqdm, result: TrainResult) -> None:
         self.p, self.bar, self.result = p, bar, result
@@ -275,12 +317,18 @@ class _StepLog:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         waited = (self.loader.wait_seconds - self.wait0) if self.loader is not None else 0.0
         tokens = sum(t for _, _, t, _ in self.pending)
+        diverged: tuple[int, float, float] | None = None
         for (step, _, step_tokens, logged), row in zip(self.pending, rows):
-            summary = StepMetrics.from_flat(K, row).summary(p.weights, p.config.loss.kind, p.config.loss.kl_weight)
+            summary = StepMetrics.from_flat(K, row[:-1]).summary(p.weights, p.config.loss.kind, p.config.loss.kl_weight)
+            grad_norm = float(row[-1])
             self.result.train_losses.append(summary["loss"])
-            if not logged:
+            finite = math.isfinite(summary["loss"]) and math.isfinite(grad_norm)
+            if diverged is None and not finite:
+                diverged = (step, summary["loss"], grad_norm)
+            if not logged and finite:
                 continue
             summary.update(
+                grad_norm=grad_norm,
                 lr=p.scheduler.get_last_lr()[0],
                 tokens=step_tokens,
                 step_seconds=elapsed / len(self.pending),
@@ -294,13 +342,19 @@ class _StepLog:
                 loss=f"{summary['loss']:.3f}", tau=f"{summary['tau_sim']:.2f}", wait=f"{summary['wait_fraction']:.0%}"
             )
         self.pending.clear()
+        if diverged is not None:
+            raise _diverged(p, *diverged)
         if self.loader is not None:
             self.start_interval(self.loader)
 
 
 def _end_of_epoch(p: Parts, epoch: int, state: ckpt.TrainingState, result: TrainResult, complete: bool):
     config, save_path = p.config, Path(p.config.checkpoint.save_path)
-    with _checkpoint_if_server_lost(p, state):
+    with _stop_on_source_failure(p, state, result):  # a run shorter than --failed-fraction-window is checked here
+        p.stats.guard.check(p.stats, end_of_epoch=True)
+    if state.global_step - state.skipped_steps == 0:
+        _trained_on_nothing(p, epoch, state)
+    with _stop_on_source_failure(p, state, result):
         val = validate(p) if p.val_ids else None
     if val is not None:
         val = {"epoch": epoch, "global_step": state.global_step, **val}
@@ -330,20 +384,91 @@ def _end_of_epoch(p: Parts, epoch: int, state: ckpt.TrainingState, result: Train
 
 
 @contextlib.contextmanager
-def _checkpoint_if_server_lost(p: Parts, state: ckpt.TrainingState, step_log: _StepLog | None = None):
-    """The hidden-state server stayed away past --server-wait-timeout: save `interrupted/` at the last finished
-    step (nothing of it is lost) and stop with the endpoint in the message; rerunning the command resumes."""
+def _stop_on_source_failure(p: Parts, state: ckpt.TrainingState, result: TrainResult, step_log: _StepLog | None = None):
+    """Around code that reads hidden states outside the step loop (validation, the end-of-epoch checks): a source
+    failure on any rank stops every rank here, as `_stop_after_failure` says. Every rank runs the same guarded
+    blocks in the same order, so the agreement (one all-reduce under torchrun) always pairs up."""
+    failure = None
     try:
         yield
-    except ServerUnavailable as exc:
-        if step_log is not None:
-            step_log.flush()
-        path = Path(p.config.checkpoint.save_path) / ckpt.INTERRUPTED
-        _save(p, path, state, None)
-        raise ServerUnavailable(
-            f"{exc}\nSaved a resumable checkpoint at global step {state.global_step} to {path}; start the server "
-            "again and rerun the same command to resume."
-        ) from exc
+    except SOURCE_FAILURES as exc:
+        failure = exc
+    if failed_ranks := _failed_ranks(failure is not None, p.info):
+        _stop_after_failure(p, state, result, failure, failed_ranks, step_log)
+
+
+def _stop_after_failure(
+    p: Parts,
+    state: ckpt.TrainingState,
+    result: TrainResult,
+    failure: Exception | None,
+    failed_ranks: list[int],
+    step_log: _StepLog | None = None,
+) -> None:
+    """Stop after the last finished step: save `interrupted/` there (rank 0 writes it, once) when this run trained
+    anything, so that rerunning the command resumes, else write nothing; then raise the failure (on the ranks whose
+    source did not fail: `StoppedOnAnotherRank`) with what was saved and how to go on."""
+    if step_log is not None:
+        step_log.flush()  # a diverged step raises NonFiniteTraining here: nothing is saved from it
+    saved = None
+    if result.optimizer_steps > 0:
+        saved = Path(p.config.checkpoint.save_path) / ckpt.INTERRUPTED
+        _save(p, saved, state, None)
+    exc: Exception = failure if failure is not None else _elsewhere(failed_ranks, p.info)
+    if saved is None:
+        note = "No checkpoint was written: this run trained no step."
+        if isinstance(exc, (ServerUnavailable, ServerStorageFull)):
+            note += " Rerun the same command once the server works again."
+    else:
+        note = f"Saved a resumable checkpoint at global step {state.global_step} to {saved}; "
+        if isinstance(exc, ServerUnavailable):
+            note += "start the server again and rerun the same command to resume."
+        elif isinstance(exc, ServerStorageFull):
+            note += "free space in the server's storage folder and rerun the same command to resume."
+        else:
+            note += "fix the cause and rerun the same command to resume."
+    raise _with_note(exc, note)
+
+
+def _with_note(exc: Exception, note: str) -> Exception:
+    """`exc` with `note` appended to its message (the CLI prints the message), type and cause kept."""
+    exc.args = (f"{exc}\n{note}",)
+    return exc
+
+
+def _elsewhere(failed_ranks: list[int], info: DistInfo) -> StoppedOnAnotherRank:
+    ranks = ", ".join(str(r) for r in failed_ranks)
+    return StoppedOnAnotherRank(
+        f"rank {info.rank}: stopped because the hidden-state source of rank {ranks} failed (its own message says why; "
+        "torchrun prints each rank's output)."
+    )
+
+
+def _trained_on_nothing(p: Parts, epoch: int, state: ckpt.TrainingState) -> None:
+    """No optimizer step at all by the end of an epoch: no checkpoint (and no checkpoint_best) of the untrained head."""
+    stats = p.stats
+    raise DataError(
+        f"epoch {epoch} ended and the head has not been trained: none of its {state.global_step} steps had a row with "
+        f"usable hidden states and a supervised token (hidden states so far: {stats.loaded} loaded, {stats.missing} "
+        f"missing, {stats.invalid} invalid, {stats.failed} failed). Nothing was saved, so no untrained head can reach "
+        "stitch. Check --hidden-states-path (or the server) and that the rows' loss_mask marks the tokens to learn."
+    )
+
+
+def _diverged(p: Parts, step: int, loss: float, grad_norm: float) -> NonFiniteTraining:
+    save_path = Path(p.config.checkpoint.save_path)
+    p.writer.wait()  # a checkpoint of an earlier, finite state still being written is finished first
+    last = ckpt.find_resume_checkpoint(save_path)
+    best = save_path / ckpt.BEST_LINK
+    kept = f"the last good checkpoint is {last}" if last is not None else "there is no checkpoint yet"
+    if best.is_symlink():
+        kept += f", checkpoint_best -> {best.readlink()}"
+    return NonFiniteTraining(
+        f"step {step}: the training loss is {loss} and the gradient norm {grad_norm}; the head diverged. Stopped "
+        f"without saving this state: {kept} (unchanged). Rerunning the same command resumes from there and would "
+        "diverge again at the same step: lower --lr (or add --warmup-steps) and rerun with --resume-with-changes, or "
+        "check the starting head (--from-pretrained) and the data."
+    )
 
 
 def _save(
@@ -355,9 +480,18 @@ def _save(
     background: bool = False,
 ) -> None:
     """Rank 0 writes the checkpoint (and then points `links` at it); with `background`, training goes on while the
-    host copy is written (`p.writer`), else this returns once the folder is complete."""
+    host copy is written (`p.writer`), else this returns once the folder is complete. Weights that are not finite
+    are never saved (every rank checks its part; the ranks agree)."""
+    bad = non_finite_tensors(p.head)
+    if _agree(bool(bad), p.info):
+        p.writer.wait()
+        raise NonFiniteTraining(
+            f"global step {state.global_step}: head weights {describe_tensors(bad) or '(on another rank)'} hold NaN or "
+            f"Inf; {path} was not written and the checkpoints already there are unchanged. The run diverged: lower "
+            "--lr (or add --warmup-steps) and resume with --resume-with-changes."
+        )
     if p.info.is_main:
-        snap = ckpt.snapshot(p.head, p.optimizer, p.scheduler, state, val)
+        snap = ckpt.snapshot(p.head, p.optimizer, p.scheduler, state, val, p.run)
 
         def write() -> None:
             ckpt.write_snapshot(path, p.head_config, snap)
@@ -374,7 +508,14 @@ def _resume(p: Parts) -> ckpt.TrainingState | None:
     path = ckpt.find_resume_checkpoint(Path(p.config.checkpoint.save_path))
     if path is None:
         return None
+    # This run's hyperparameters (from its flags), before the checkpoint's overwrite them.
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in p.optimizer.param_groups]
+    base_lrs = list(p.scheduler.base_lrs)
     state = ckpt.load_checkpoint(path, p.head, p.optimizer, p.scheduler)
+    if p.resume_changes:  # --resume-with-changes: the new flags take effect from the next step on
+        _apply_new_hyperparameters(p, fresh, base_lrs)
+        changes = [{"flag": flag, "checkpoint": old, "now": new} for _, flag, old, new in p.resume_changes]
+        p.logger.log("resume", state.global_step, {"from": str(path), "resumed_with_changes": changes})
     if p.info.is_main:
         log.info(
             "resuming from %s (epoch %d, step %d of the epoch, global step %d)",
@@ -394,6 +535,18 @@ def _resume(p: Parts) -> ckpt.TrainingState | None:
             state.epoch,
         )
     return replace(state, packing=PACKING)
+
+
+def _apply_new_hyperparameters(p: Parts, fresh: list[dict], base_lrs: list[float]) -> None:
+    """After loading the checkpoint's optimizer and scheduler: this run's lr, betas, weight decay ... and schedule
+    (its base rates; the step count and the lambda, built from this run's flags, are kept), at the resumed step."""
+    for group, values in zip(p.optimizer.param_groups, fresh):
+        group.update(values)
+    p.scheduler.base_lrs = base_lrs
+    step = p.scheduler.last_epoch
+    for group, base, factor in zip(p.optimizer.param_groups, base_lrs, p.scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)
+    p.scheduler._last_lr = [group["lr"] for group in p.optimizer.param_groups]
 
 
 def _loader(p: Parts, micro_batches) -> BatchLoader:
@@ -454,6 +607,22 @@ def _agree(flag: bool, info: DistInfo) -> bool:
     if not info.enabled:
         return flag
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=info.device), info).item() > 0)
+
+
+def _agree_step(stop: bool, failed: bool, info: DistInfo) -> tuple[bool, list[int]]:
+    """Once per step, one all-reduce: whether any rank asks to stop (a signal), and which ranks' hidden-state source
+    failed. Every rank then stops after the same step."""
+    if not info.enabled:
+        return stop, [info.rank] if failed else []
+    flags = torch.zeros(1 + info.world_size, dtype=torch.float32, device=info.device)
+    flags[0] = float(stop)
+    flags[1 + info.rank] = float(failed)
+    agreed = all_reduce_sum(flags, info).tolist()
+    return agreed[0] > 0, [rank for rank in range(info.world_size) if agreed[1 + rank] > 0]
+
+
+def _failed_ranks(failed: bool, info: DistInfo) -> list[int]:
+    return _agree_step(False, failed, info)[1]
 
 
 _warned: dict[str, int] = {}
