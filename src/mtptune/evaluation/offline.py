@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from mtptune.data.rows import Row
-from mtptune.errors import ServerError
+from mtptune.errors import CheckpointError, ServerError
 from mtptune.evaluation.verifier_forward import greedy_tokens
 from mtptune.metrics.acceptance import AcceptanceCounts
 from mtptune.modeling.head import MtpHead
 from mtptune.serving.sources import HiddenSource
+from mtptune.training.numerics import describe_tensors, non_finite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,13 @@ def evaluate_offline(
 ) -> OfflineTally:
     """tau_sim, p_k, c_k (and label accuracy) of `head` over `rows` with hidden states from `source`. The head
     reads h_t = FinalNorm(r_t), as vLLM feeds its drafter. A row without hidden states is an error here: an
-    evaluation must not quietly leave rows out."""
+    evaluation must not quietly leave rows out; nor may a head with a NaN or Inf weight pass for one that drafts
+    nothing (its acceptance would read 0.000)."""
+    if bad := non_finite_tensors(head):
+        raise CheckpointError(
+            f"the head holds NaN or Inf in {describe_tensors(bad)}, so its acceptance would read 0.000 without meaning "
+            "anything; the training run that wrote it probably diverged. Evaluate an earlier checkpoint."
+        )
     tally = OfflineTally.empty(num_steps)
     for i, (row, residual) in enumerate(source.stream(rows), start=1):
         if isinstance(residual, Exception):
