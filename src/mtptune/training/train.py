@@ -460,14 +460,16 @@ def _diverged(p: Parts, step: int, loss: float, grad_norm: float) -> NonFiniteTr
     p.writer.wait()  # a checkpoint of an earlier, finite state still being written is finished first
     last = ckpt.find_resume_checkpoint(save_path)
     best = save_path / ckpt.BEST_LINK
-    kept = f"the last good checkpoint is {last}" if last is not None else "there is no checkpoint yet"
-    if best.is_symlink():
-        kept += f", checkpoint_best -> {best.readlink()}"
+    if last is None:
+        kept = "there is no checkpoint yet"
+    else:
+        link = f" (checkpoint_best -> {best.readlink()})" if best.is_symlink() else ""
+        kept = f"the last good checkpoint, {last}{link}, is kept as it was"
     return NonFiniteTraining(
         f"step {step}: the training loss is {loss} and the gradient norm {grad_norm}; the head diverged. Stopped "
-        f"without saving this state: {kept} (unchanged). Rerunning the same command resumes from there and would "
-        "diverge again at the same step: lower --lr (or add --warmup-steps) and rerun with --resume-with-changes, or "
-        "check the starting head (--from-pretrained) and the data."
+        f"without saving this state; {kept}. Rerunning the same command resumes from there and would diverge again "
+        "at the same step: lower --lr (or add --warmup-steps) and rerun with --resume-with-changes, or check the "
+        "starting head (--from-pretrained) and the data."
     )
 
 
