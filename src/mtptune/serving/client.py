@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -221,7 +222,13 @@ class HiddenStatesClient:
         return None if self.cache_dir is None else self.cache_dir / f"hs_{row_id}.safetensors"
 
     def _read(self, path: str | Path, token_ids: Sequence[int]) -> HiddenStates:
-        return read_hidden_states_file(path, token_ids, self.num_layers, self.hidden_size, self.lock_timeout)
+        """Read and check a file, and copy its tensors out of it: safetensors maps the file, and a deleted file
+        stays allocated on its disk while a tensor (the memory cache holds them for whole runs) still maps it, so
+        `--on-generate delete` would free no space at all (measured: a 64 KiB storage folder full while empty)."""
+        states = read_hidden_states_file(path, token_ids, self.num_layers, self.hidden_size, self.lock_timeout)
+        return dataclasses.replace(
+            states, token_ids=states.token_ids.clone(), hidden_states=states.hidden_states.clone()
+        )
 
     def _count(self, **deltas: int) -> None:
         with self._stats_lock:
