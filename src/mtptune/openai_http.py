@@ -131,17 +131,19 @@ async def with_retries(
     attempt: Callable[[], Awaitable[T]],
     policy: RetryPolicy,
     on_retry: Callable[[RetryableError, int, float], None] | None = None,
+    hurry: Callable[[], bool] | None = None,
 ) -> T:
     """`await attempt()` until it returns; retry `RetryableError`s per `policy` (other exceptions propagate at once).
 
     `on_retry(error, attempts_so_far, seconds_unavailable)` is called before each retry; when the policy gives up,
-    `GaveUp` carries the last error.
+    `GaveUp` carries the last error. A backoff ends early once `hurry()` is true (its caller is closing: the next
+    attempt should find that out at once instead of after seconds of sleep).
     """
     down_since: float | None = None
     attempts = 0
     while True:
         if attempts:
-            await asyncio.sleep(policy.delay(attempts))
+            await _backoff(policy.delay(attempts), hurry)
         attempts += 1
         try:
             return await attempt()
@@ -156,6 +158,15 @@ async def with_retries(
                 raise GaveUp(exc, attempts, waited) from exc
             if on_retry is not None:
                 on_retry(exc, attempts, waited)
+
+
+async def _backoff(seconds: float, hurry: Callable[[], bool] | None) -> None:
+    if hurry is None:
+        await asyncio.sleep(seconds)
+        return
+    deadline = time.monotonic() + seconds
+    while not hurry() and (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(left, 0.05))
 
 
 class ConnectionPools:

@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.serving.conftest import server_process
 
 from .conftest import CHILD_ENV, records, train_args, wait_for_step
@@ -52,9 +54,9 @@ class Filler:
         self.path.unlink(missing_ok=True)
 
 
-def test_a_full_storage_folder_stops_the_trainer_with_the_servers_message_and_resumes(
-    corpus, namespaces_work, tmp_path
-):
+@pytest.mark.slow
+@pytest.mark.usefixtures("namespaces_work")
+def test_a_full_storage_folder_stops_the_trainer_with_the_servers_message_and_resumes(corpus, tmp_path):
     storage, save = tmp_path / "hs", tmp_path / "ckpt"
     storage.mkdir()
     args = train_args(

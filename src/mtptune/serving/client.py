@@ -276,7 +276,10 @@ class HiddenStatesClient:
         started = time.monotonic()
         try:
             states = await with_retries(
-                attempt, self.retry_policy, lambda exc, n, waited: self._retrying(row_id, exc, n, waited)
+                attempt,
+                self.retry_policy,
+                lambda exc, n, waited: self._retrying(row_id, exc, n, waited),
+                hurry=self._closing.is_set,
             )
         except GaveUp as exc:
             self._count(failed=1)
