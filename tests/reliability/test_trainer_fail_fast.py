@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from mtptune.cli.main import main
-from mtptune.testing.learnable import write_prepared_rows
+from mtptune.testing.learnable import write_hidden_state_files, write_prepared_rows
 from mtptune.testing.tiny import TinySpec, write_tiny_verifier
 from mtptune.training.checkpointing import complete_checkpoints
 from tests.serving.conftest import server_process
@@ -66,6 +66,18 @@ def test_server_of_another_verifier_stops_at_the_first_row(corpus, tmp_path, cap
     assert written <= 4, f"{written} files: rows were retried or the run went on"  # 2 in flight, no retries
     assert_nothing_saved(save)
     assert files_in(storage, tmp_path / "cache") == []  # every file it was sent, deleted
+
+
+def test_offline_files_of_another_verifier_stop_at_the_first_row(corpus, tmp_path, capsys):
+    """The same with pre-written files (`--on-missing skip`, which used to count and skip every row)."""
+    other = write_tiny_verifier(tmp_path / "other", TinySpec(hidden_size=96))
+    folder = write_hidden_state_files(other, corpus.rows, tmp_path / "hs")
+    save = tmp_path / "ckpt"
+    args = train_args(corpus, save, "--on-missing", "skip", "--hidden-states-path", str(folder), "--epochs", "1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "do not fit this run" in err and "H=64" in err and "96" in err and "Traceback" not in err, err
+    assert_nothing_saved(save)
 
 
 def test_data_of_another_vocabulary_stops_at_the_first_row(corpus, online_server, tmp_path, capsys):

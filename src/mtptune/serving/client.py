@@ -453,7 +453,10 @@ class HiddenStatesClient:
 
     def close(self) -> None:
         """Stop: requests still in flight are waited for (up to CLOSE_WAIT_S) and their files deleted, so that a
-        run that stops early leaves no hidden-state file behind; then the connections and the event loop close."""
+        run that stops early leaves no hidden-state file behind; then the connections and the event loop close.
+        A second call does nothing."""
+        if self._closing.is_set():
+            return
         self._closing.set()
         with self._stats_lock:
             inflight = list(self._inflight)

@@ -414,6 +414,10 @@ def _stop_after_failure(
     if result.optimizer_steps > 0:
         saved = Path(p.config.checkpoint.save_path) / ckpt.INTERRUPTED
         _save(p, saved, state, None)
+    # The run ends here: the source finishes the requests in flight now (deleting their files) instead of retrying
+    # them, so that the loaders' threads stop at once and this rank exits as soon as the others (torchrun stops
+    # the rest when one rank exits).
+    p.source.close()
     exc: Exception = failure if failure is not None else _elsewhere(failed_ranks, p.info)
     if saved is None:
         note = "No checkpoint was written: this run trained no step."
