@@ -63,7 +63,8 @@ def test_server_of_another_verifier_stops_at_the_first_row(corpus, tmp_path, cap
     assert "do not fit this run" in err and "96" in err and "64" in err, err
     assert "the same --target-layer-ids" in err and "Traceback" not in err
     assert elapsed < 30, elapsed
-    assert written <= 4, f"{written} files: rows were retried or the run went on"  # 2 in flight, no retries
+    # The rows in flight and prefetched (a few), each asked once; before: 4 attempts for each of the 24 rows.
+    assert written <= 8, f"{written} files: rows were retried or the run went on"
     assert_nothing_saved(save)
     assert files_in(storage, tmp_path / "cache") == []  # every file it was sent, deleted
 
@@ -94,7 +95,7 @@ def test_data_of_another_vocabulary_stops_at_the_first_row(corpus, online_server
     assert "out of vocabulary" in err and "tokenized for another model" in err and "mtptune prepare" in err, err
     assert "Traceback" not in err
     refused = server_counter(base, 'mtptune_requests_total{endpoint="/v1/completions",status="400"}')
-    assert refused - refused_before <= 4  # the first rows in flight, not all 24
+    assert refused - refused_before <= 8  # the first rows in flight, not all 24
     assert_nothing_saved(save)
     assert files_in(storage) == []
 
@@ -131,7 +132,7 @@ def test_unreadable_storage_folder_stops_at_the_first_row(corpus, user_namespace
     assert "Traceback" not in out and elapsed < 60
     assert_nothing_saved(save)
     # The trainer may not delete them either: it stopped at the first (2 requests in flight) and says how many are left.
-    assert 1 <= len(left) <= 4, left
+    assert 1 <= len(left) <= 8, left
     reported = re.search(r"(\d+) hidden-state files could not be deleted", out)
     assert reported and int(reported.group(1)) >= len(left), out[-3000:]
 
