@@ -78,11 +78,17 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "same meaning as vLLM's --load-format dummy, passed through to vllm)",
     )
     parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: MODEL)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder (default: MODEL; vllm: a MODEL folder without tokenizer files is served with "
+        "--skip-tokenizer-init, token-id prompts only)",
+    )
     parser.add_argument(
         "--allow-custom-save-path",
         action="store_true",
-        help="builtin: let a request choose its file via kv_transfer_params.hidden_states_path (inside the storage dir)",
+        help="let a request choose its file via kv_transfer_params.hidden_states_path (builtin: inside the storage "
+        "dir; vllm: the connector's allow_custom_save_path, anywhere the server may write)",
     )
     parser.add_argument("--batch-window-ms", type=float, default=2.0, help="builtin: wait this long to fill a batch")
     parser.add_argument(
@@ -188,12 +194,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_vllm(args: argparse.Namespace, layer_ids: list[int], storage: str) -> int:
+    from pathlib import Path
+
     from mtptune.serving.vllm_command import VllmServeSpec, build_vllm_command, exec_command, format_command
 
     spec = VllmServeSpec(
         model=args.model,
         layer_ids=layer_ids,
-        hidden_states_path=storage,
+        # vLLM joins this with each request id and returns the result as the file's path: a relative storage dir
+        # would give the trainer paths relative to the server's working directory, not its own.
+        hidden_states_path=str(Path(storage).expanduser().resolve()),
         backend=args.hidden_states_backend,
         host=args.host or "127.0.0.1",
         port=args.port,
@@ -204,6 +214,8 @@ def _run_vllm(args: argparse.Namespace, layer_ids: list[int], storage: str) -> i
         dtype=args.dtype,
         load_format=args.load_format,
         trust_remote_code=args.trust_remote_code,
+        tokenizer=args.tokenizer,
+        allow_custom_save_path=args.allow_custom_save_path,
         engine_args=list(args.engine_args),
     )
     argv = build_vllm_command(spec)
