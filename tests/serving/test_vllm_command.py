@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mtptune.cli.main import main
-from mtptune.serving.vllm_command import tokenizer_free_flags
+from mtptune.serving import vllm_command
+from mtptune.serving.vllm_command import CPU_KV_CACHE_BYTES, default_kv_cache_bytes, tokenizer_free_flags
 from mtptune.testing.tiny import TinySpec, write_tiny_verifier
 from tests.serving.conftest import write_word_tokenizer
 
@@ -155,3 +156,17 @@ def test_allow_custom_save_path_reaches_the_connector(tiny_verifier: Path, capsy
         "allow_custom_save_path"
         not in json.loads(flag_value(argv, "--kv-transfer-config"))["kv_connector_extra_config"]
     )
+
+
+def test_vllm_cpu_build_gets_a_bounded_kv_cache(tiny_verifier: Path, monkeypatch, capsys) -> None:
+    # vLLM's CPU build would size its KV cache to most of the free memory (measured: 16.6 of 18.7 GiB).
+    assert default_kv_cache_bytes(cpu_build=True, environ={}) == CPU_KV_CACHE_BYTES
+    assert default_kv_cache_bytes(cpu_build=True, environ={"VLLM_CPU_KVCACHE_SPACE": "2"}) is None
+    assert default_kv_cache_bytes(cpu_build=False, environ={}) is None
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(vllm_command, "is_vllm_cpu_build", lambda: True)
+    assert flag_value(dry_run(capsys, tiny_verifier), "--kv-cache-memory-bytes") == CPU_KV_CACHE_BYTES
+    argv = dry_run(capsys, tiny_verifier, "--", "--kv-cache-memory-bytes", "1G")
+    assert argv.count("--kv-cache-memory-bytes") == 1 and flag_value(argv, "--kv-cache-memory-bytes") == "1G"
+    monkeypatch.setattr(vllm_command, "is_vllm_cpu_build", lambda: False)
+    assert "--kv-cache-memory-bytes" not in dry_run(capsys, tiny_verifier)

@@ -196,7 +196,14 @@ def run(args: argparse.Namespace) -> int:
 def _run_vllm(args: argparse.Namespace, layer_ids: list[int], storage: str) -> int:
     from pathlib import Path
 
-    from mtptune.serving.vllm_command import VllmServeSpec, build_vllm_command, exec_command, format_command
+    from mtptune.serving.vllm_command import (
+        VllmServeSpec,
+        build_vllm_command,
+        default_kv_cache_bytes,
+        exec_command,
+        format_command,
+        is_vllm_cpu_build,
+    )
 
     spec = VllmServeSpec(
         model=args.model,
@@ -216,6 +223,7 @@ def _run_vllm(args: argparse.Namespace, layer_ids: list[int], storage: str) -> i
         trust_remote_code=args.trust_remote_code,
         tokenizer=args.tokenizer,
         allow_custom_save_path=args.allow_custom_save_path,
+        kv_cache_memory_bytes=default_kv_cache_bytes(is_vllm_cpu_build()),
         engine_args=list(args.engine_args),
     )
     argv = build_vllm_command(spec)
