@@ -22,7 +22,7 @@ import torch
 
 from mtptune.serving.server_config import free_port
 from mtptune.testing.vllm_cpu import Example, write_example
-from tests.vllm.conftest import FAST_START, VLLM_PYTHON, run_mtptune, vllm_server
+from tests.vllm.conftest import FAST_START, SMALL_KV_CACHE, VLLM_PYTHON, run_mtptune, vllm_server
 
 pytestmark = pytest.mark.vllm
 
@@ -149,7 +149,7 @@ def measure_on_vllm(example: Example, model: Path, name: str) -> tuple[float, st
     assert argv[:2] == ["vllm", "serve"], printed
     port = free_port()
     serve = [VLLM_PYTHON, "-m", "vllm.entrypoints.cli.main", *argv[1:], "--host", "127.0.0.1", "--port", port]
-    with vllm_server([*serve, *FAST_START], port, root / f"vllm_mtp_{name}.log") as base:
+    with vllm_server([*serve, *FAST_START, *SMALL_KV_CACHE], port, root / f"vllm_mtp_{name}.log") as base:
         run_mtptune(
             "evaluate", "vllm", "--endpoint", base + "/v1", "--prompts", example.test_prompts,
             "--max-tokens", MAX_TOKENS, "--num-steps", K, "--output", f"report_vllm_{name}", "--no-plot", cwd=root,
