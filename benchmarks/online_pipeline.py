@@ -508,13 +508,21 @@ def server_delta(before: dict[str, float], after: dict[str, float], busy_window_
 AUTO_TRAINER_TOKENS_PER_S = {"gpu": 25_000.0, "tiny": 1_500.0}
 AUTO_FIXED_PER_RUN_S = {"gpu": 120.0, "tiny": 20.0}
 VAL_RATIO = 0.1  # the trainer's default --train-data-ratio 0.9
+JOB_MODES = ("colocated", "server", "warmup")  # timed as whole jobs (process start to checkpoint_best)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-samples", type=int, default=None, help="N rows the result is for (default 5000; tiny 96)")
     p.add_argument("--epochs", type=int, default=None, help="default 3 (tiny 2)")
-    p.add_argument("--modes", default="online,hybrid", help="comma list of online, hybrid (run in this order)")
+    p.add_argument(
+        "--modes",
+        default="online,hybrid",
+        help="comma list, run in this order: colocated / server (the whole job timed from process start: the "
+        "verifier in the trainer's process, or a server started together with the trainer), warmup (a colocated "
+        "run of 2 steps on 600 rows that fills the compile caches), online / hybrid (the trainer against a server "
+        "already up and probed)",
+    )
     p.add_argument(
         "--fraction",
         default=None,
@@ -561,8 +569,8 @@ class Pipeline:
         self.seq = args.total_seq_len or (1024 if self.tiny else 8192)
         self.concurrency = args.concurrency or 64  # the trainer CLI's default
         self.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        if not self.modes or any(m not in ("online", "hybrid") for m in self.modes):
-            raise SystemExit(f"--modes: expected a comma list of online, hybrid; got {args.modes!r}")
+        if not self.modes or any(m not in (*JOB_MODES, "online", "hybrid") for m in self.modes):
+            raise SystemExit(f"--modes: expected a comma list of colocated, server, online, hybrid; got {args.modes!r}")
         fraction = args.fraction or ("0.5" if self.tiny else "auto")
         self.fraction = None if fraction == "auto" else float(fraction)
         if self.fraction is not None and not 0 < self.fraction <= 1:
@@ -634,7 +642,7 @@ class Pipeline:
         self.result["verifier"] = desc
         self.result["verifier_build_s"] = round(time.time() - t0, 1)
 
-    def start_server(self) -> None:
+    def start_server(self, wait: bool = True) -> None:
         port = self.args.port or free_port()
         self.base = f"http://127.0.0.1:{port}"
         cmd = [self.py, "-m", "mtptune.cli.main", "serve", str(self.verifier), "--engine", "builtin",
@@ -649,14 +657,15 @@ class Pipeline:
         t0 = time.time()
         self.server = self.children.start(cmd, self.server_log, self.server_env)
         say(f"server: {_show(cmd)}")
-        while http_get(self.base + "/health", timeout=2.0)[0] != 200:
+        while wait and http_get(self.base + "/health", timeout=2.0)[0] != 200:
             if self.server.poll() is not None:
                 raise RuntimeError(f"server exited with {self.server.returncode}:\n{tail(self.server_log)}")
             if time.time() > self.deadline:
                 raise RuntimeError(f"server not healthy within the time budget:\n{tail(self.server_log)}")
             time.sleep(0.5)
-        self.result["server"]["startup_s"] = round(time.time() - t0, 1)
-        say(f"server healthy after {self.result['server']['startup_s']} s")
+        if wait:
+            self.result["server"]["startup_s"] = round(time.time() - t0, 1)
+            say(f"server healthy after {self.result['server']['startup_s']} s")
 
     def probe(self, concurrency: int, rows: int) -> dict:
         """The server alone, driven like the trainer drives it (the trainer's client: `concurrency` requests in
@@ -808,6 +817,8 @@ class Pipeline:
 
     def run(self) -> int:
         self.build_verifier()
+        if all(m in JOB_MODES for m in self.modes):
+            return self.run_jobs()
         self.start_server()
         probes = [self.concurrency] + ([] if self.tiny else [64])
         self.result["server"]["probe"] = [self.probe(c, 16 if self.tiny else 96) for c in probes]
@@ -850,6 +861,127 @@ class Pipeline:
             "(val_s and train_s split an epoch at the steady step rate when --log-every > 1; span_s is exact)."
         )
         return 0 if all(r.get("completed") for r in self.result["modes"].values()) else 1
+
+    # -- whole jobs: process start to checkpoint_best ------------------------------------------------------------
+    def run_jobs(self) -> int:
+        n = max(10, round((self.fraction or 1.0) * self.N))
+        self.result.update(fraction=round(n / self.N, 4), measured_samples=n)
+        steps = sum(p + a + TRAILING_TOKENS for p, a in self.lengths[:n]) * (1 - VAL_RATIO) / self.seq
+        self.log_every = self.args.log_every or (10 if steps >= 30 else max(1, int(steps // 3)))
+        self.result["trainer_log_every"] = self.log_every
+        self.write_data(n)
+        for i, mode in enumerate(self.modes):
+            key = mode if self.modes.index(mode) == i else f"{mode}_{i + 1}"  # a mode run again: warm caches
+            remaining = self.deadline - time.time() - 20
+            if remaining < 30:
+                self.result["modes"][key] = {"skipped": f"time budget: {remaining:.0f} s left"}
+                continue
+            run = self.result["modes"][key] = self.run_job(mode, n, key)
+            line = {"benchmark": "online_pipeline_job", "mode": key, "date": self.result["date"],
+                    "gpus": self.result["gpus"], "num_samples": self.N, "measured_samples": n,
+                    "epochs": self.epochs, "total_seq_len": self.seq, "verifier": self.result["verifier"], **run}  # fmt: skip
+            print(json.dumps(line), flush=True)
+            if self.args.out:
+                with open(Path(self.args.out).with_suffix(".jobs.jsonl"), "a") as f:
+                    f.write(json.dumps(line) + "\n")
+        return 0 if all(r.get("completed") for r in self.result["modes"].values()) else 1
+
+    def job_cmd(self, mode: str, save: Path) -> list[str]:
+        cmd = [self.py, "-m", "mtptune.cli.main", "train", "--verifier-name-or-path", str(self.verifier),
+               "--data-path", str(self.data), "--save-path", str(save), "--speculator-type", "mtp",
+               "--num-speculative-steps", "3", "--target-layer-ids", str(self.layers), "--step-weight-beta", "0.6",
+               "--lr", "1e-4", "--total-seq-len", str(self.seq), "--epochs", str(self.epochs),
+               "--device", "cpu" if self.tiny else "cuda", "--no-progress", "--log-every", str(self.log_every)]  # fmt: skip
+        if mode in ("colocated", "warmup"):
+            cmd += ["--colocated"] + (["--verifier-load-format", "dummy"] if self.fake else [])
+            if mode == "warmup":  # the README's recipe: compile once on a few rows, then time the real job
+                cmd += ["--max-steps", "2", "--max-rows", "600"]
+        else:
+            cmd += ["--vllm-endpoint", f"{self.base}/v1", "--on-missing", "generate", "--on-generate", "delete"]
+            if self.args.concurrency:
+                cmd += ["--concurrency", str(self.args.concurrency)]
+        return cmd + shlex.split(self.args.trainer_args)
+
+    def run_job(self, mode: str, rows: int, key: str) -> dict:
+        """One whole job: `mtptune train` (and for `server` a server started at the same moment, as a user starting
+        both would) from process start until `checkpoint_best` is written and the trainer exits."""
+        save = self.work / f"ckpt_{key}"
+        shutil.rmtree(save, ignore_errors=True)
+        log = self.work / f"train_{key}.log"
+        run: dict = {"rows": rows}
+        smi = GpuSampler(self.work / f"smi_{key}.csv", not self.tiny, self.children)
+        with smi:
+            t_start = time.time()
+            if mode == "server":
+                self.start_server(wait=False)
+                run["server_cmd"] = self.result["server"]["cmd"]
+            cmd = self.job_cmd(mode, save)
+            run["cmd"] = _show(cmd)
+            say(f"{mode}: {run['cmd']}")
+            proc = self.children.start(cmd, log, self.trainer_env)
+            poller = MetricsPoller(self.base) if mode == "server" else contextlib.nullcontext()
+            with poller:
+                timed_out = False
+                while proc.poll() is None:
+                    if time.time() > self.deadline - 20:
+                        timed_out = True
+                        say(f"{mode}: time budget reached; stopping the trainer")
+                        self.children.stop(proc, 15)
+                        break
+                    if mode == "server" and "health_s" not in run and http_get(self.base + "/health", 1.0)[0] == 200:
+                        run["server_healthy_s"] = _r(time.time() - t_start)
+                        run["health_s"] = True
+                    time.sleep(0.2)
+            t_end = time.time()
+            if proc in self.children.procs:
+                self.children.procs.remove(proc)
+            if mode == "server":
+                after = parse_metrics(http_get(self.base + "/metrics")[1])
+                run["server"] = server_delta({}, after, None)
+                run["server"]["stopped"] = self.children.stop(self.server, 30)
+                run["server"]["files_left"] = count_files(self.server_hs)
+                run["server"]["log_tail"] = tail(self.server_log, 600)
+                run.pop("health_s", None)
+        records = []
+        if (save / "metrics.jsonl").exists():
+            for line in (save / "metrics.jsonl").read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    records.append(json.loads(line))
+        ready = next((r for r in records if r.get("split") == "phase" and r.get("phase") == "ready"), None)
+        first = poller.first_capture_time() if mode == "server" else (ready or {}).get("time")
+        n_train = next((r.get("train_rows") for r in records if r.get("split") == "summary"), None)
+        epoch_tokens = (
+            sum(min(p + a + TRAILING_TOKENS, self.seq) for p, a in self.lengths[:n_train]) if n_train else None
+        )
+        measured = analyse_run(records, t_start, t_end, first, epoch_tokens)
+        best = save / "checkpoint_best"
+        completed = proc.returncode == 0 and not timed_out and best.exists()
+        run.update(rc=proc.returncode, completed=completed, measured=measured)
+        if completed:
+            run["job_to_checkpoint_best_s"] = _r(best.lstat().st_mtime - t_start)
+            run["job_to_exit_s"] = _r(t_end - t_start)
+            if ready is not None:
+                run["startup"] = {k: v for k, v in ready.items() if k.endswith("_s")}
+                run["startup"]["process_start_to_ready_s"] = _r(ready["time"] - t_start)
+            timings = (measured.get("client") or {}).get("timings") or {}
+            if "initial_validation_s" in timings:
+                run.setdefault("startup", {})["initial_validation_s"] = timings["initial_validation_s"]
+            scale = self.tokens_N / sum(p + a + TRAILING_TOKENS for p, a in self.lengths[:rows])
+            if scale > 1.0001:
+                run["extrapolated_to_N"] = extrapolate(measured, scale, None)
+            colocated = (measured.get("client") or {}).get("colocated")
+            if colocated and colocated.get("seconds"):
+                run["verifier_tokens_per_s_host_timed"] = _r(colocated["tokens"] / colocated["seconds"], 1)
+            say(
+                f"{mode}: checkpoint_best after {run['job_to_checkpoint_best_s']} s, exit after {run['job_to_exit_s']} s"
+            )
+        else:
+            run["log_tail"] = tail(log, 2500)
+            say(f"{mode}: rc {proc.returncode}{' (timed out)' if timed_out else ''}\n{tail(log)}")
+        if (gpu := smi.summary()) is not None:
+            run["gpu"] = gpu
+        shutil.rmtree(save, ignore_errors=True)
+        return run
 
     def cleanup(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

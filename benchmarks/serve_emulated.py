@@ -49,6 +49,8 @@ class EmulatedRuntime:
     vocab_size = VOCAB
     eos_token_ids = (0,)
     tokenizer = None
+    layer_ids = (32,)  # one captured layer (the server sizes each capture file from these three)
+    dtype = torch.bfloat16
 
     def __init__(self, hidden_size: int, launch_s: float, s_per_token: float) -> None:
         self.hidden_size, self.launch_s, self.s_per_token = hidden_size, launch_s, s_per_token

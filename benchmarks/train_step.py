@@ -5,8 +5,12 @@ a Qwen3.5-9B-shaped head (hidden 4096, vocab 248,320, one MTP layer), K=3, beta 
 offline hidden-state files (`make_offline_data.py`, fixed seed) packed into 8192-token steps.
 
 It runs mtptune's real trainer (`run_training`, offline mode) for --steps optimizer steps, reads its per-step
-metrics.jsonl, and reports median real tokens/s and step time after --warmup steps, peak CUDA memory, and the
-compute floor of the measured batches: the FLOPs that must be done over the measured bf16 matmul rate.
+metrics.jsonl, and reports real tokens/s over the timed window [--warmup intervals, --steps) the three ways the peer's
+summary does too (`benchmarks/peer/summarize_run.py`): the median over logged intervals (`real_tokens_per_s`, one
+device sync per interval of --log-every steps), the mean over all timed steps (their tokens over their summed
+interval times) and the wall clock over the window (synced at both ends, the logging between intervals included);
+peak CUDA memory; and the compute floor of the measured batches: the FLOPs that must be done over the measured bf16
+matmul rate. With --profile the kernel table covers 5 steps after the timed window.
 
     python benchmarks/train_step.py --verifier W/verifier --data W/data --hidden-states W/hs [--peer W/runA/summary.json]
 """
@@ -34,8 +38,10 @@ from mtptune.training.config import (
     HiddenStatesConfig,
     LoggingConfig,
     LossConfig,
+    OptimConfig,
     TrainConfig,
 )
+from mtptune.training.loss_kernels import LOSS_KERNELS
 from mtptune.training.train import run_training
 
 
@@ -51,6 +57,57 @@ def step_flops(tokens: float, supervised_rows: float, hidden: int, inter: int, v
     attention = 3 * 2 * 2 * heads * head_dim * (mean_doc / 2) * tokens * steps
     lm_head = 2 * 2 * vocab * hidden * supervised_rows + reference_fraction * 2 * vocab * hidden * tokens
     return trunk + attention + lm_head
+
+
+class WindowClock:
+    """`should_stop` hook of run_training (called at the start of every step): the wall time at which steps `first`
+    and `last` start (multiples of --log-every: the step before each ended with a flush, i.e. a device sync), and
+    the profiler's hook after it."""
+
+    def __init__(self, first: int, last: int, then=None) -> None:
+        self.first, self.last, self.then = first, last, then
+        self.times: dict[int, float] = {}
+
+    def __call__(self, step: int) -> bool:
+        if step in (self.first, self.last):
+            self.times[step] = time.perf_counter()
+        return bool(self.then(step)) if self.then is not None else False
+
+    @property
+    def seconds(self) -> float | None:
+        return self.times[self.last] - self.times[self.first] if len(self.times) == 2 else None
+
+
+def three_ways(records: list[dict], log_every: int, window_s: float | None) -> dict:
+    """Real tokens/s of the logged intervals `records` (one per --log-every steps): median per interval, mean over
+    the timed steps, wall clock over the window."""
+    elapsed = [r["step_seconds"] * log_every for r in records]
+    tokens = [r["tokens_per_s"] * e for r, e in zip(records, elapsed)]
+    out = {
+        "median_interval_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in records), 1),
+        "median_interval_step_ms": round(statistics.median(r["step_seconds"] for r in records) * 1e3, 1),
+        "mean_tokens_per_s": round(sum(tokens) / sum(elapsed), 1),
+        "mean_step_ms": round(sum(elapsed) / (len(records) * log_every) * 1e3, 1),
+        "timed_steps": len(records) * log_every,
+    }
+    if window_s:
+        out.update(
+            wall_tokens_per_s=round(sum(tokens) / window_s, 1),
+            wall_step_ms=round(window_s / (len(records) * log_every) * 1e3, 1),
+            window_s=round(window_s, 2),
+        )
+    return out
+
+
+def versus(mine: dict, peer: dict | None) -> dict:
+    """mtptune's tokens/s over the peer's, each of the three ways."""
+    if not peer:
+        return {}
+    return {
+        key: round(mine[key] / peer[key], 3)
+        for key in ("median_interval_tokens_per_s", "mean_tokens_per_s", "wall_tokens_per_s")
+        if mine.get(key) and peer.get(key)
+    }
 
 
 class StepProfiler:
@@ -114,7 +171,7 @@ def main() -> None:
     parser.add_argument("--verifier", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--hidden-states", required=True)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps end here (a multiple of --log-every)")
     parser.add_argument("--log-every", type=int, default=5, help="steps per logged interval (one device sync each)")
     parser.add_argument("--warmup", type=int, default=2, help="logged intervals skipped (compilation, warm-up)")
     parser.add_argument("--total-seq-len", type=int, default=8192)
@@ -122,11 +179,15 @@ def main() -> None:
     parser.add_argument("--peer", default=None, help="the peer's summary.json from the same device call")
     parser.add_argument("--label", default="mtptune")
     parser.add_argument("--compile", choices=COMPILE_SCOPES, default="step", help="the trainer's --compile")
+    parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw", help="the trainer's --optimizer")
+    parser.add_argument("--loss-kernel", choices=LOSS_KERNELS, default="ours", help="the trainer's --loss-kernel")
+    parser.add_argument("--mix", default="long", help="label: the row-length mix of --data (length_models.py)")
     parser.add_argument(
         "--profile",
         default=None,
-        help="profile steps [--steps - 6, --steps - 1) with torch.profiler: write the kernel table here and report the "
-        "GPU busy fraction (kernel time / wall time of those steps; 1.0 = the host never starves the GPU)",
+        help="profile steps [--steps, --steps + 5) (after the timed window; the run goes on to --steps + 6) with "
+        "torch.profiler: write the kernel table here and report the GPU busy fraction (kernel time / wall time of "
+        "those steps; 1.0 = the host never starves the GPU)",
     )
     parser.add_argument(
         "--trace",
@@ -137,19 +198,23 @@ def main() -> None:
         "into this folder (tracing slows the host: step times of a traced run are not comparable)",
     )
     args = parser.parse_args()
+    if args.steps % args.log_every or args.steps <= args.warmup * args.log_every:
+        parser.error("--steps must be a multiple of --log-every beyond the --warmup intervals")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    profiling = bool(args.profile) and device == "cuda"
     work = Path(tempfile.mkdtemp(prefix="mtptune-bench-"))
     config = TrainConfig(
         verifier=args.verifier,
         data=DataConfig(data_path=args.data, total_seq_len=args.total_seq_len, train_data_ratio=1.0),
         checkpoint=CheckpointConfig(save_path=str(work / "ckpt"), save_best=False, resume=False),
         hidden_states=HiddenStatesConfig(hidden_states_path=args.hidden_states, on_missing="raise", prefetch=64),
-        loss=LossConfig(chunk_rows=args.chunk_rows),
+        optim=OptimConfig(name=args.optimizer),
+        loss=LossConfig(chunk_rows=args.chunk_rows, kernel=args.loss_kernel),
         logging=LoggingConfig(log_dir=str(work / "logs"), log_every=args.log_every, progress_bar=False),
         num_speculative_steps=3,
         epochs=1,
-        max_steps=args.steps,
+        max_steps=args.steps + (6 if profiling else 1),  # step --steps starts after a flush: the window's end
         validate_at_start=False,
         device=device,
         compile=args.compile,
@@ -157,19 +222,24 @@ def main() -> None:
     t0 = time.perf_counter()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    profiler = StepProfiler(args.steps - 6, args.steps - 1, args.trace) if args.profile and device == "cuda" else None
-    run_training(config, should_stop=profiler)
+    profiler = StepProfiler(args.steps, args.steps + 5, args.trace) if profiling else None
+    clock = WindowClock(args.warmup * args.log_every, args.steps, profiler)
+    run_training(config, should_stop=clock)
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (work / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("split") == "train"]
-    steady = train[args.warmup :] or train
+    steady = [r for r in train if args.warmup * args.log_every < r["step"] <= args.steps] or train
+    ways = three_ways(steady, args.log_every, clock.seconds)
     tok_s = statistics.median(r["tokens_per_s"] for r in steady)
     tokens = statistics.mean(r["tokens"] for r in steady) if "tokens" in steady[0] else float("nan")
     step_s = statistics.median(r.get("step_seconds", float("nan")) for r in steady)
     result = {
         "benchmark": "train_step",
         "label": args.label,
+        "mix": args.mix,
         "compile": args.compile,
+        "optimizer": args.optimizer,
+        "loss_kernel": args.loss_kernel,
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "steps_measured": len(steady) * args.log_every,
@@ -180,6 +250,7 @@ def main() -> None:
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "wait_fraction": round(statistics.median(r.get("wait_fraction", 0.0) for r in steady), 4),
         "wall_s": round(wall, 1),
+        "throughput": ways,
     }
     if device == "cuda":
         rate = matmul_rate(device)
@@ -203,9 +274,12 @@ def main() -> None:
             "real_tokens_per_s": peer_tok,
             "step_ms": (peer.get("step_ms") or {}).get("median"),
             "peak_memory_gib": peer.get("peak_mem_alloc_gib"),
+            "optimizers": (peer.get("setup") or {}).get("optimizers"),
+            "throughput": peer.get("throughput"),
         }
         if peer_tok:
             result["speedup_vs_peer"] = round(tok_s / peer_tok, 3)
+        result["speedup_vs_peer_3ways"] = versus(ways, peer.get("throughput"))
     print(json.dumps(result))
 
 

@@ -19,7 +19,7 @@ from mtptune.checkpoint.verifier import Verifier
 from mtptune.errors import CheckpointError, ConfigError
 from mtptune.export import check_format, write_head
 from mtptune.modeling.fresh_head import fresh_head_state, resolve_init
-from mtptune.modeling.load import build_head, head_config_for, load_state_strict
+from mtptune.modeling.load import build_head, head_config_for, load_state_strict, shared_weights
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _convert_fresh(
 def _validate_forward(head, verifier: Verifier, device: str) -> None:
     """Run a short K=2 forward on `device`: proves the head builds, loads and computes finite outputs."""
     head = head.to(device)
-    head.set_shared(verifier.shared_weights(device=device, dtype=head.fc.weight.dtype))
+    head.set_shared(shared_weights(verifier, device=device, dtype=head.fc.weight.dtype))
     ids = torch.randint(0, verifier.text_config.vocab_size, (1, 8), device=device)
     hidden = torch.randn(1, 8, verifier.text_config.hidden_size, device=device, dtype=head.fc.weight.dtype)
     with torch.no_grad():

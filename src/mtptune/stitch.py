@@ -17,20 +17,25 @@ fields. Stitching again into the attached output is the ordinary replace mode.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mtptune.checkpoint.files import atomic_folder, is_temporary, json_text
 from mtptune.checkpoint.head_checkpoint import load_head_checkpoint
-from mtptune.checkpoint.safetensors_io import INDEX_NAME, SINGLE_NAME, SafetensorsCheckpoint, read_config_dict
+from mtptune.checkpoint.safetensors_io import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    SafetensorsCheckpoint,
+    open_safetensors,
+    read_config_dict,
+)
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.errors import CheckpointError
 from mtptune.families import family_by_name
@@ -57,50 +62,37 @@ def stitch(
     overwrite: bool = False,
 ) -> StitchReport:
     head_config, head_state = load_head_checkpoint(checkpoint)
+    _check_finite(head_state, checkpoint)
     ver = Verifier.open(str(verifier))
+    ver.check_fits(head_config, checkpoint)
     family = family_by_name(head_config.family)
-    if family.name != ver.family.name:
-        raise CheckpointError(
-            f"cannot stitch a {family.name} head into {ver.root}, a {ver.family.name} verifier "
-            f"(the head was trained for {head_config.verifier_name_or_path})."
-        )
     output = Path(output_path) if output_path else Path.cwd() / f"{ver.root.resolve().name}-stitched"
     if output.resolve() == ver.root.resolve():
         raise CheckpointError(f"--output-path {output} is the verifier itself; stitch writes a copy.")
-    if output.exists() and not overwrite:
-        raise CheckpointError(f"{output} already exists; pass --overwrite or choose another --output-path.")
-    if Path(head_config.verifier_name_or_path).name != ver.root.name and head_config.verifier_name_or_path != str(
-        verifier
-    ):
-        logger.warning(
-            "head %s was made for verifier %s, stitching into %s (shapes fit; make sure this is intended)",
-            checkpoint,
-            head_config.verifier_name_or_path,
-            verifier,
-        )
     attach = not ver.trainable_head_keys() and family.attaches_head
     native = (
         _attached_head_tensors(family, head_state, ver)
         if attach
         else _native_head_tensors(family, head_state, ver, checkpoint)
     )
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    if Path(head_config.verifier_name_or_path).name != ver.root.name and head_config.verifier_name_or_path != str(
+        verifier
+    ):
+        logger.warning(
+            "head %s was made for verifier %s; stitching it into %s, which it fits (same family, sizes and tensor "
+            "shapes): make sure this is intended",
+            checkpoint,
+            head_config.verifier_name_or_path,
+            verifier,
+        )
+    skip = _skip_output(output)
+    with atomic_folder(output, overwrite=overwrite, what="stitched model") as tmp:
         if attach:
-            report = _write_attached(ver, family, native, tmp, copy_untouched)
+            report = _write_attached(ver, family, native, tmp, copy_untouched, skip)
             _verify_attached(ver, family, native, tmp)
         else:
-            report = _write(ver.checkpoint, native, tmp, copy_untouched)
+            report = _write(ver.checkpoint, native, tmp, copy_untouched, skip)
             _verify(ver.checkpoint, native, tmp)
-        _make_readable(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report = StitchReport(output=output, **report)
     logger.info(
         "%s %d head tensors (%d changed) into %s; wrote %s, hard-linked %d, copied %d untouched shards",
@@ -113,6 +105,28 @@ def stitch(
         len(report.copied_shards),
     )
     return report
+
+
+def _check_finite(head_state: dict[str, torch.Tensor], source) -> None:
+    """A NaN/Inf weight would serve garbage drafts; refuse it by name (a diverged run's checkpoint)."""
+    for key, value in head_state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(
+                f"head {source}: tensor 'mtp.{key}' holds non-finite values (NaN or Inf), so it cannot be stitched; "
+                "the training run probably diverged. Stitch an earlier checkpoint."
+            )
+
+
+def _skip_output(output: Path) -> Callable[[Path], bool]:
+    """Which verifier entries not to copy: the output itself and its temporary siblings, when the output lies inside
+    the verifier folder (copying them would nest every earlier stitch, and the one being written, into the next)."""
+    target = output.resolve()
+
+    def skip(entry: Path) -> bool:
+        resolved = entry.resolve()
+        return resolved == target or (resolved.parent == target.parent and is_temporary(entry.name, target.name))
+
+    return skip
 
 
 def _native_head_tensors(family, head_state, ver: Verifier, source) -> dict[str, torch.Tensor]:
@@ -138,25 +152,31 @@ def _native_head_tensors(family, head_state, ver: Verifier, source) -> dict[str,
     return out
 
 
-def _write(ckpt: SafetensorsCheckpoint, native: dict[str, torch.Tensor], tmp: Path, copy_untouched: bool) -> dict:
+def _write(
+    ckpt: SafetensorsCheckpoint,
+    native: dict[str, torch.Tensor],
+    tmp: Path,
+    copy_untouched: bool,
+    skip: Callable[[Path], bool],
+) -> dict:
     shards_with_head = {ckpt.weight_map[k] for k in native}
     rewritten, linked, copied, changed = [], [], [], 0
     for entry in sorted(ckpt.root.iterdir()):
         target = tmp / entry.name
+        if skip(entry):
+            continue
         if entry.name in shards_with_head:
-            tensors, metadata = {}, None
-            with safe_open(entry, framework="pt") as f:
-                metadata = f.metadata()
-                for key in f.keys():
-                    if key in native:
-                        changed += int(not torch.equal(f.get_tensor(key), native[key]))
-                        tensors[key] = native[key]
-                    else:
-                        tensors[key] = f.get_tensor(key)
-            save_file(tensors, target, metadata=metadata)
+            shard, tensors = open_safetensors(entry), {}
+            for key in shard.keys():  # every tensor the file holds, whether or not the index lists it
+                if key in native:
+                    changed += int(not _same_bits(shard.get_tensor(key), native[key]))
+                    tensors[key] = native[key]
+                else:
+                    tensors[key] = shard.get_tensor(key)
+            save_file(tensors, target, metadata=shard.metadata())
             rewritten.append(entry.name)
         else:
-            _copy_untouched(entry, target, copy_untouched, linked, copied)
+            _copy_untouched(entry, target, copy_untouched, linked, copied, skip)
     return {
         "replaced": len(native),
         "rewritten_shards": rewritten,
@@ -166,18 +186,15 @@ def _write(ckpt: SafetensorsCheckpoint, native: dict[str, torch.Tensor], tmp: Pa
     }
 
 
-def _make_readable(folder: Path) -> None:
-    """mkdtemp creates 0700; give the finished folder the permissions a plain mkdir would have."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-
-
-def _copy_untouched(entry: Path, target: Path, copy_untouched: bool, linked: list[str], copied: list[str]) -> None:
+def _copy_untouched(
+    entry: Path, target: Path, copy_untouched: bool, linked: list[str], copied: list[str], skip: Callable[[Path], bool]
+) -> None:
     """Bring a verifier file the head does not touch into the output: shards hard-linked (copied when asked or
-    when linking fails), folders and other files copied."""
+    when linking fails), folders and other files copied (except what `skip` names, at any depth)."""
     if entry.is_dir():
-        shutil.copytree(entry, target, symlinks=True)
+        shutil.copytree(
+            entry, target, symlinks=True, ignore=lambda folder, names: [n for n in names if skip(Path(folder, n))]
+        )
     elif entry.suffix == ".safetensors" and not copy_untouched and _try_link(entry, target):
         linked.append(entry.name)
     else:
@@ -203,9 +220,16 @@ def _verify(original: SafetensorsCheckpoint, native: dict[str, torch.Tensor], ou
         expected = native.get(key)
         if expected is None:
             expected = original.get(key)
-        if new.dtype != expected.dtype or new.shape != expected.shape or not torch.equal(new, expected):
+        if not _same_bits(new, expected):
             what = "head tensor was not written" if key in native else "non-head tensor changed"
             raise CheckpointError(f"stitch verification failed: {key} in {shard}: {what}.")
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical: same dtype, shape and bytes (torch.equal calls two NaNs different and -0.0 equal to 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 ATTACHED_SHARD = "mtp.safetensors"
@@ -221,16 +245,23 @@ def _attached_head_tensors(family, head_state, ver: Verifier) -> dict[str, torch
     return {k: v.to(dtype).contiguous() for k, v in native.items()}
 
 
-def _write_attached(ver: Verifier, family, native: dict[str, torch.Tensor], tmp: Path, copy_untouched: bool) -> dict:
+def _write_attached(
+    ver: Verifier,
+    family,
+    native: dict[str, torch.Tensor],
+    tmp: Path,
+    copy_untouched: bool,
+    skip: Callable[[Path], bool],
+) -> dict:
     ckpt = ver.checkpoint
     if (ckpt.root / ATTACHED_SHARD).exists():
         raise CheckpointError(f"{ckpt.root / ATTACHED_SHARD} exists but holds no mtp.* tensor the index names.")
     linked, copied = [], []
     for entry in sorted(ckpt.root.iterdir()):
         target = tmp / entry.name
-        if entry.name in ("config.json", INDEX_NAME):
+        if entry.name in ("config.json", INDEX_NAME) or skip(entry):
             continue
-        _copy_untouched(entry, target, copy_untouched, linked, copied)
+        _copy_untouched(entry, target, copy_untouched, linked, copied, skip)
     save_file(native, tmp / ATTACHED_SHARD, metadata={"format": "pt", "producer": "mtptune", "mtp_family": family.name})
     index = dict(ckpt.index) if ckpt.index is not None else {"metadata": {}}
     weight_map = {**ckpt.weight_map, **dict.fromkeys(native, ATTACHED_SHARD)}
@@ -239,10 +270,10 @@ def _write_attached(ver: Verifier, family, native: dict[str, torch.Tensor], tmp:
         (tmp / shard).stat().st_size for shard in sorted(set(weight_map.values()))
     )  # file sizes: an upper bound like transformers' own, never read for loading
     index.update(metadata=metadata, weight_map=dict(sorted(weight_map.items())))
-    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (tmp / INDEX_NAME).write_text(json_text(index))
     config = read_config_dict(ckpt.root)
     config.update(family.attach_config_fields())
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "config.json").write_text(json_text(config))
     return {
         "replaced": len(native),
         "rewritten_shards": [ATTACHED_SHARD],
@@ -262,7 +293,7 @@ def _verify_attached(ver: Verifier, family, native: dict[str, torch.Tensor], out
     for key, shard in expected_map.items():
         new = stitched.get(key)
         expected = native[key] if key in native else original.get(key)
-        if new.dtype != expected.dtype or new.shape != expected.shape or not torch.equal(new, expected):
+        if not _same_bits(new, expected):
             what = "head tensor was not written" if key in native else "verifier tensor changed"
             raise CheckpointError(f"attach verification failed: {key} in {shard}: {what}.")
     before, after = read_config_dict(original.root), read_config_dict(out_dir)

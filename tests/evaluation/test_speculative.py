@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from mtptune.checkpoint.verifier import Verifier
-from mtptune.evaluation.hidden_sources import DirectForward
 from mtptune.evaluation.offline import evaluate_offline, slot_hits
 from mtptune.evaluation.speculative import (
     Decoded,
@@ -22,7 +21,7 @@ from mtptune.evaluation.verifier_forward import VerifierForward
 from mtptune.metrics.acceptance import AcceptanceCounts
 from mtptune.modeling.load import load_head
 
-from .trained_tiny import NEW_TOKENS, NUM_STEPS, TinySetup
+from .trained_tiny import NEW_TOKENS, NUM_STEPS, TinySetup, direct_source
 
 
 def generate(
@@ -42,7 +41,7 @@ def generate(
 
 def test_trained_head_generated_al_matches_offline_tau_sim(tiny: TinySetup) -> None:
     head, run, counts = generate(tiny, tiny.trained_head)  # asserts losslessness on every prompt
-    offline = evaluate_offline(head, tiny.eval_rows, DirectForward(tiny.forward), NUM_STEPS).counts
+    offline = evaluate_offline(head, tiny.eval_rows, direct_source(tiny), NUM_STEPS).counts
     assert run.numerical_ties == 0
     assert run.generated_tokens == run.baseline_generated_tokens == NEW_TOKENS * len(tiny.eval_prompts)
     assert run.verifier_steps < run.baseline_verifier_steps
@@ -61,7 +60,7 @@ def test_each_generated_draft_is_accepted_as_far_as_the_offline_chain_at_its_slo
     compared = agreed = 0
     for prompt, row in zip(tiny.eval_prompts[:4], tiny.eval_rows[:4]):
         out = speculative_decode(tiny.forward, head, prompt, NEW_TOKENS, NUM_STEPS, stop_tokens=set())
-        ids = torch.tensor(row.input_ids)
+        ids = row.input_ids
         hits, _ = slot_hits(head, ids, tiny.forward.hidden_states(ids), NUM_STEPS)
         chain = torch.cumprod(hits.long(), dim=0).sum(dim=0)  # offline accepted length per slot
         for slot, accepted in zip(out.draft_slots, out.accept_lengths):
@@ -117,7 +116,7 @@ def test_a_mismatch_at_a_numerical_near_tie_is_counted_not_raised() -> None:
 def test_drafts_are_the_head_chain_on_the_last_slot(tiny: TinySetup) -> None:
     """propose_drafts = a teacher-forced forward whose inputs are the drafts themselves, read at the last slot."""
     head, _, _ = load_head(tiny.trained_head, str(tiny.verifier_dir))
-    row = torch.tensor(tiny.eval_rows[0].input_ids[:30])
+    row = tiny.eval_rows[0].input_ids[:30]
     hidden = tiny.forward.hidden_states(row)
     drafts = propose_drafts(head, row, hidden[:-1], NUM_STEPS)
     ids = torch.cat([row, torch.tensor(drafts)])

@@ -1,16 +1,20 @@
 """GPU: the fused, chunked LM head + loss (`fused_linear_loss`; bf16 CE through the compiled kernel on CUDA) and its
 gradient equal an unfused reference computed here: full logits in fp64 on the CPU, torch's cross-entropy / KL,
-autograd for the gradient."""
+autograd for the gradient. The library kernels of `--loss-kernel` (liger-kernel, cut-cross-entropy) against the same
+reference, on CUDA, where their packages are installed."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mtptune.training.fused_linear_loss import fused_linear_loss
+from mtptune.training.loss_kernels import library_ce
 
-from .conftest import needs_device, rel_err
+from .conftest import cuda_only, needs_device, rel_err
 
 pytestmark = [pytest.mark.gpu, needs_device]
 
@@ -89,3 +93,42 @@ def test_rows_without_grad_give_the_same_loss_and_no_gradient(device) -> None:
     assert not without.requires_grad
     assert torch.equal(with_grad.detach(), without)
     assert rel_err(sums.ce * SCALE, without) < 1e-6
+
+
+LIBRARIES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
+
+
+@cuda_only
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-input", "fp32-input-autocast"])
+@pytest.mark.parametrize("vocab", [V, 32768])
+@pytest.mark.parametrize("kernel", ["liger", "cce"])
+def test_library_ce_and_input_gradient_equal_the_full_logits_reference(device, kernel: str, vocab: int, autocast):
+    """`--loss-kernel liger|cce` (training/loss_kernels.py): the library's CE sum and input gradient against the fp64
+    reference, bf16 tolerance; the frozen LM head gets no gradient. At 32k vocabulary CCE accumulates the input
+    gradient over 256 vocabulary blocks (in bf16, under locks): the case that would show that rounding."""
+    if importlib.util.find_spec(LIBRARIES[kernel]) is None:
+        pytest.skip(f"{kernel}: its package is not installed (benchmarks/device_wheels.sh carries it)")
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(N, H, generator=gen)
+    weight = torch.randn(vocab, H, generator=gen) * 0.3
+    targets = torch.randint(0, vocab, (N,), generator=gen)
+    w = weight.to(device, torch.bfloat16)
+    if autocast:  # the trainer's case: fp32 head outputs under bf16 autocast
+        x = hidden.to(device).requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ce, argmax = library_ce(kernel, x, w, targets.to(device))
+    else:
+        x = hidden.to(device, torch.bfloat16).requires_grad_(True)
+        ce, argmax = library_ce(kernel, x, w, targets.to(device))
+    (SCALE * ce).backward()
+    assert ce.dtype == torch.float32 and x.grad.dtype == x.dtype and w.grad is None
+    # The reference sees the bf16-rounded inputs the library multiplied.
+    ref_loss, ref_grad, _, logits = reference(x.detach().to(torch.bfloat16), w, targets, None, "ce")
+    loss_tol, grad_tol = TOLERANCES[torch.bfloat16]
+    loss_err, grad_err = rel_err(SCALE * ce, ref_loss), rel_err(x.grad, ref_grad)
+    print(f"{kernel} V={vocab} autocast={autocast}: loss rel {loss_err:.2e}; grad rel {grad_err:.2e}")
+    assert loss_err < loss_tol and grad_err < grad_tol
+    if argmax is not None:
+        top = logits.max(dim=-1).values
+        chosen = logits.gather(-1, argmax.cpu()[:, None]).squeeze(-1)
+        assert bool((chosen >= top - 0.05).all())

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-INTEROP_PYTHON = Path(os.environ.get("MTPTUNE_INTEROP_VENV", REPO / ".venv-interop")) / "bin" / "python"
+# Absolute: the speculators subprocess runs in a temp folder, where a relative venv path would not resolve.
+INTEROP_PYTHON = Path(os.environ.get("MTPTUNE_INTEROP_VENV", REPO / ".venv-interop")).absolute() / "bin" / "python"
 SIDE_SCRIPT = Path(__file__).with_name("speculators_side.py")
 
 

@@ -78,7 +78,7 @@ def test_killed_trainer_resumes_bit_identically(corpus, straight, tmp_path, sig)
 SAVE_SCRIPT = r"""
 import sys, time, shutil, torch
 from pathlib import Path
-from mtptune.checkpoint import head_checkpoint
+from mtptune.checkpoint import files, head_checkpoint
 from mtptune.training import checkpointing as ckpt
 from mtptune.checkpoint.head_checkpoint import load_head_checkpoint
 
@@ -102,7 +102,7 @@ else:  # "overwrite": killed while the old copy of an existing folder is being d
         next(Path(path).rglob("model.safetensors")).unlink()
         marker.touch()
         time.sleep(60)
-    head_checkpoint.shutil.rmtree = half_delete
+    files.shutil.rmtree = half_delete
     target = save / "0"
 extra = {"master_weights.pt": state, "training_state.json": {"epoch": 0, "local_step": 0, "global_step": 0}}
 head_checkpoint.save_head_checkpoint(target, config, state, extra, overwrite=True)

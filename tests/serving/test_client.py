@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 import torch
 
 from mtptune.errors import ServerError
+from mtptune.openai_http import (
+    GaveUp,
+    HttpStatusError,
+    OpenAIHttpClient,
+    RetryPolicy,
+    Unavailable,
+    normalize_endpoint,
+    server_root,
+    with_retries,
+)
 from mtptune.serving.client import HiddenStatesClient
 from mtptune.serving.hidden_state_files import HiddenStates
 from tests.serving.conftest import free_port, running_server
@@ -105,3 +116,87 @@ def test_api_key_is_required_and_sent(tiny_verifier: Path, tmp_path: Path) -> No
             client.check_model()
             [(_, states)] = list(client.iter_fetch(ROWS[:1]))
         assert isinstance(states, HiddenStates)
+
+
+# --- the shared HTTP layer (mtptune.openai_http), used by this client and by `regenerate` ----------------------
+@pytest.mark.parametrize(
+    ("given", "base"),
+    [
+        # the hidden-state client's cases: a server root means its /v1; no scheme means http
+        ("http://127.0.0.1:8000", "http://127.0.0.1:8000/v1"),
+        ("http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1"),
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1"),
+        ("http://127.0.0.1:8000/v1/", "http://127.0.0.1:8000/v1"),
+        ("127.0.0.1:8000", "http://127.0.0.1:8000/v1"),
+        ("localhost:8000/v1", "http://localhost:8000/v1"),
+        # regenerate's cases: a base URL with a path is used as given (OpenAI's convention for base URLs)
+        ("https://gateway.example/openai/v1", "https://gateway.example/openai/v1"),
+        ("https://gateway.example/serving/llm/", "https://gateway.example/serving/llm"),
+        ("  http://host:8000  ", "http://host:8000/v1"),
+    ],
+)
+def test_normalize_endpoint(given: str, base: str) -> None:
+    assert normalize_endpoint(given) == base
+    assert server_root(given) == base.removesuffix("/v1")
+
+
+def test_retry_policy_backoff_is_exponential_capped_and_jittered() -> None:
+    plain = RetryPolicy(backoff_base=0.5, backoff_max=3.0, jitter=False)
+    assert [plain.delay(k) for k in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    jittered = [RetryPolicy(backoff_base=1.0).delay(2) for _ in range(200)]
+    assert 1.0 <= min(jittered) < 1.2 and 2.8 < max(jittered) < 3.0  # 2 s x [0.5, 1.5)
+
+
+def test_with_retries_retries_only_what_another_attempt_may_fix() -> None:
+    calls: list[int] = []
+    retries: list[tuple[int, float]] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise Unavailable("down", 503)
+        return "ok"
+
+    policy = RetryPolicy(max_retries=3, backoff_base=0.001, jitter=False)
+    assert asyncio.run(with_retries(flaky, policy, lambda exc, n, waited: retries.append((n, waited)))) == "ok"
+    assert len(calls) == 3 and [n for n, _ in retries] == [1, 2]
+
+    async def final() -> str:
+        calls.append(1)
+        raise HttpStatusError("POST", "http://x/v1/completions", 400, "bad prompt")
+
+    calls.clear()
+    with pytest.raises(HttpStatusError, match="returned HTTP 400: bad prompt"):
+        asyncio.run(with_retries(final, policy))
+    assert len(calls) == 1  # a 4xx is not retried
+
+    async def down() -> str:
+        calls.append(1)
+        raise Unavailable("connection refused")
+
+    calls.clear()
+    waiting = RetryPolicy(max_retries=1, backoff_base=0.02, backoff_max=0.02, jitter=False, wait_timeout=0.15)
+    with pytest.raises(GaveUp, match=r"connection refused \(after \d+ attempts\)") as info:
+        asyncio.run(with_retries(down, waiting))
+    assert info.value.attempts == len(calls) > 2 and info.value.waited_s >= 0.15  # waited beyond max_retries
+
+
+def test_send_classifies_the_real_servers_answers(server) -> None:
+    base, _ = server
+
+    async def run() -> tuple[object, ...]:
+        http = OpenAIHttpClient(connections=2, timeout=30.0)
+        try:
+            models = await http.send("GET", base + "/v1/models")
+            with pytest.raises(HttpStatusError) as bad:  # a token id outside the vocabulary: final
+                await http.send("POST", base + "/v1/completions", {"prompt": [10**6], "max_tokens": 1})
+            with pytest.raises(Unavailable) as dead:  # nobody listens: another attempt may find a server
+                await http.send("GET", f"http://127.0.0.1:{free_port()}/v1/models")
+            return models, bad.value, dead.value
+        finally:
+            await http.aclose()
+
+    models, bad, dead = asyncio.run(run())
+    assert models["data"][0]["id"] == "tiny/verifier"
+    assert bad.status == 400 and "out of vocabulary" in str(bad)
+    assert dead.status is None and "ConnectError" in str(dead)

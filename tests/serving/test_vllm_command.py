@@ -61,7 +61,7 @@ def test_dry_run_prints_the_extraction_command(tiny_verifier: Path, tmp_path: Pa
 
 @pytest.mark.parametrize(
     ("flags", "ids"),
-    [(["--target-layer-ids", "2"], [2, 4]), (["--target-layer-ids", "2", "--no-include-last-layer"], [2])],
+    [(["--target-layer-ids", "2"], [2, 4]), (["--target-layer-ids", "4", "2", "--no-include-last-layer"], [4, 2])],
 )
 def test_launch_vllm_script_layer_ids(tiny_verifier: Path, flags: list[str], ids: list[int]) -> None:
     out = subprocess.run(
@@ -85,6 +85,13 @@ def test_launch_vllm_script_layer_ids(tiny_verifier: Path, flags: list[str], ids
         "eagle_aux_hidden_state_layer_ids": ids
     }
     assert "--trust-remote-code" in argv
+
+
+def test_layer_ids_without_n_are_a_clear_error(tiny_verifier: Path, capsys) -> None:
+    """MTP reads layer N: serve refuses a capture list that lacks it (train resolves ids by the same rule)."""
+    args = ["serve", str(tiny_verifier), "--engine", "vllm", "--target-layer-ids", "2", "--no-include-last-layer"]
+    assert main([*args, "--dry-run"]) == 2
+    assert "lacks layer N=4" in capsys.readouterr().err
 
 
 def test_out_of_range_layer_id_is_a_clear_error(tiny_verifier: Path, capsys) -> None:

@@ -6,8 +6,9 @@ import logging
 
 import torch
 
+from mtptune.data.rows import PreparedRows
 from mtptune.testing.learnable import write_prepared_rows
-from mtptune.training.batching import PreparedRows, collate, pack_rows, plan_epoch, split_train_val
+from mtptune.training.batching import collate, pack_rows, plan_epoch, split_train_val
 
 
 def test_split_is_a_contiguous_tail():
@@ -76,7 +77,7 @@ def test_collate_resets_positions_per_document(tmp_path):
 def test_padding_is_a_separate_unsupervised_document(tmp_path):
     import torch
 
-    from mtptune.training.batching import Row
+    from mtptune.data.rows import Row
 
     row = Row(0, torch.tensor([5, 6, 7]), torch.tensor([0, 1, 1]))
     batch = collate([row], [torch.ones(3, 4)], pad_to=6)

@@ -48,17 +48,21 @@ def test_conflicts_are_config_errors(learnable, tmp_path):
         build_config(parse(base + " --on-missing raise --step-weights 1,0"))
     with pytest.raises(ConfigError, match="--on-generate cache"):
         build_config(parse(base + " --on-missing raise --on-generate cache"))
+    with pytest.raises(ConfigError, match="--loss-kernel liger computes cross-entropy only"):
+        build_config(parse(base + " --on-missing raise --loss kl --loss-kernel liger"))
 
 
 def test_inert_flags_warn_loudly(learnable, tmp_path, caplog):
     command = (
         f"train --verifier-name-or-path {learnable.verifier} --data-path {learnable.data} --save-path {tmp_path} "
-        "--on-missing raise --target-layer-ids 2 --optimizer muon --step-weights 1,0,0"
+        "--on-missing raise --target-layer-ids 2 --muon-lr 0.01 --step-weights 1,0,0"
     )
     with caplog.at_level(logging.WARNING):
         config = build_config(parse(command))
-    assert "MTP head's input is the LAST captured layer" in caplog.text and "muon" in caplog.text
-    assert config.loss.step_weights == (1.0, 0.0, 0.0)
+    assert "--muon-lr applies" in caplog.text
+    assert config.loss.step_weights == (1.0, 0.0, 0.0) and config.optim.name == "adamw"
+    muon = build_config(parse(command.replace("--muon-lr", "--optimizer muon --muon-lr")))
+    assert muon.optim.name == "muon" and muon.optim.muon_lr == 0.01
 
 
 def test_cli_trains_offline_and_prints_before_after(learnable, tmp_path, capsys):

@@ -130,7 +130,8 @@ def test_on_missing_skip_counts_and_raise_fails(learnable, tmp_path):
 
 
 def test_max_steps_stops_exactly_even_at_an_epoch_boundary(learnable, tmp_path):
-    from mtptune.training.batching import PreparedRows, pack_rows, split_train_val
+    from mtptune.data.rows import PreparedRows
+    from mtptune.training.batching import pack_rows, split_train_val
 
     data = DataConfig(str(learnable.data), 128, 0.8, max_rows=32)
     rows = PreparedRows(learnable.data, 128, 32)

@@ -17,7 +17,7 @@ def test_online_delete_run_leaves_no_hidden_state_files_and_learns(learnable, tm
     with running_server(learnable.verifier, storage) as base:
         hs = HiddenStatesConfig(
             endpoints=(base + "/v1",), hidden_states_path=str(cache), on_missing="generate", on_generate="delete",
-            concurrency=4, prefetch=8,
+            concurrency=4, prefetch=8, memory_cache_gib=0,  # every epoch asks the server again
         )  # fmt: skip
         config = offline_config(
             learnable, tmp_path / "ckpt", data=DataConfig(str(learnable.data), 256, 0.8, max_rows=80), hidden_states=hs
@@ -37,7 +37,11 @@ def test_hybrid_cache_run_generates_once_then_reads_the_cache(learnable, tmp_pat
     storage, cache = tmp_path / "server_hs", tmp_path / "cache"
     with running_server(learnable.verifier, storage) as base:
         hs = HiddenStatesConfig(
-            endpoints=(base + "/v1",), hidden_states_path=str(cache), on_generate="cache", concurrency=4
+            endpoints=(base + "/v1",),
+            hidden_states_path=str(cache),
+            on_generate="cache",
+            concurrency=4,
+            memory_cache_gib=0,  # epoch 1 reads the disk cache
         )
         config = offline_config(
             learnable, tmp_path / "ckpt", data=DataConfig(str(learnable.data), 256, 0.75, max_rows=16), hidden_states=hs

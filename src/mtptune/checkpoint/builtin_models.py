@@ -21,12 +21,11 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtptune.checkpoint.files import atomic_folder, json_text
 from mtptune.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ def _build_from_gguf(gguf_file: Path, out: Path) -> None:
     if generation.is_file():  # greedy by default; drop sampling defaults a GGUF never had
         body = json.loads(generation.read_text())
         body.pop("temperature", None), body.pop("top_p", None), body.pop("do_sample", None)
-        generation.write_text(json.dumps(body, indent=2) + "\n")
+        generation.write_text(json_text(body))
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -161,14 +160,7 @@ def builtin_model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> 
         if (folder / "config.json").is_file():
             return folder
         logger.info("building %s from %s into %s (once)", model.name, source, folder)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
+        # overwrite: a folder without config.json here is an incomplete leftover, never a finished build.
+        with atomic_folder(folder, overwrite=True, what="built-in model") as tmp:
             model.build(source, tmp)
-            tmp.chmod(0o755)
-            for entry in tmp.iterdir():
-                entry.chmod(0o644)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return folder

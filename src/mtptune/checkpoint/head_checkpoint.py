@@ -1,68 +1,33 @@
 """mtptune's head checkpoint: `config.json` + `model.safetensors` holding only the head (`mtp.*` names, experts
 fused as in memory). Written by `convert` and by the trainer; read by `--from-pretrained`, `stitch`, `evaluate`.
-Those readers also accept speculators' MTP folders (`checkpoint/speculators_format.py`), detected from config.json.
+Those readers also accept speculators' MTP folders (`checkpoint/speculators_format.py`), detected from config.json:
+`read_head_config` and `load_head_checkpoint` are the one way to read either format.
 
-Writes are atomic: everything goes to a temporary sibling folder that is renamed into place last, so a crash
-never leaves a folder that looks complete.
+Writes go through `files.atomic_folder`, so a crash never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from mtptune import __version__
+from mtptune.checkpoint import speculators_format as speculators
+from mtptune.checkpoint.files import atomic_folder, json_text
+from mtptune.checkpoint.head_config import FORMAT_NAME, HeadConfig
+from mtptune.checkpoint.safetensors_io import load_safetensors
 from mtptune.errors import CheckpointError
+from mtptune.families import FAMILIES
 
-FORMAT_NAME = "mtptune-mtp-head"
-FORMAT_VERSION = 1
 HEAD_PREFIX = "mtp."
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    family: str
-    verifier_name_or_path: str
-    verifier_architectures: list[str]
-    verifier_model_type: str
-    num_speculative_steps: int
-    text_config: dict  # the verifier's text config (to_dict), which builds the decoder block
-    mtp_input_norm: str = "post_norm"  # what the head was trained on: verifier post-norm states, or "none"
-    init: str = "native"  # native head extracted from the verifier, or how a fresh head was initialised
-    dtype: str = "bfloat16"
-    extra: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        body = asdict(self)
-        body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "mtptune_version": __version__, **body}
-        return body
-
-    @classmethod
-    def from_json(cls, body: dict, source: Path) -> HeadConfig:
-        if body.get("format") != FORMAT_NAME:
-            raise CheckpointError(
-                f'{source} is not an mtptune head checkpoint (config.json has no "format": "{FORMAT_NAME}") nor a '
-                'speculators MTP checkpoint (no "speculators_model_type": "mtp"). Create one with `mtptune convert`, '
-                "or point at a training checkpoint folder."
-            )
-        known = {f for f in cls.__dataclass_fields__}
-        try:
-            return cls(**{k: v for k, v in body.items() if k in known})
-        except TypeError as exc:
-            raise CheckpointError(f"{source}: config.json lacks a field: {exc}") from exc
 
 
 def is_head_checkpoint(path: Path) -> bool:
     """True for a head checkpoint in mtptune's format or speculators' MTP format (not for a verifier)."""
-    return is_mtptune_head_checkpoint(path) or _speculators().is_speculators_checkpoint(path)
+    return is_mtptune_head_checkpoint(path) or speculators.is_speculators_checkpoint(path)
 
 
 def is_mtptune_head_checkpoint(path: Path) -> bool:
@@ -76,11 +41,38 @@ def is_mtptune_head_checkpoint(path: Path) -> bool:
     return isinstance(body, dict) and body.get("format") == FORMAT_NAME
 
 
-def _speculators():
-    # Imported lazily: speculators_format builds on HeadConfig from this module.
-    from mtptune.checkpoint import speculators_format
+def read_head_config(path: str | os.PathLike) -> HeadConfig:
+    """The config of a head checkpoint in either format, weights unread. K is `.num_speculative_steps`: the one
+    place any command reads it from a checkpoint (a checkpoint without it is an error naming the field)."""
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} has no config.json: not an mtptune head checkpoint.")
+    if speculators.speculators_model_type(path) is not None:
+        return speculators.read_speculators_config(path)
+    try:
+        body = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise CheckpointError(f"{config_path} is not a JSON object.")
+    return HeadConfig.from_json(body, path)
 
-    return speculators_format
+
+def load_head_checkpoint(path: str | os.PathLike) -> tuple[HeadConfig, dict[str, torch.Tensor]]:
+    """(config, head state dict without the `mtp.` prefix) from an mtptune or a speculators MTP checkpoint."""
+    path = Path(path)
+    if speculators.speculators_model_type(path) is not None:
+        return speculators.load_speculators_checkpoint(path)
+    config = read_head_config(path)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has config.json but no model.safetensors (an incomplete checkpoint?).")
+    tensors = load_safetensors(weights)
+    stray = [k for k in tensors if not k.startswith(HEAD_PREFIX)]
+    if stray:
+        raise CheckpointError(f"{weights}: unexpected tensor {stray[0]!r} (a head checkpoint holds only mtp.*).")
+    return config, {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items()}
 
 
 def save_head_checkpoint(
@@ -90,73 +82,21 @@ def save_head_checkpoint(
     extra_files: dict[str, object] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `path/config.json` + `path/model.safetensors` (+ torch.save'd extras) atomically."""
+    """Write `path/config.json` + `path/model.safetensors` (+ JSON or torch.save'd extras) atomically."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} already exists; pass --overwrite (or choose another --output-path).")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        dtype = getattr(torch, config.dtype)
+    dtype = getattr(torch, config.dtype)
+    fp32 = FAMILIES[config.family].fp32_buffers if config.family in FAMILIES else ()
+    with atomic_folder(path, overwrite=overwrite, what="checkpoint") as tmp:
+        # Buffers the family keeps fp32 (e.g. DeepSeek's router bias) are saved in their own dtype.
         tensors = {
-            HEAD_PREFIX + k: v.detach().to("cpu", v.dtype if _keeps_fp32(config.family, k) else dtype).contiguous()
+            HEAD_PREFIX + k: v.detach().to("cpu", v.dtype if k.rsplit(".", 1)[-1] in fp32 else dtype).contiguous()
             for k, v in head_state.items()
         }
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "producer": "mtptune"})
         for name, obj in (extra_files or {}).items():
             if name.endswith(".json"):
-                (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+                (tmp / name).write_text(json_text(obj))
             else:
                 torch.save(obj, tmp / name)
-        # config.json last: its presence marks the folder complete.
-        (tmp / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp made it 0700
-        # Move the old folder aside before the new one takes its name, and delete it only afterwards: deleting
-        # in place could leave a half-deleted folder that still has config.json (looks complete) after a crash.
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except (OSError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc} (disk full or not writable?)") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "config.json").write_text(json_text(config.to_json()))  # last: its presence marks the folder complete
     return path
-
-
-def _keeps_fp32(family_name: str, key: str) -> bool:
-    """Buffers the family keeps fp32 (e.g. DeepSeek's router bias) are saved in their own dtype."""
-    from mtptune.families import FAMILIES  # families import checkpoint I/O: import late
-
-    family = FAMILIES.get(family_name)
-    return family is not None and key.rsplit(".", 1)[-1] in family.fp32_buffers
-
-
-def load_head_checkpoint(path: str | os.PathLike) -> tuple[HeadConfig, dict[str, torch.Tensor]]:
-    """(config, head state dict without the `mtp.` prefix) from an mtptune or a speculators MTP checkpoint."""
-    path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{path} has no config.json: not an mtptune head checkpoint.")
-    if _speculators().speculators_model_type(path) is not None:
-        return _speculators().load_speculators_checkpoint(path)
-    try:
-        body = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
-    config = HeadConfig.from_json(body, path)
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{path} has config.json but no model.safetensors (an incomplete checkpoint?).")
-    tensors = load_file(weights)
-    stray = [k for k in tensors if not k.startswith(HEAD_PREFIX)]
-    if stray:
-        raise CheckpointError(f"{weights}: unexpected tensor {stray[0]!r} (a head checkpoint holds only mtp.*).")
-    return config, {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items()}

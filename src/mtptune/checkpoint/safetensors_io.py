@@ -2,6 +2,9 @@
 
 Never loads a whole checkpoint: a 20 GB verifier is opened shard by shard and only the requested
 tensors are read, so `convert` and the trainer's frozen embed/lm_head loading stay cheap.
+
+Every safetensors file mtptune reads is opened here (`open_safetensors`), so a truncated or corrupt file (an
+interrupted download) is one clear error naming the file in every command, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,11 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from mtptune.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
+_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+}
 SINGLE_NAME = "model.safetensors"
 
 
@@ -59,6 +70,37 @@ def read_config_dict(model_dir: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def open_safetensors(path: Path):
+    """A `safe_open` handle on `path`; its header is checked against the file's size, so a truncated file fails here."""
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({exc}); truncated or corrupt, e.g. an interrupted download? "
+            "Download (or write) it again."
+        ) from exc
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (small files only: a head checkpoint)."""
+    handle = open_safetensors(path)
+    return {key: _read(handle, key, path) for key in handle.keys()}
+
+
+def _read(handle, key: str, path: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read tensor {key!r} ({exc}); the file is corrupt.") from exc
+
+
+def check_model_files(root: Path) -> None:
+    """Open every safetensors file a model folder's index names (or its single model.safetensors), so a truncated
+    shard is reported by name before a loader (transformers) trips over it."""
+    if (root / INDEX_NAME).is_file() or (root / SINGLE_NAME).is_file():
+        SafetensorsCheckpoint.open(root)
+
+
 @dataclass
 class SafetensorsCheckpoint:
     """The tensors of one model folder, addressed by name, read on demand."""
@@ -81,12 +123,14 @@ class SafetensorsCheckpoint:
             for shard in sorted(set(weight_map.values())):
                 if not (root / shard).is_file():
                     raise CheckpointError(f"{index_path} names shard {shard!r}, which is missing from {root}.")
-            return cls(root=root, weight_map=weight_map, index=index)
+            ckpt = cls(root=root, weight_map=weight_map, index=index)
+            for shard in ckpt.shards():  # headers only: a truncated shard fails now, not halfway through a command
+                ckpt._handle(shard)
+            return ckpt
         single = root / SINGLE_NAME
         if single.is_file():
-            with safe_open(single, framework="pt") as f:
-                weight_map = dict.fromkeys(f.keys(), SINGLE_NAME)
-            return cls(root=root, weight_map=weight_map)
+            handle = open_safetensors(single)
+            return cls(root=root, weight_map=dict.fromkeys(handle.keys(), SINGLE_NAME), _handles={SINGLE_NAME: handle})
         raise CheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME} in {root}: not a safetensors model folder.")
 
     @property
@@ -101,17 +145,14 @@ class SafetensorsCheckpoint:
 
     def _handle(self, shard: str):
         if shard not in self._handles:
-            try:
-                self._handles[shard] = safe_open(self.root / shard, framework="pt")
-            except Exception as exc:
-                raise CheckpointError(f"cannot open {self.root / shard}: {exc}") from exc
+            self._handles[shard] = open_safetensors(self.root / shard)
         return self._handles[shard]
 
     def get(self, key: str) -> torch.Tensor:
         shard = self.weight_map.get(key)
         if shard is None:
             raise CheckpointError(f"tensor {key!r} not found in {self.root}.")
-        return self._handle(shard).get_tensor(key)
+        return _read(self._handle(shard), key, self.root / shard)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         return {k: self.get(k) for k in keys}
@@ -122,11 +163,13 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"tensor {key!r} not found in {self.root}.")
         return tuple(self._handle(shard).get_slice(key).get_shape())
 
-    def find_suffix(self, suffix: str) -> str | None:
-        """The unique key ending in `suffix` (e.g. 'embed_tokens.weight'), preferring the shortest."""
-        hits = sorted((k for k in self.weight_map if k == suffix or k.endswith("." + suffix)), key=len)
-        hits = [k for k in hits if not k.startswith("mtp.") and ".mtp" not in k]
-        return hits[0] if hits else None
+    def dtype_name(self, key: str) -> str:
+        """torch's name for a tensor's dtype ('bfloat16'), from the header alone."""
+        shard = self.weight_map.get(key)
+        if shard is None:
+            raise CheckpointError(f"tensor {key!r} not found in {self.root}.")
+        code = self._handle(shard).get_slice(key).get_dtype()
+        return _DTYPE_NAMES.get(code, code.lower())
 
     def shard_metadata(self, shard: str) -> dict[str, str] | None:
         return self._handle(shard).metadata()

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +23,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from mtptune import __version__
-from mtptune.checkpoint.head_checkpoint import HeadConfig
+from mtptune.checkpoint.files import atomic_folder, json_text
+from mtptune.checkpoint.head_config import HeadConfig, check_num_steps
 from mtptune.checkpoint.safetensors_io import SafetensorsCheckpoint
 from mtptune.errors import CheckpointError
 from mtptune.families import family_for_model_type
@@ -132,9 +131,18 @@ def is_speculators_checkpoint(path: str | os.PathLike) -> bool:
 
 
 # --- import -------------------------------------------------------------------------------------------------------
+def read_speculators_config(path: str | os.PathLike) -> HeadConfig:
+    """The head config of a speculators MTP folder (config.json and the weights' headers; no tensor is read)."""
+    return _open(Path(path))[0]
+
+
 def load_speculators_checkpoint(path: str | os.PathLike) -> tuple[HeadConfig, dict[str, torch.Tensor]]:
     """(config, head state dict without the `mtp.` prefix), like `load_head_checkpoint` for mtptune's format."""
-    path = Path(path)
+    config, ckpt, keys = _open(Path(path))
+    return config, interchange_to_head_state(ckpt.get_many(keys))
+
+
+def _open(path: Path) -> tuple[HeadConfig, SafetensorsCheckpoint, list[str]]:
     config_path = path / "config.json"
     body = _read_json(config_path)
     kind = body.get("speculators_model_type")
@@ -157,11 +165,7 @@ def load_speculators_checkpoint(path: str | os.PathLike) -> tuple[HeadConfig, di
     spec = body.get("speculators_config") or {}
     methods = spec.get("proposal_methods") or []
     steps = methods[0].get("speculative_tokens") if methods and isinstance(methods[0], dict) else None
-    if not isinstance(steps, int) or steps < 1:
-        raise CheckpointError(
-            f"{config_path}: speculators_config.proposal_methods[0].speculative_tokens must be a positive integer "
-            f"(the number of MTP steps K), got {steps!r}."
-        )
+    check_num_steps(steps, f"{config_path}: speculators_config.proposal_methods[0].speculative_tokens")
     verifier = spec.get("verifier") or {}
     verifier_name = str(verifier.get("name_or_path") or "")
 
@@ -169,10 +173,10 @@ def load_speculators_checkpoint(path: str | os.PathLike) -> tuple[HeadConfig, di
         ckpt = SafetensorsCheckpoint.open(path)
     except CheckpointError as exc:
         raise CheckpointError(f"{path} has a speculators config.json but no readable weights: {exc}") from exc
-    state = interchange_to_head_state(ckpt.get_many(select_interchange_keys(ckpt.keys(), path)))
-    if not state:
+    keys = select_interchange_keys(ckpt.keys(), path)
+    if not keys:
         raise CheckpointError(f"{path}: no '{INTERCHANGE_PREFIX}*' tensor; the checkpoint holds no MTP head.")
-    dtype = Counter(v.dtype for v in state.values()).most_common(1)[0][0]
+    dtype = Counter(ckpt.dtype_name(k) for k in keys).most_common(1)[0][0]
     # speculators trains on the verifier's residual stream as served (no final norm, contracts d4), which is
     # mtptune's "none"; a checkpoint it only converted is the untouched native head (trained on post-norm states).
     trained = (path / "training_state.json").is_file()
@@ -185,10 +189,10 @@ def load_speculators_checkpoint(path: str | os.PathLike) -> tuple[HeadConfig, di
         text_config=text_config,
         mtp_input_norm="none" if trained else "post_norm",
         init="speculators-trained" if trained else "speculators-converted",
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype,
         extra={"source_format": "speculators", "speculators_version": body.get("speculators_version")},
     )
-    return config, state
+    return config, ckpt, keys
 
 
 def _verifier_model_type(name_or_path: str, text_model_type: str) -> str:
@@ -250,23 +254,10 @@ def save_speculators_checkpoint(
 ) -> Path:
     """Write `path/config.json` + `path/model.safetensors` (`mtp_layers.0.*`, no embed/lm_head) atomically."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} already exists; pass --overwrite (or choose another --output-path).")
     body = speculators_config_json(config)
     dtype = getattr(torch, config.dtype)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in head_state_to_interchange(head_state).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_folder(path, overwrite=overwrite, what="checkpoint") as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(body, indent=2) + "\n")  # last: marks the folder complete
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "config.json").write_text(json_text(body))  # last: marks the folder complete
     return path

@@ -8,10 +8,15 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from mtptune.checkpoint.safetensors_io import SafetensorsCheckpoint, read_config_dict, resolve_model_dir
-from mtptune.errors import CheckpointError
+from mtptune.checkpoint.head_config import HeadConfig
+from mtptune.checkpoint.safetensors_io import (
+    SafetensorsCheckpoint,
+    check_model_files,
+    read_config_dict,
+    resolve_model_dir,
+)
+from mtptune.errors import CheckpointError, FamilyError
 from mtptune.families import MtpFamily, SharedTensorNames, family_for_model_type
-from mtptune.modeling.head import SharedWeights
 
 
 @dataclass
@@ -55,18 +60,23 @@ class Verifier:
         return [k for k in self.head_keys() if not self.family.is_frozen_head_key(k)]
 
     def shared_names(self) -> SharedTensorNames:
-        return self.family.shared_tensor_names(self.checkpoint, self.text_config)
+        return self.family.shared_tensor_names(self.checkpoint.weight_map, self.text_config, self.root)
 
-    def shared_weights(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> SharedWeights:
-        names = self.shared_names()
-
-        def load(key: str) -> torch.Tensor:
-            t = self.checkpoint.get(key)
-            return t.to(device=device, dtype=dtype or t.dtype)
-
-        embed = load(names.embed)
-        lm_head = embed if names.lm_head == names.embed else load(names.lm_head)
-        return SharedWeights(embed=embed, lm_head=lm_head, final_norm=load(names.final_norm).float())
+    def check_fits(self, config: HeadConfig, source: object) -> None:
+        """The one check that the head checkpoint `source` (config `config`) belongs to this verifier: same family,
+        hidden size and vocabulary. train, evaluate and stitch all refuse a head with this message."""
+        if config.family != self.family.name:
+            raise CheckpointError(
+                f"head {source} is a {config.family} head but verifier {self.root} is a {self.family.name} verifier "
+                f"(the head was made for {config.verifier_name_or_path or 'an unnamed verifier'})."
+            )
+        for name in ("hidden_size", "vocab_size"):
+            mine, theirs = config.text_config.get(name), getattr(self.text_config, name)
+            if mine != theirs:
+                raise CheckpointError(
+                    f"head {source} has {name} {mine} but verifier {self.root} has {theirs}: this head does not fit "
+                    f"this verifier (it was made for {config.verifier_name_or_path or 'another verifier'})."
+                )
 
     def native_head_state(self) -> dict[str, torch.Tensor]:
         keys = self.trainable_head_keys()
@@ -80,8 +90,6 @@ class Verifier:
 
 def _family_config(root: Path, config_dict: dict) -> PretrainedConfig | None:
     """The config a family supplies itself (MiMo: model_type transformers lacks); None = let transformers read it."""
-    from mtptune.errors import FamilyError
-
     try:
         family = family_for_model_type(config_dict.get("model_type", ""))
     except FamilyError:
@@ -100,6 +108,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     root = resolve_model_dir(name_or_path)
+    check_model_files(root)  # a truncated shard: one line naming it, not transformers' traceback
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from mtptune.cli.arg_types import non_negative_float, positive_float, positive_int, seed
 from mtptune.errors import ConfigError
 
 log = logging.getLogger("mtptune.evaluate")
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     offline = modes.add_parser("offline", help="teacher-forced tau_sim on a prepared dataset or a jsonl of token rows")
     _head_args(offline)
     offline.add_argument("--data", required=True, help="prepared dataset folder or .jsonl of {input_ids, loss_mask}")
-    offline.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many rows")
+    offline.add_argument("--max-rows", type=positive_int, default=None, help="evaluate at most this many rows")
     offline.add_argument("--server", nargs="+", default=None, metavar="URL", help="hidden-state server endpoint(s)")
     offline.add_argument(
         "--server-model", default=None, help="model id the server must serve (default: whatever it serves)"
@@ -37,12 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     generate = modes.add_parser("generate", help="real speculative decoding with the verifier and the head")
     _head_args(generate)
     _prompt_args(generate)
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0, help="> 0: rejection sampling (no lossless check)")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64)
+    generate.add_argument(
+        "--temperature", type=non_negative_float, default=0.0, help="> 0: rejection sampling (no lossless check)"
+    )
+    generate.add_argument("--seed", type=seed, default=0)
     generate.add_argument(
         "--max-seconds",
-        type=float,
+        type=positive_float,
         default=None,
         help="start no new prompt after this many seconds per head (at least one runs); the result counts the "
         "prompts that ran",
@@ -52,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     generate.add_argument(
         "--tie-tolerance",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="a greedy mismatch whose top-2 logit margin is <= this (or within the dtype's rounding) counts as a numerical tie, not an error",
     )
@@ -62,12 +65,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     vllm = modes.add_parser("vllm", help="acceptance from a running vLLM's /metrics counters")
     vllm.add_argument("--endpoint", default=None, help="vLLM URL, e.g. http://localhost:8000/v1")
     _prompt_args(vllm)
-    vllm.add_argument("--max-tokens", type=int, default=256)
-    vllm.add_argument("--temperature", type=float, default=0.0)
-    vllm.add_argument("--concurrency", type=int, default=8)
+    vllm.add_argument("--max-tokens", type=positive_int, default=256)
+    vllm.add_argument("--temperature", type=non_negative_float, default=0.0)
+    vllm.add_argument("--concurrency", type=positive_int, default=8)
     vllm.add_argument("--chat", action="store_true", help="use /v1/chat/completions (default /v1/completions)")
     vllm.add_argument("--model", default=None, help="model id (default: GET /v1/models)")
-    vllm.add_argument("--num-steps", type=int, default=None, help="K the server drafts (default: from the counters)")
+    vllm.add_argument(
+        "--num-steps", type=positive_int, default=None, help="K the server drafts (default: from the counters)"
+    )
     vllm.add_argument(
         "--serve-command", metavar="STITCHED_DIR", default=None, help="print the `vllm serve` command and exit"
     )
@@ -86,7 +91,9 @@ def _head_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head", required=True, help="head checkpoint, training checkpoint folder, or (stitched) verifier")
     p.add_argument("--verifier", default=None, help="verifier folder (default: the one the head names)")
     p.add_argument("--baseline-head", default=None, help="a second head evaluated the same way, shown as 'before'")
-    p.add_argument("--num-steps", type=int, default=None, help="K drafts (default: the head's K, 3 for a native head)")
+    p.add_argument(
+        "--num-steps", type=positive_int, default=None, help="K drafts (default: the head's K, 3 for a native head)"
+    )
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), default="bfloat16", help="verifier and head dtype (serving: bf16)"
     )
@@ -95,7 +102,7 @@ def _head_args(p: argparse.ArgumentParser) -> None:
 
 def _prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default="gsm8k", help="gsm8k | mt_bench | a .jsonl / .txt file (text or token ids)")
-    p.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts")
+    p.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N prompts")
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -135,30 +142,60 @@ def _finish(args: argparse.Namespace, result, baseline=None) -> int:
 
 
 def run_offline(args: argparse.Namespace) -> int:
-    from mtptune.evaluation.hidden_sources import DirectForward, ServerHiddenStates
+    from mtptune.data.rows import load_rows
     from mtptune.evaluation.offline import evaluate_offline
     from mtptune.evaluation.result import EvaluationResult
-    from mtptune.evaluation.token_rows import load_eval_rows
-    from mtptune.evaluation.verifier_forward import VerifierForward
 
-    rows = load_eval_rows(args.data, args.max_rows)
+    rows = load_rows(args.data, args.max_rows)
     results = []
-    forward = None
-    for source in [s for s in (args.baseline_head, args.head) if s]:
-        source, head, verifier, k = _load(args, source)
-        if args.server:
-            states = ServerHiddenStates(args.server, args.server_model, head)
-        else:
-            forward = forward or VerifierForward.load(verifier, DTYPES[args.dtype], args.device)
-            states = DirectForward(forward)
-        log.info("offline: %s, K=%d, %d rows of %s", source, k, len(rows), args.data)
-        tally = evaluate_offline(head, rows, states, k)
-        results.append(
-            EvaluationResult(
-                "offline", source, str(verifier.root), str(args.data), tally.counts, tally.rows, tally.label_accuracy
+    states = None  # one source for both heads: the verifier is loaded (or the server asked) once
+    try:
+        for source in [s for s in (args.baseline_head, args.head) if s]:
+            source, head, verifier, k = _load(args, source)
+            states = states or _offline_source(args, verifier, head.hidden_size)
+            log.info("offline: %s, K=%d, %d rows of %s", source, k, len(rows), args.data)
+            tally = evaluate_offline(head, rows, states, k)
+            results.append(
+                EvaluationResult(
+                    "offline",
+                    source,
+                    str(verifier.root),
+                    str(args.data),
+                    tally.counts,
+                    tally.rows,
+                    tally.label_accuracy,
+                )
             )
-        )
+    finally:
+        if states is not None:
+            states.close()
     return _finish(args, results[-1], results[0] if len(results) == 2 else None)
+
+
+def _offline_source(args: argparse.Namespace, verifier, hidden_size: int):
+    """The verifier's hidden states for offline evaluation: a server's (`--server`) or a forward in this process.
+    Both go through the trainer's source layer; the layer-N residual becomes h_t in `evaluate_offline`."""
+    from mtptune.serving.contract import capture_spec
+
+    dtype = DTYPES[args.dtype]
+    if args.server:
+        from mtptune.serving.client import HiddenStatesClient
+        from mtptune.serving.sources import ServerSource
+
+        client = HiddenStatesClient(args.server, args.server_model, num_layers=1, hidden_size=hidden_size)
+        spec = capture_spec(verifier.text_config.num_hidden_layers)
+        return ServerSource(client, spec, prefetch=64, dtype=dtype)
+    from mtptune.serving.colocated import ColocatedSource
+    from mtptune.serving.verifier_runtime import VerifierRuntime
+
+    runtime = VerifierRuntime.load(
+        str(verifier.root),
+        layer_ids=[verifier.text_config.num_hidden_layers],
+        device=args.device,
+        dtype=str(dtype).removeprefix("torch."),
+        with_tokenizer=False,
+    )
+    return ColocatedSource(runtime)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -168,8 +205,6 @@ def run_generate(args: argparse.Namespace) -> int:
     from mtptune.evaluation.verifier_forward import VerifierForward
     from mtptune.metrics.acceptance import AcceptanceCounts
 
-    if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be at least 1.")
     prompts = load_prompts(args.prompts, args.num_prompts)
     results = []
     forward = None

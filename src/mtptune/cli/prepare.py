@@ -37,10 +37,12 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--one-row-per",
-        choices=("turn", "conversation"),
-        default="turn",
-        help="conversations: one row per assistant turn (default, exact for every template) or one per "
-        "conversation (fewer tokens; needs a template that does not rewrite earlier turns)",
+        choices=("conversation", "turn"),
+        default="conversation",
+        help="conversations: one row per conversation with every assistant turn supervised (default; its prefix is "
+        "processed once), falling back to one row per assistant turn for a conversation the chat template does not "
+        "render prefix-stably (e.g. one that drops earlier reasoning), counted in report.json chat_rows; or one "
+        "row per assistant turn for every conversation",
     )
 
 

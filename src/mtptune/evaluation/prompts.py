@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtptune.data.tokenizers import load_tokenizer as load_tokenizer  # the one loader; cli/evaluate imports it here
 from mtptune.errors import DataError
 
 BUILTIN_FILES = {
@@ -101,27 +102,6 @@ def _prompt(data: Any, prompt_id: str, where: str) -> Prompt:
             if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human"):
                 return Prompt(prompt_id, text=str(m.get("content", m.get("value", ""))))
     raise DataError(f"{where}: no prompt found (keys {', '.join(TEXT_KEYS)}, turns, messages, or token ids).")
-
-
-def load_tokenizer(model_dir: str | Path) -> Any | None:
-    """The verifier's tokenizer (a folder, a .gguf, or an offline name such as `qwen3.5`), or None for a model folder
-    without one (then prompts must be token ids)."""
-    try:
-        from mtptune.data.tokenizers import load_tokenizer as load_data_tokenizer
-    except ImportError:
-        load_data_tokenizer = None
-    if load_data_tokenizer is not None:
-        return load_data_tokenizer(model_dir)
-    path = Path(model_dir)
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if path.is_dir() and not any((path / n).is_file() for n in names):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as exc:
-        raise DataError(f"cannot load the tokenizer of {model_dir}: {exc}") from exc
 
 
 def encode_prompt(prompt: Prompt, tokenizer: Any | None) -> list[int]:

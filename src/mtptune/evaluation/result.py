@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
+from mtptune.checkpoint.files import json_text
 from mtptune.errors import DataError
 from mtptune.metrics.acceptance import AcceptanceCounts
 
@@ -108,7 +109,7 @@ class EvaluationResult:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        path.write_text(json_text(self.to_json()))
         return path
 
     @classmethod

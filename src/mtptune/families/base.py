@@ -9,6 +9,7 @@ The K-step recursion, losses and metrics are written once, elsewhere.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,7 +18,6 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from mtptune.checkpoint.safetensors_io import SafetensorsCheckpoint
 from mtptune.errors import CheckpointError
 
 ConcatOrder = Literal["embedding_first", "hidden_first"]
@@ -89,16 +89,19 @@ class MtpFamily(ABC):
     def head_to_native(self, head: dict[str, torch.Tensor], native_keys: set[str]) -> dict[str, torch.Tensor]:
         """Head module state dict -> the verifier's own on-disk names and layout (`native_keys` tells the layout)."""
 
-    def shared_tensor_names(self, ckpt: SafetensorsCheckpoint, text_config: PretrainedConfig) -> SharedTensorNames:
-        embed = ckpt.find_suffix("embed_tokens.weight")
-        norm = _final_norm_key(ckpt)
+    def shared_tensor_names(
+        self, keys: Collection[str], text_config: PretrainedConfig, source: object = ""
+    ) -> SharedTensorNames:
+        """Where the verifier folder `source`, holding tensors `keys`, keeps the tensors the head shares."""
+        embed = _find_suffix(keys, "embed_tokens.weight")
+        norm = _final_norm_key(keys)
         if embed is None or norm is None:
             raise CheckpointError(
-                f"{ckpt.root}: cannot find the verifier's embed_tokens / final norm tensors "
+                f"{source}: cannot find the verifier's embed_tokens / final norm tensors "
                 f"(looked for '*embed_tokens.weight' and '*norm.weight' outside mtp.*)."
             )
         # On-disk truth: tied checkpoints (Qwen3.5-0.8B) simply have no lm_head.weight.
-        lm_head = "lm_head.weight" if "lm_head.weight" in ckpt.weight_map else embed
+        lm_head = "lm_head.weight" if "lm_head.weight" in keys else embed
         return SharedTensorNames(embed=embed, lm_head=lm_head, final_norm=norm)
 
     # --- modules --------------------------------------------------------------------------------
@@ -115,8 +118,15 @@ class MtpFamily(ABC):
         """The family's RMSNorm (zero-centred for Qwen)."""
 
 
-def _final_norm_key(ckpt: SafetensorsCheckpoint) -> str | None:
+def _find_suffix(keys: Collection[str], suffix: str) -> str | None:
+    """The shortest key ending in `suffix` (e.g. 'embed_tokens.weight') outside the MTP head."""
+    hits = sorted((k for k in keys if k == suffix or k.endswith("." + suffix)), key=len)
+    hits = [k for k in hits if not k.startswith("mtp.") and ".mtp" not in k]
+    return hits[0] if hits else None
+
+
+def _final_norm_key(keys: Collection[str]) -> str | None:
     for candidate in ("model.language_model.norm.weight", "model.norm.weight", "language_model.model.norm.weight"):
-        if candidate in ckpt.weight_map:
+        if candidate in keys:
             return candidate
     return None

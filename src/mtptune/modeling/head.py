@@ -80,8 +80,17 @@ class MtpHead(nn.Module):
         return self.fc.out_features
 
     def verifier_final_norm(self, residual: torch.Tensor) -> torch.Tensor:
-        """h_t = FinalNorm(r_t) with the verifier's own final-norm weight (contracts d4)."""
+        """h_t = FinalNorm(r_t) with the verifier's own final-norm weight (docs/contracts.md, "Which hidden state")."""
         return rms_norm(residual, self.verifier_norm, self.eps, self.family.zero_centered_norms)
+
+    def residual_to_inputs(self, residual: torch.Tensor, input_norm: InputNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one step from a captured layer-N residual r_t to what the head uses: `(h_t, step-0 input)`.
+
+        h_t = FinalNorm(r_t) is the verifier's forward output: what vLLM feeds its drafter, and the reference the
+        loss's verifier-greedy tokens come from. Step 0 reads h_t ("post_norm", as served) or r_t itself ("none",
+        the pre-norm A/B)."""
+        post_norm = self.verifier_final_norm(residual)
+        return post_norm, (post_norm if input_norm == "post_norm" else residual)
 
     def step(
         self,
@@ -132,8 +141,8 @@ class MtpHead(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        if hidden_is_pre_norm and input_norm == "post_norm":
-            hidden_states = self.verifier_final_norm(hidden_states)
+        if hidden_is_pre_norm:
+            _, hidden_states = self.residual_to_inputs(hidden_states, input_norm)
         doc_ids = document_ids(position_ids)
         if block_masks is not None:
             from mtptune.modeling import flex_chain

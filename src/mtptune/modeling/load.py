@@ -12,7 +12,7 @@ from mtptune.checkpoint.head_checkpoint import FORMAT_NAME, HeadConfig, is_head_
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.errors import CheckpointError, MtpTuneError
 from mtptune.families import MtpFamily, family_by_name
-from mtptune.modeling.head import MtpHead
+from mtptune.modeling.head import MtpHead, SharedWeights
 
 
 def text_config_from_dict(body: dict) -> PretrainedConfig:
@@ -33,6 +33,21 @@ def head_config_for(verifier: Verifier, num_speculative_steps: int, **overrides)
         text_config=verifier.text_config.to_dict(),
         **overrides,
     )
+
+
+def shared_weights(
+    verifier: Verifier, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> SharedWeights:
+    """The verifier tensors the head shares (embedding, LM head, final norm in fp32), read from its checkpoint."""
+    names = verifier.shared_names()
+
+    def load(key: str) -> torch.Tensor:
+        t = verifier.checkpoint.get(key)
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+    embed = load(names.embed)
+    lm_head = embed if names.lm_head == names.embed else load(names.lm_head)
+    return SharedWeights(embed=embed, lm_head=lm_head, final_norm=load(names.final_norm).float())
 
 
 def load_state_strict(head: MtpHead, state: dict[str, torch.Tensor], source: str) -> None:
@@ -88,13 +103,9 @@ def load_head(
                 )
             verifier = config.verifier_name_or_path
         verifier = verifier if isinstance(verifier, Verifier) else Verifier.open(verifier)
+        verifier.check_fits(config, source)
         family = family_by_name(config.family)
-        if family.name != verifier.family.name:
-            raise CheckpointError(
-                f"{source} is a {family.name} head but verifier {verifier.root} is {verifier.family.name}."
-            )
         text_config = text_config_from_dict(config.text_config)
-        _check_fits(text_config, verifier, source)
     else:
         if verifier is None:
             verifier = _open_source_verifier(source)
@@ -108,7 +119,7 @@ def load_head(
     head = build_head(family, text_config, dtype)
     target = head.state_dict()  # fp32 buffers (family.fp32_buffers) keep their dtype
     load_state_strict(head, {k: v.to(target[k].dtype if k in target else dtype) for k, v in state.items()}, source)
-    head.set_shared(verifier.shared_weights(dtype=shared_dtype or dtype))
+    head.set_shared(shared_weights(verifier, dtype=shared_dtype or dtype))
     return head.to(device), config, verifier
 
 
@@ -122,16 +133,3 @@ def _open_source_verifier(source: str) -> Verifier:
             f'speculators\' MTP format ("speculators_model_type": "mtp"), and not a verifier with a native MTP head '
             f"({exc}). --from-pretrained / evaluate / stitch need one of these (create one with `mtptune convert`)."
         ) from exc
-
-
-def _check_fits(text_config: PretrainedConfig, verifier: Verifier, source: str) -> None:
-    mine, theirs = text_config.hidden_size, verifier.text_config.hidden_size
-    if mine != theirs:
-        raise CheckpointError(
-            f"head {source} has hidden_size {mine} but verifier {verifier.root} has {theirs}: they do not belong together."
-        )
-    if text_config.vocab_size != verifier.text_config.vocab_size:
-        raise CheckpointError(
-            f"head {source} was made for vocab_size {text_config.vocab_size}, verifier {verifier.root} has "
-            f"{verifier.text_config.vocab_size}."
-        )

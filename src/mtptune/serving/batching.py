@@ -270,6 +270,11 @@ class GenerationRequest:
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
+    def abandoned(self) -> bool:
+        """Its client has gone (the awaiting task was cancelled); read from the model thread once per token."""
+        return self.future is not None and self.future.cancelled()
+
+    @property
     def group(self) -> tuple:
         """Requests of one group can share a decode: all greedy ones, or sampled ones with the same temperature and
         top_p. A seeded sampled request runs alone so that its seed alone decides its tokens (reproducibility)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -24,6 +25,18 @@ from typing import Literal
 import httpx
 
 from mtptune.errors import ServerError
+from mtptune.openai_http import (
+    GaveUp,
+    HttpStatusError,
+    OpenAIHttpClient,
+    RetryableError,
+    RetryPolicy,
+    Unavailable,
+    bearer_headers,
+    normalize_endpoint,
+    server_root,
+    with_retries,
+)
 from mtptune.serving.hidden_state_files import (
     PARTIAL_SUFFIX,
     HiddenStates,
@@ -50,52 +63,13 @@ class ClientStats:
         self.invalid[reason] = self.invalid.get(reason, 0) + 1
 
 
-def normalize_endpoint(url: str) -> str:
-    """`http://host:8000`, `http://host:8000/` and `http://host:8000/v1` all mean the OpenAI base `.../v1`."""
-    url = url.rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        url = "http://" + url
-    return url if url.endswith("/v1") else url + "/v1"
-
-
 class ServerUnavailable(ServerError):
     """No server answered (connection refused, 5xx, 429) for longer than the wait limit; the trainer must stop
     (saving a resumable checkpoint) rather than skip the sample."""
 
 
-class _Retryable(Exception):
-    """An attempt failed in a way another attempt may fix (invalid file)."""
-
-
-class _Unavailable(_Retryable):
-    """The server did not answer properly (connection error, 5xx, 429): it may be restarting."""
-
-
-class _ConnectionPools:
-    """Several small httpx connection pools used in turn instead of one large one.
-
-    httpcore checks every pooled connection for expiry whenever it hands one out, so one pool of 64 connections made
-    that scan ~40 % of the client's event loop (py-spy, 32 requests in flight, `benchmarks/serve_emulated.py`); pools
-    of CONNECTIONS_PER_POOL keep the scan short.
-    """
-
-    CONNECTIONS_PER_POOL = 4
-
-    def __init__(self, connections: int, timeout: float, headers: dict[str, str]) -> None:
-        per_pool = min(connections, self.CONNECTIONS_PER_POOL)
-        limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
-        self.clients = [
-            httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers)
-            for _ in range(-(-connections // per_pool))
-        ]
-        self._turn = itertools.cycle(self.clients)
-
-    def next(self) -> httpx.AsyncClient:
-        return next(self._turn)
-
-    async def aclose(self) -> None:
-        for client in self.clients:
-            await client.aclose()
+class _InvalidFile(RetryableError):
+    """The server's file failed validation; another request may write a good one."""
 
 
 class HiddenStatesClient:
@@ -143,13 +117,23 @@ class HiddenStatesClient:
         self._round_robin = itertools.cycle(range(len(self.endpoints)))
         self._stats_lock = threading.Lock()
         # httpx.AsyncClient and asyncio.Semaphore belong to one event loop; keep one set per loop.
-        self._per_loop: dict[asyncio.AbstractEventLoop, tuple[_ConnectionPools, asyncio.Semaphore]] = {}
+        self._per_loop: dict[asyncio.AbstractEventLoop, tuple[OpenAIHttpClient, asyncio.Semaphore]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return bearer_headers(self.api_key)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_retries=self.max_retries,
+            backoff_base=self.backoff_base,
+            backoff_max=self.backoff_max,
+            jitter=False,
+            wait_timeout=self.server_wait_timeout,
+        )
 
     # --- model check ------------------------------------------------------------------------------------------
     def wait_for_servers(self) -> None:
@@ -159,7 +143,7 @@ class HiddenStatesClient:
         deadline = time.monotonic() + self.server_wait_timeout
         with httpx.Client(timeout=5.0) as http:
             for base in self.endpoints:
-                health = base.removesuffix("/v1") + "/health"
+                health = server_root(base) + "/health"
                 next_note = time.monotonic()
                 while True:
                     try:
@@ -222,11 +206,11 @@ class HiddenStatesClient:
         with self._stats_lock:
             self.stats.count_invalid(reason)
 
-    def _state(self) -> tuple[_ConnectionPools, asyncio.Semaphore]:
+    def _state(self) -> tuple[OpenAIHttpClient, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
         if loop not in self._per_loop:
-            pools = _ConnectionPools(self.concurrency, self.request_timeout, self.headers)
-            self._per_loop[loop] = (pools, asyncio.Semaphore(self.concurrency))
+            http = OpenAIHttpClient(self.concurrency, self.request_timeout, self.api_key)
+            self._per_loop[loop] = (http, asyncio.Semaphore(self.concurrency))
         return self._per_loop[loop]
 
     async def fetch(self, row_id: int, token_ids: Sequence[int]) -> HiddenStates:
@@ -243,77 +227,65 @@ class HiddenStatesClient:
                 self._count_invalid(exc.reason)
                 log.warning("cached %s is invalid (%s); regenerating", cached, exc)
                 cached.unlink(missing_ok=True)
-        pools, semaphore = self._state()
-        last_error: Exception | None = None
-        down_since: float | None = None  # first "server unavailable" failure of this fetch
-        attempt = 0
-        while True:
-            if attempt:
-                self._count(retried=1)
-                await asyncio.sleep(min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)))
-            attempt += 1
-            try:
-                # The slot bounds requests at the servers; reading and checking the file happens after it is free.
-                async with semaphore:
-                    path = await self._request(pools.next(), row_id, token_ids)
-                states = await self._collect(row_id, path, token_ids)
-                self._count(succeeded=1)
-                return states
-            except _Unavailable as exc:
-                # A restarting server is waited for up to server_wait_timeout (at least max_retries retries).
-                last_error = exc.__cause__ or exc
-                down_since = time.monotonic() if down_since is None else down_since
-                waited = time.monotonic() - down_since
-                log.debug("row %d attempt %d: server unavailable: %s", row_id, attempt, exc)
-                if (now := time.monotonic()) >= self._next_down_warning:  # one line per 30 s, not one per fetch
-                    self._next_down_warning = now + 30.0
-                    log.warning(
-                        "hidden-state server unavailable (%s); retrying for up to %.0f s (--server-wait-timeout)",
-                        exc,
-                        max(self.server_wait_timeout - waited, 0.0),
-                    )
-                if attempt > self.max_retries and waited >= self.server_wait_timeout:
-                    self._count(failed=1)
-                    raise ServerUnavailable(
-                        f"hidden-state server {', '.join(self.endpoints)} unavailable: row {row_id} got no answer "
-                        f"after {attempt} attempts over {waited:.0f} s (--server-wait-timeout "
-                        f"{self.server_wait_timeout:g}); last error: {exc}"
-                    ) from last_error
-            except _Retryable as exc:
-                last_error = exc.__cause__ or exc
-                log.debug("row %d attempt %d failed: %s", row_id, attempt, exc)
-                if attempt > self.max_retries:
-                    self._count(failed=1)
-                    raise ServerError(
-                        f"row {row_id}: no valid hidden states after {attempt} attempts; last error: {last_error}"
-                    ) from last_error
-            except ServerError:
-                self._count(failed=1)
-                raise
+        http, semaphore = self._state()
 
-    async def _request(self, http: httpx.AsyncClient, row_id: int, token_ids: list[int]) -> str:
+        async def attempt() -> HiddenStates:
+            # The slot bounds requests at the servers; reading and checking the file happens after it is free.
+            async with semaphore:
+                path = await self._request(http, row_id, token_ids)
+            return await self._collect(row_id, path, token_ids)
+
+        try:
+            states = await with_retries(
+                attempt, self.retry_policy, lambda exc, n, waited: self._retrying(row_id, exc, n, waited)
+            )
+        except GaveUp as exc:
+            self._count(failed=1)
+            last_error = exc.last.__cause__ or exc.last
+            if isinstance(exc.last, Unavailable):
+                raise ServerUnavailable(
+                    f"hidden-state server {', '.join(self.endpoints)} unavailable: row {row_id} got no answer "
+                    f"after {exc.attempts} attempts over {exc.waited_s:.0f} s (--server-wait-timeout "
+                    f"{self.server_wait_timeout:g}); last error: {exc.last}"
+                ) from last_error
+            raise ServerError(
+                f"row {row_id}: no valid hidden states after {exc.attempts} attempts; last error: {last_error}"
+            ) from last_error
+        except ServerError:
+            self._count(failed=1)
+            raise
+        self._count(succeeded=1)
+        return states
+
+    def _retrying(self, row_id: int, exc: RetryableError, attempts: int, waited: float) -> None:
+        """Before each retry: count it, and say (at most every 30 s, over all fetches) that a server is down."""
+        self._count(retried=1)
+        log.debug("row %d attempt %d failed: %s", row_id, attempts, exc)
+        if isinstance(exc, Unavailable) and (now := time.monotonic()) >= self._next_down_warning:
+            self._next_down_warning = now + 30.0
+            log.warning(
+                "hidden-state server unavailable (%s); retrying for up to %.0f s (--server-wait-timeout)",
+                exc,
+                max(self.server_wait_timeout - waited, 0.0),
+            )
+
+    async def _request(self, http: OpenAIHttpClient, row_id: int, token_ids: list[int]) -> str:
         """One capture request; returns the path of the file the server writes (perhaps still writing)."""
         base = self.endpoints[next(self._round_robin)]
         body = {"prompt": token_ids, "max_tokens": 1, "return_token_ids": True}
         if self.model_id is not None:
             body["model"] = self.model_id
         try:
-            response = await http.post(base + "/completions", json=body)
-        except httpx.HTTPError as exc:
-            raise _Unavailable(f"POST {base}/completions: {type(exc).__name__}: {exc}") from exc
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _Unavailable(f"POST {base}/completions: HTTP {response.status_code}: {response.text[:200]}")
-        if response.status_code != 200:
-            raise ServerError(
-                f"row {row_id}: POST {base}/completions returned HTTP {response.status_code}: {response.text[:500]}"
-            )
+            payload = await http.send("POST", base + "/completions", body)
+        except HttpStatusError as exc:
+            raise ServerError(f"row {row_id}: {exc}") from exc
         try:
-            payload = response.json()
             path = payload["kv_transfer_params"]["hidden_states_path"]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise ServerError(
                 f"row {row_id}: {base} returned no kv_transfer_params.hidden_states_path; is it a hidden-state "
-                f"extraction server (mtptune serve / vllm with extract_hidden_states)? body: {response.text[:300]}"
+                f"extraction server (mtptune serve / vllm with extract_hidden_states)? body: "
+                f"{json.dumps(payload)[:300]}"
             ) from exc
         echoed = (payload.get("choices") or [{}])[0].get("prompt_token_ids")
         if echoed is not None and list(echoed) != token_ids:
@@ -333,7 +305,7 @@ class HiddenStatesClient:
         except HiddenStatesInvalid as exc:
             self._count_invalid(exc.reason)
             self._discard(path)
-            raise _Retryable(str(exc)) from exc
+            raise _InvalidFile(str(exc)) from exc
         await asyncio.to_thread(self._dispose, row_id, path)
         return states
 
@@ -401,9 +373,9 @@ class HiddenStatesClient:
             if self._thread is not None:
                 self._thread.join(timeout=10)
             loop.close()
-        for other_loop, (pools, _) in list(self._per_loop.items()):
+        for other_loop, (http, _) in list(self._per_loop.items()):
             if not other_loop.is_closed() and not other_loop.is_running():
-                other_loop.run_until_complete(pools.aclose())
+                other_loop.run_until_complete(http.aclose())
         self._per_loop.clear()
 
     def __enter__(self) -> HiddenStatesClient:

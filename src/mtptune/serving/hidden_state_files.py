@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from mtptune.errors import ServerError
+from mtptune.serving.contract import CaptureSpec, mtp_residual
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ PARTIAL_SUFFIX = ".partial"  # a file being written; renamed to its final name w
 # before its file is written and finishes it a few ms later, so a fixed 100 ms poll could add ~100 ms to a request.
 LOCK_POLL_FIRST = 0.001
 LOCK_POLL_INTERVAL = 0.1
-INVALID_REASONS = ("missing_key", "token_mismatch", "shape", "non_finite", "all_zero", "unreadable")
+INVALID_REASONS = (
+    "missing_key", "token_mismatch", "shape", "layer_mismatch", "non_finite", "all_zero", "unreadable"
+)  # fmt: skip
 _FINITE_CHUNK_ROWS = 256
 
 
@@ -40,6 +42,11 @@ _FINITE_CHUNK_ROWS = 256
 class HiddenStates:
     token_ids: torch.Tensor  # [T] int64
     hidden_states: torch.Tensor  # [T, n_layers, H], model dtype
+    spec: CaptureSpec | None = None  # the layers the file declares it holds (mtptune's server); None: vLLM's file
+
+    def mtp_residual(self) -> torch.Tensor:
+        """[T, H]: layer N, the residual the head's input is computed from."""
+        return mtp_residual(self.hidden_states, self.spec)
 
 
 class HiddenStatesInvalid(ServerError):
@@ -85,8 +92,14 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def write_hidden_states_file(path: str | os.PathLike, hidden_states: torch.Tensor, token_ids: torch.Tensor) -> None:
+def write_hidden_states_file(
+    path: str | os.PathLike,
+    hidden_states: torch.Tensor,
+    token_ids: torch.Tensor,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write one request's file; the temp-name + rename keeps a half-written file from ever carrying the final name.
+    `metadata` (the server's `CaptureSpec.to_metadata()`) lands in the safetensors header's `__metadata__`.
 
     The safetensors layout is written by hand (8-byte header length, JSON header, raw bytes): `safetensors.save`
     first builds the whole file as one Python bytes object, holding the GIL for the copy, while `write` of the
@@ -100,7 +113,7 @@ def write_hidden_states_file(path: str | os.PathLike, hidden_states: torch.Tenso
         "token_ids": token_ids.detach().to("cpu", torch.int64).contiguous(),
         "hidden_states": hidden_states.detach().to("cpu").contiguous(),
     }
-    header: dict[str, dict] = {}
+    header: dict[str, dict] = {"__metadata__": dict(metadata)} if metadata else {}
     buffers = []
     offset = 0
     for name, tensor in tensors.items():
@@ -193,16 +206,29 @@ def read_hidden_states_file(
     num_layers: int | None,
     hidden_size: int | None,
     lock_timeout: float = 10.0,
+    spec: CaptureSpec | None = None,
 ) -> HiddenStates:
     """Wait for the writer's lock, load on CPU, and validate (contracts b7); never returns a suspicious sample.
 
-    `expected_token_ids` / `num_layers` / `hidden_size` = None skip that check. Raises HiddenStatesInvalid.
+    `expected_token_ids` / `num_layers` / `hidden_size` = None skip that check. With `spec` (what the reader
+    expects), a file that declares other layers is rejected (`layer_mismatch`) and `num_layers` defaults to the
+    spec's count. Raises HiddenStatesInvalid.
     """
     wait_for_writer(path, lock_timeout)
     try:
-        tensors = load_file(str(path), device="cpu")
+        with safe_open(str(path), "pt", device="cpu") as f:
+            declared = CaptureSpec.from_metadata(f.metadata())
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
         raise HiddenStatesInvalid("unreadable", f"{path}: cannot load hidden-state file: {exc}") from exc
+    if spec is not None:
+        if declared is not None and declared != spec:
+            raise HiddenStatesInvalid(
+                "layer_mismatch",
+                f"{path}: the server captured {declared.describe()}, but this run expects {spec.describe()}; "
+                "start the server and the trainer with the same --target-layer-ids and verifier.",
+            )
+        num_layers = len(spec.layer_ids) if num_layers is None else num_layers
     for key in ("hidden_states", "token_ids"):
         if key not in tensors:
             raise HiddenStatesInvalid(
@@ -210,7 +236,7 @@ def read_hidden_states_file(
             )
     hidden, ids = tensors["hidden_states"], tensors["token_ids"]
     validate_hidden_states(str(path), hidden, ids, expected_token_ids, num_layers, hidden_size)
-    return HiddenStates(token_ids=ids.to(torch.int64), hidden_states=hidden)
+    return HiddenStates(token_ids=ids.to(torch.int64), hidden_states=hidden, spec=declared or spec)
 
 
 def validate_hidden_states(

@@ -44,6 +44,8 @@ class ServerMetrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.hidden_state_files = 0
+        self.file_write_failures = 0  # capture files that could not be written (their partial file is removed)
+        self.abandoned_requests = 0  # clients that disconnected before their answer (their work was cancelled)
         self.batches = 0
         self.batched_requests = 0
         self.batched_tokens = 0
@@ -87,6 +89,14 @@ class ServerMetrics:
             self.hidden_state_files += 1
             self.file_write.observe(seconds_after_forward)
 
+    def record_file_failure(self) -> None:
+        with self._lock:
+            self.file_write_failures += 1
+
+    def record_abandoned(self) -> None:
+        with self._lock:
+            self.abandoned_requests += 1
+
     def record_queue_waits(self, seconds: list[float]) -> None:
         with self._lock:
             for value in seconds:
@@ -113,6 +123,12 @@ class ServerMetrics:
                 ("prompt_tokens_total", "Prompt tokens processed.", self.prompt_tokens),
                 ("generation_tokens_total", "Tokens generated.", self.generation_tokens),
                 ("hidden_state_files_total", "Hidden-state files written.", self.hidden_state_files),
+                ("file_write_failures_total", "Hidden-state files that failed to write.", self.file_write_failures),
+                (
+                    "abandoned_requests_total",
+                    "Requests whose client disconnected before the answer (work cancelled).",
+                    self.abandoned_requests,
+                ),
                 ("batches_total", "Capture forwards run.", self.batches),
                 ("batched_requests_total", "Requests served by capture forwards.", self.batched_requests),
                 ("batched_tokens_total", "Prompt tokens in capture forwards (padding excluded).", self.batched_tokens),

@@ -3,14 +3,20 @@
 `POST /v1/completions` (or chat) with `max_tokens: 1` is a capture: the prompt joins a dynamic batch, the requested
 layers' states are written to `<storage>/<request id>.safetensors` under the `.lock` protocol, and the response
 carries `kv_transfer_params.hidden_states_path`. Longer `max_tokens` generate (greedy or sampled) without capture.
+
+Guards (docs/reliability.md): every refusal that can be foreseen (bad fields, a bad save path, a full storage folder)
+happens before the forward and before any file exists; chat templates and text prompts are rendered off the event
+loop with a time limit (`chat_render`); a client that disconnects cancels its work (`request_guard`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import gc
-import hmac
 import logging
 import os
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -21,27 +27,50 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from transformers import StoppingCriteria, StoppingCriteriaList
 
+from mtptune.modeling.compile_cache import use_persistent_compile_cache
 from mtptune.serving.batching import DynamicBatcher, GenerationBatcher, GenerationRequest, QueueFull
+from mtptune.serving.chat_render import request_template, run_with_deadline, template_kwargs
 from mtptune.serving.hidden_state_files import (
+    PARTIAL_SUFFIX,
     HiddenStatesWriteLock,
+    lock_path_for,
     remove_abandoned_writes,
     write_hidden_states_file,
 )
 from mtptune.serving.metrics import ServerMetrics
-from mtptune.serving.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
+from mtptune.serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Rejected,
+    SamplingFields,
+    error_body,
+)
+from mtptune.serving.request_guard import RequestGuard, unless_disconnected
+from mtptune.serving.save_path import custom_save_path
 from mtptune.serving.server_config import ServerConfig
+from mtptune.serving.storage_space import FULL_ERRNOS, StorageSpace, storage_full
 from mtptune.serving.verifier_runtime import Capture, Generation, VerifierRuntime, sample_token
 
 log = logging.getLogger(__name__)
 
+__all__ = ["HiddenStatesServer", "Rejected", "serve"]
 
-class Rejected(Exception):
-    """A request the server refuses; becomes an OpenAI-style error body with `status`."""
 
-    def __init__(self, status: int, message: str, kind: str = "BadRequestError", param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+class _AbandonedRows(StoppingCriteria):
+    """Stops a batched decode's rows whose client has gone (their request future was cancelled), checked once per
+    generated token; when every row is abandoned, `generate` returns and the model thread is free again."""
+
+    def __init__(self, requests: list[GenerationRequest], device: torch.device) -> None:
+        self.requests = requests
+        self.none = torch.zeros(len(requests), dtype=torch.bool, device=device)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        flags = [r.abandoned for r in self.requests]
+        if not any(flags):
+            return self.none
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 class HiddenStatesServer:
@@ -50,6 +79,10 @@ class HiddenStatesServer:
         self.runtime = runtime
         self.storage_dir = Path(config.storage_dir).resolve()
         self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self.space = StorageSpace(self.storage_dir)
+        # A capture file's bytes per prompt token: the captured layers' states plus the int64 token id.
+        self.bytes_per_token = len(runtime.layer_ids) * runtime.hidden_size * runtime.dtype.itemsize + 8
+        self.tokenizer_lock = threading.Lock()  # a fast tokenizer is not made for concurrent calls
         if removed := remove_abandoned_writes(self.storage_dir):
             log.warning(
                 "removed %d abandoned lock/partial file(s) a killed server left in %s", removed, self.storage_dir
@@ -110,7 +143,8 @@ class HiddenStatesServer:
                 f"request has {prompt_len} input tokens. Please reduce the length of the input messages.",
                 param="prompt",
             )
-        max_tokens = self.max_model_len - prompt_len if requested is None else requested
+        room = self.max_model_len - prompt_len
+        max_tokens = min(self.config.default_max_tokens, room) if requested is None else requested
         if max_tokens < 1:
             raise Rejected(400, f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
         if max_tokens > self.config.max_tokens_limit:
@@ -137,80 +171,111 @@ class HiddenStatesServer:
         custom = body.kv_transfer_params.hidden_states_path if body.kv_transfer_params else None
         if custom is None:
             return self.storage_dir / f"{request_id}.safetensors"
-        if not self.config.allow_custom_save_path:
-            raise Rejected(
-                400,
-                "kv_transfer_params.hidden_states_path is refused: start the server with "
-                "--allow-custom-save-path to let requests choose their file.",
-                param="kv_transfer_params",
-            )
-        path = (self.storage_dir / custom).resolve()
-        if not path.is_relative_to(self.storage_dir) or path == self.storage_dir or path.suffix != ".safetensors":
-            raise Rejected(
-                400,
-                f"kv_transfer_params.hidden_states_path {custom!r} must be a *.safetensors file inside "
-                f"the storage directory {self.storage_dir}.",
-                param="kv_transfer_params",
-            )
-        if not path.parent.is_dir():
-            raise Rejected(
-                400,
-                f"kv_transfer_params.hidden_states_path {custom!r}: folder {path.parent} does not exist.",
-                param="kv_transfer_params",
-            )
-        return path
+        return custom_save_path(self.storage_dir, custom, self.config.allow_custom_save_path)
 
-    def tokenize(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
+        with self.tokenizer_lock:
+            return [int(i) for i in self.runtime.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    async def tokenize(self, text: str) -> list[int]:
+        """A text prompt's ids, tokenized off the event loop (a 64 MiB prompt takes seconds)."""
         if self.runtime.tokenizer is None:
             raise Rejected(
                 400, "This verifier has no tokenizer; send the prompt as a list of token ids.", param="prompt"
             )
-        return list(self.runtime.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return await run_with_deadline(
+            lambda: self._encode(text), self.config.chat_template_timeout, "tokenizing the prompt"
+        )
 
-    def render_chat(self, body: ChatCompletionRequest) -> list[int]:
+    async def render_chat(self, body: ChatCompletionRequest) -> list[int]:
+        """The chat's prompt ids: the tokenizer's template (or the request's, if the operator trusts requests),
+        rendered and tokenized off the event loop within --chat-template-timeout."""
         tok = self.runtime.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
+        template = request_template(body, self.config.trust_request_chat_template)
+        if tok is None or (template is None and not getattr(tok, "chat_template", None)):
             raise Rejected(
                 400, "This verifier has no chat template; use /v1/completions with a prompt.", param="messages"
             )
+        kwargs = template_kwargs(body, tok)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        try:
-            ids = tok.apply_chat_template(
-                messages,
-                add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
-                continue_final_message=body.continue_final_message,
-                tokenize=True,
-                return_dict=False,
-                **(body.chat_template_kwargs or {}),
-            )
-        except Exception as exc:  # jinja raises many types for bad messages
-            raise Rejected(400, f"cannot apply the chat template: {exc}", param="messages") from exc
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+
+        def render() -> list[int]:
+            try:
+                text = tok.apply_chat_template(
+                    messages,
+                    chat_template=template,
+                    add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
+                    continue_final_message=body.continue_final_message,
+                    tokenize=False,
+                    **kwargs,
+                )
+            except Exception as exc:  # jinja raises many types for bad messages
+                raise Rejected(400, f"cannot apply the chat template: {exc}", param="messages") from exc
+            if not isinstance(text, str):
+                raise Rejected(400, "the chat template did not render to text.", param="messages")
+            return self._encode(text)
+
+        return await run_with_deadline(render, self.config.chat_template_timeout, "rendering the chat template")
 
     # --- work ----------------------------------------------------------------------------------------------
     async def capture(self, ids: list[int], body: SamplingFields, path: Path) -> int:
-        """Batch-forward, then take the file's lock before the caller returns its path and write it in background."""
+        """Reserve the file's space, batch-forward, sample, then take the file's lock before the caller returns its
+        path and write it in background. Every failure that can be foreseen comes before the lock: no file exists
+        for a refused request."""
+        nbytes = self.space.file_bytes(len(ids), self.bytes_per_token)
+        self.space.reserve(nbytes)  # a full storage folder: 507 before the forward
         try:
-            result = await self.batcher.submit(ids)
-        except QueueFull as exc:
-            raise Rejected(503, f"server overloaded: {exc}; retry later.", "ServiceUnavailableError") from exc
-        lock = HiddenStatesWriteLock(path)
+            try:
+                result = await self.batcher.submit(ids)
+            except QueueFull as exc:
+                raise Rejected(503, f"server overloaded: {exc}; retry later.", "ServiceUnavailableError") from exc
+            token = sample_token(result.next_token_logits, body.temperature, body.top_p, body.seed)
+            lock = self._lock_for(path)
+        except BaseException:
+            self.space.release(nbytes)
+            raise
         token_ids = torch.as_tensor(ids, dtype=torch.int64)
         forward_done = time.perf_counter()
 
         def write() -> None:
+            written = False
             try:
-                write_hidden_states_file(path, result.hidden_states, token_ids)
+                write_hidden_states_file(path, result.hidden_states, token_ids, self.runtime.spec.to_metadata())
+                written = True
                 self.metrics.record_file(time.perf_counter() - forward_done)
+            except OSError as exc:
+                full = exc.errno in FULL_ERRNOS or exc.errno == errno.EFBIG
+                log.error(
+                    "writing %s failed: %s%s; its client will find no file",
+                    path,
+                    exc,
+                    f" (the storage folder {self.storage_dir} is full)" if full else "",
+                )
             except Exception:
-                log.exception("writing %s failed", path)
+                log.exception("writing %s failed; its client will find no file", path)
             finally:
                 lock.release()
+                if not written:  # nothing half-written stays behind: no partial file, no lock without data
+                    self.metrics.record_file_failure()
+                    path.with_name(path.name + PARTIAL_SUFFIX).unlink(missing_ok=True)
+                    lock_path_for(path).unlink(missing_ok=True)
+                self.space.release(nbytes)
 
         self.writer_executor.submit(write)
-        return sample_token(result.next_token_logits, body.temperature, body.top_p, body.seed)
+        return token
+
+    def _lock_for(self, path: Path) -> HiddenStatesWriteLock:
+        """The file's lock (its first file on disk); a full folder is the 507, anything else a 500 naming it."""
+        try:
+            return HiddenStatesWriteLock(path)
+        except OSError as exc:
+            if exc.errno in FULL_ERRNOS:
+                raise storage_full(self.storage_dir, f"cannot create {lock_path_for(path)}: {exc.strerror}") from exc
+            raise Rejected(
+                500,
+                f"cannot create {lock_path_for(path)} in the storage folder {self.storage_dir}: {exc}",
+                "InternalServerError",
+            ) from exc
 
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
         first = requests[0]
@@ -220,6 +285,7 @@ class HiddenStatesServer:
             first.temperature,
             first.top_p,
             first.seed,
+            stopping_criteria=StoppingCriteriaList([_AbandonedRows(requests, self.runtime.device)]),
         )
 
     async def generate(self, ids: list[int], body: SamplingFields, max_tokens: int) -> Generation:
@@ -230,16 +296,28 @@ class HiddenStatesServer:
             gen = await self.generator.submit(request)
         except QueueFull as exc:
             raise Rejected(503, f"server overloaded: {exc}; retry later.", "ServiceUnavailableError") from exc
-        return self.apply_stop(gen, body.stop_strings())
+        stops = body.stop_strings()
+        if not stops or self.runtime.tokenizer is None:
+            return gen
+        return await asyncio.to_thread(self.apply_stop, gen, stops)  # decoding thousands of tokens takes a while
 
     def apply_stop(self, gen: Generation, stops: list[str]) -> Generation:
+        """Cut the generation after the shortest prefix whose text contains a stop string (a binary search over
+        prefixes: a prefix's text only grows with it, so a stop once present stays present)."""
         tok = self.runtime.tokenizer
-        if not stops or tok is None:
+
+        def stopped(k: int) -> bool:
+            with self.tokenizer_lock:
+                text = tok.decode(gen.token_ids[:k], skip_special_tokens=True)
+            return any(s in text for s in stops)
+
+        if tok is None or not stops or not stopped(len(gen.token_ids)):
             return gen
-        for k in range(1, len(gen.token_ids) + 1):
-            if any(s in tok.decode(gen.token_ids[:k], skip_special_tokens=True) for s in stops):
-                return Generation(gen.token_ids[:k], "stop")
-        return gen
+        low, high = 1, len(gen.token_ids)  # stopped(high) holds
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if stopped(mid) else (mid + 1, high)
+        return Generation(gen.token_ids[:high], "stop")
 
     def detokenize(self, ids: list[int], stops: list[str]) -> str:
         tok = self.runtime.tokenizer
@@ -266,6 +344,58 @@ class HiddenStatesServer:
         self.metrics.record_tokens(len(ids), len(gen.token_ids))
         return gen.token_ids, gen.finish_reason, {}
 
+    async def complete(self, body: CompletionRequest) -> dict:
+        """`POST /v1/completions`: a capture (max_tokens 1) or a generation."""
+        self.check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            ids = await self.tokenize(prompt)
+        elif prompt and isinstance(prompt[0], list):
+            if len(prompt) != 1:
+                raise Rejected(400, "Send one prompt per request (got a batch of prompts).", param="prompt")
+            ids = list(prompt[0])
+        elif prompt and isinstance(prompt[0], str):
+            raise Rejected(400, "Send one prompt per request: a string or a list of token ids.", param="prompt")
+        else:
+            ids = list(prompt)  # type: ignore[arg-type]
+        max_tokens = self.resolve_max_tokens(body, len(ids), body.max_tokens)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        out, finish, kv = await self.run(body, ids, request_id, max_tokens)
+        stops = body.stop_strings()
+        choice: dict = {
+            "index": 0,
+            "text": self.detokenize(out, stops),
+            "logprobs": None,
+            "finish_reason": finish,
+            "stop_reason": None,
+        }
+        if body.return_token_ids:
+            choice["prompt_token_ids"] = ids
+            choice["token_ids"] = out
+        return _response("text_completion", request_id, self.config.model_id, ids, out, choice, kv)
+
+    async def chat(self, body: ChatCompletionRequest) -> dict:
+        """`POST /v1/chat/completions`: the rendered chat, then as `complete`."""
+        self.check_model(body.model)
+        ids = await self.render_chat(body)
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = self.resolve_max_tokens(body, len(ids), requested)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        out, finish, kv = await self.run(body, ids, request_id, max_tokens)
+        choice: dict = {
+            "index": 0,
+            "message": {"role": "assistant", "content": self.detokenize(out, body.stop_strings())},
+            "logprobs": None,
+            "finish_reason": finish,
+            "stop_reason": None,
+        }
+        if body.return_token_ids:
+            choice["token_ids"] = out
+        response = _response("chat.completion", request_id, self.config.model_id, ids, out, choice, kv)
+        if body.return_token_ids:
+            response["prompt_token_ids"] = ids
+        return response
+
     # --- HTTP ----------------------------------------------------------------------------------------------
     def build_app(self) -> FastAPI:
         app = FastAPI(title="mtptune hidden-state server", lifespan=self._lifespan)
@@ -284,23 +414,13 @@ class HiddenStatesServer:
                 parts.append(f"{loc or 'body'}: {err.get('msg')}")
             return JSONResponse(error_body("Malformed request: " + "; ".join(parts), 400), 400)
 
-        @app.middleware("http")
-        async def _guard(request: Request, call_next):
-            start = time.perf_counter()
-            path = request.url.path
-            given = request.headers.get("authorization", "")
-            authorized = hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode())
-            if path.startswith("/v1") and config.api_key is not None and not authorized:
-                return JSONResponse(
-                    error_body("Unauthorized: missing or wrong API key.", 401, "AuthenticationError"), 401
-                )
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-                return JSONResponse(error_body(f"Request body over {config.max_body_bytes} bytes.", 413), 413)
-            response = await call_next(request)
-            if path != "/metrics":
-                self.metrics.record_request(path, response.status_code, time.perf_counter() - start)
-            return response
+        # API key, body size on the bytes read, per-request metrics (outermost: before any body is parsed).
+        app.add_middleware(
+            RequestGuard,
+            max_body_bytes=config.max_body_bytes,
+            api_key=config.api_key,
+            on_request=self.metrics.record_request,
+        )
 
         @app.get("/health")
         async def health() -> PlainTextResponse:
@@ -326,57 +446,14 @@ class HiddenStatesServer:
                 ],
             }
 
+        # A client that disconnects cancels its request: a queued one leaves the queue, a generation stops.
         @app.post("/v1/completions")
-        async def completions(body: CompletionRequest) -> dict:
-            self.check_model(body.model)
-            prompt = body.prompt
-            if isinstance(prompt, str):
-                ids = self.tokenize(prompt)
-            elif prompt and isinstance(prompt[0], list):
-                if len(prompt) != 1:
-                    raise Rejected(400, "Send one prompt per request (got a batch of prompts).", param="prompt")
-                ids = list(prompt[0])
-            elif prompt and isinstance(prompt[0], str):
-                raise Rejected(400, "Send one prompt per request: a string or a list of token ids.", param="prompt")
-            else:
-                ids = list(prompt)  # type: ignore[arg-type]
-            max_tokens = self.resolve_max_tokens(body, len(ids), body.max_tokens)
-            request_id = f"cmpl-{uuid.uuid4().hex}"
-            out, finish, kv = await self.run(body, ids, request_id, max_tokens)
-            stops = body.stop_strings()
-            choice: dict = {
-                "index": 0,
-                "text": self.detokenize(out, stops),
-                "logprobs": None,
-                "finish_reason": finish,
-                "stop_reason": None,
-            }
-            if body.return_token_ids:
-                choice["prompt_token_ids"] = ids
-                choice["token_ids"] = out
-            return _response("text_completion", request_id, config.model_id, ids, out, choice, kv)
+        async def completions(body: CompletionRequest, request: Request) -> dict:
+            return await unless_disconnected(self.complete(body), request.receive, self.metrics.record_abandoned)
 
         @app.post("/v1/chat/completions")
-        async def chat_completions(body: ChatCompletionRequest) -> dict:
-            self.check_model(body.model)
-            ids = self.render_chat(body)
-            requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            max_tokens = self.resolve_max_tokens(body, len(ids), requested)
-            request_id = f"chatcmpl-{uuid.uuid4().hex}"
-            out, finish, kv = await self.run(body, ids, request_id, max_tokens)
-            choice: dict = {
-                "index": 0,
-                "message": {"role": "assistant", "content": self.detokenize(out, body.stop_strings())},
-                "logprobs": None,
-                "finish_reason": finish,
-                "stop_reason": None,
-            }
-            if body.return_token_ids:
-                choice["token_ids"] = out
-            response = _response("chat.completion", request_id, config.model_id, ids, out, choice, kv)
-            if body.return_token_ids:
-                response["prompt_token_ids"] = ids
-            return response
+        async def chat_completions(body: ChatCompletionRequest, request: Request) -> dict:
+            return await unless_disconnected(self.chat(body), request.receive, self.metrics.record_abandoned)
 
         return app
 
@@ -385,13 +462,17 @@ class HiddenStatesServer:
         self.batcher.start()
         self.generator.start()
         log.info(
-            "serving %s as %r: layer ids %s, storage %s, max_model_len %d, batch budget %d tokens",
+            "serving %s as %r: layer ids %s, storage %s, max_model_len %d, batch budget %d tokens, "
+            "max_tokens %d when a request gives none (--default-max-tokens), at most %d (--max-tokens-limit)%s",
             self.config.model,
             self.config.model_id,
             list(self.config.layer_ids),
             self.storage_dir,
             self.max_model_len,
             self.max_batch_tokens,
+            self.config.default_max_tokens,
+            self.config.max_tokens_limit,
+            "; request chat templates are TRUSTED" if self.config.trust_request_chat_template else "",
         )
         try:
             yield
@@ -405,6 +486,7 @@ class HiddenStatesServer:
 
 def serve(config: ServerConfig) -> None:
     """Load the verifier and run the server until interrupted (blocking)."""
+    use_persistent_compile_cache()  # the kernel warm-up's Triton compilations, kept for the next start
     runtime = VerifierRuntime.load(
         config.model,
         config.layer_ids,

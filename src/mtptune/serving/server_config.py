@@ -48,14 +48,17 @@ class ServerConfig:
     max_generate_batch: int = 32  # rows per batched generation decode
     max_generate_batch_tokens: int = 65536  # padded slots (rows × (prompt + max_tokens)) per generation batch
     max_queue: int = 1024  # waiting requests before 503
-    max_tokens_limit: int = 4096  # hard cap on max_tokens per generation request
+    max_tokens_limit: int = 4096  # hard cap on max_tokens per generation request (--max-tokens-limit)
+    default_max_tokens: int = 1024  # a request without max_tokens (a chat one, or null) gets at most this many
+    trust_request_chat_template: bool = False  # render a template sent with a chat request (it is a program)
+    chat_template_timeout: float = 10.0  # seconds a chat template (or a text prompt's tokenization) may take
     writer_threads: int = 4
     device: str | None = None
     dtype: str | None = None
     trust_remote_code: bool = False
     tokenizer: str | None = None  # default: the verifier folder
     load_format: str = "auto"  # "dummy": random weights from config.json (benchmarks)
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = 64 * 1024 * 1024  # on the bytes read, chunked bodies included (--max-body-bytes)
 
     @property
     def model_id(self) -> str:

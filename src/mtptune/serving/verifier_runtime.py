@@ -9,14 +9,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel, StoppingCriteriaList
 
 from mtptune.checkpoint.safetensors_io import resolve_model_dir
 from mtptune.checkpoint.verifier import build_random_causal_lm, load_causal_lm
+from mtptune.data.tokenizers import load_tokenizer
 from mtptune.errors import CheckpointError, ConfigError
+from mtptune.serving.contract import CaptureSpec
 from mtptune.serving.server_config import LOAD_FORMATS
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class VerifierRuntime:
         if bad:
             raise ConfigError(f"layer ids {bad} out of range 0..{self.num_layers} for this verifier.")
         self.layer_ids = list(layer_ids)
+        self.spec = CaptureSpec(tuple(self.layer_ids), self.num_layers)
         text_config = model.config.get_text_config()
         self.hidden_size = int(text_config.hidden_size)
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
@@ -107,6 +109,7 @@ class VerifierRuntime:
         trust_remote_code: bool = False,
         tokenizer: str | None = None,
         load_format: str = "auto",
+        with_tokenizer: bool = True,
     ) -> VerifierRuntime:
         """`load_format` "auto" reads the checkpoint; "dummy" builds random weights from config.json (vLLM's
         `--load-format dummy`, for benchmarks: the hidden states are then meaningless)."""
@@ -124,7 +127,11 @@ class VerifierRuntime:
         else:
             hf_model = load_causal_lm(root, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
             hf_model = hf_model.to(torch_device).eval()
-        hf_tokenizer = load_tokenizer(resolve_model_dir(tokenizer) if tokenizer else root, trust_remote_code)
+        hf_tokenizer = None
+        if with_tokenizer:
+            hf_tokenizer = load_tokenizer(
+                resolve_model_dir(tokenizer) if tokenizer else root, trust_remote_code, on_error="warn"
+            )
         log.info(
             "%s verifier %s (%s, %s, %s parameters) on %s in %.1f s%s",
             "built RANDOM-WEIGHT" if load_format == "dummy" else "loaded",
@@ -134,7 +141,9 @@ class VerifierRuntime:
             f"{sum(p.numel() for p in hf_model.parameters()):,}",
             torch_device,
             time.perf_counter() - start,
-            "" if hf_tokenizer is not None else "; no tokenizer: only token-id prompts are accepted",
+            ""
+            if hf_tokenizer is not None or not with_tokenizer
+            else "; no tokenizer: only token-id prompts are accepted",
         )
         if load_format == "dummy":
             log.warning(
@@ -144,16 +153,14 @@ class VerifierRuntime:
             )
         return cls(hf_model, hf_tokenizer, layer_ids, torch_device)
 
-    @torch.inference_mode()
-    def capture(self, sequences: Sequence[Sequence[int]]) -> list[Capture]:
+    def _forward(self, sequences: Sequence[Sequence[int]], layer_ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
         """One right-padded forward over the batch (padding is exact for Gated DeltaNet; packing is not, contracts f).
 
         No attention mask is passed: with right padding every real token precedes every pad, so causal attention,
         the causal conv and the delta-rule recurrence never let a pad reach a real row (exact, and SDPA keeps its
-        mask-free causal kernels). Only the real rows are copied back, in one pinned, non-blocking copy per tensor
-        and a single sync; the returned states are views of that one CPU buffer.
+        mask-free causal kernels). Returns, on the device, the real tokens' states of `layer_ids` packed
+        `[sum T, n, H]`, each sequence's last post-norm state `[B, H]`, and the flat index of every real token.
         """
-        start, start_cpu = time.perf_counter(), time.thread_time()
         lengths = [len(s) for s in sequences]
         batch, width = len(sequences), max(lengths)
         input_ids = torch.zeros(batch, width, dtype=torch.long)
@@ -163,23 +170,34 @@ class VerifierRuntime:
             input_ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
             rows[offset : offset + len(seq)] = torch.arange(row * width, row * width + len(seq))
             offset += len(seq)
-        last_rows = torch.as_tensor(lengths, dtype=torch.long).cumsum(0) - 1  # each request's last token, packed
-        cuda = self.device.type == "cuda"
-        if cuda:
+        last_rows = torch.as_tensor(lengths, dtype=torch.long).cumsum(0) - 1  # each sequence's last token, packed
+        if self.device.type == "cuda":
             input_ids, rows, last_rows = (t.pin_memory() for t in (input_ids, rows, last_rows))
         input_ids, rows, last_rows = (t.to(self.device, non_blocking=True) for t in (input_ids, rows, last_rows))
-        need_all = any(i < self.num_layers for i in self.layer_ids)
+        need_all = any(i < self.num_layers for i in layer_ids)
         self._pre_norm = None
         out = self.decoder(input_ids=input_ids, output_hidden_states=need_all, use_cache=False)
         pre_norm, self._pre_norm = self._pre_norm, None
         if pre_norm is None:
             raise RuntimeError("the final-norm hook did not fire; unsupported decoder structure")
-        per_id = [pre_norm if i == self.num_layers else out.hidden_states[i] for i in self.layer_ids]
+        per_id = [pre_norm if i == self.num_layers else out.hidden_states[i] for i in layer_ids]
         packed = torch.stack([t.reshape(batch * width, -1).index_select(0, rows) for t in per_id], dim=1)
         last_hidden = out.last_hidden_state.reshape(batch * width, -1).index_select(0, rows.index_select(0, last_rows))
+        return packed, last_hidden
+
+    @torch.inference_mode()
+    def capture(self, sequences: Sequence[Sequence[int]]) -> list[Capture]:
+        """The server's capture: the `layer_ids` states of every request and its next-token logits, on the host.
+
+        Only the real rows are copied back, in one pinned, non-blocking copy per tensor and a single sync; the
+        returned states are views of that one CPU buffer.
+        """
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        lengths = [len(s) for s in sequences]
+        packed, last_hidden = self._forward(sequences, self.layer_ids)
         logits = self.model.lm_head(last_hidden).float()
         issued, issued_cpu = time.perf_counter(), time.thread_time()
-        if cuda:
+        if self.device.type == "cuda":
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (packed, logits)]
             for dst, src in zip(host, (packed, logits)):
                 dst.copy_(src, non_blocking=True)
@@ -190,8 +208,8 @@ class VerifierRuntime:
         # GIL held by another thread, the core taken by another process).
         log.debug(
             "capture %d x %d (%d tokens): issued in %.1f ms (%.1f ms on CPU), device done %.1f ms later",
-            batch,
-            width,
+            len(lengths),
+            max(lengths),
             sum(lengths),
             (issued - start) * 1e3,
             (issued_cpu - start_cpu) * 1e3,
@@ -202,6 +220,20 @@ class VerifierRuntime:
             captures.append(Capture(hidden_states=packed[offset : offset + n], next_token_logits=logits[row]))
             offset += n
         return captures
+
+    @torch.inference_mode()
+    def residuals(self, sequences: Sequence[Sequence[int]], keep: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The colocated capture: each sequence's layer-N residual r_t `[T, H]` (its first `keep[i]` tokens when
+        given: padding the caller added), left on the device: no copy to the host, no file. Each is its own
+        tensor, so a cache can free one without keeping the batch alive."""
+        packed, _ = self._forward(sequences, [self.num_layers])
+        lengths = [len(s) for s in sequences]
+        keep = lengths if keep is None else keep
+        parts, offset = [], 0
+        for n, k in zip(lengths, keep):
+            parts.append(packed[offset : offset + k, 0].clone())
+            offset += n
+        return parts
 
     def warm_up_batch_sizes(
         self,
@@ -244,11 +276,13 @@ class VerifierRuntime:
         temperature: float,
         top_p: float,
         seed: int | None,
+        stopping_criteria: StoppingCriteriaList | None = None,
     ) -> list[Generation]:
         """One left-padded `model.generate` over several prompts that share sampling parameters.
 
         Row i stops at its first EOS or after `max_tokens[i]` tokens; greedy rows equal unbatched greedy decoding up
-        to numerical near-ties (padding changes the matmul shapes, not the math).
+        to numerical near-ties (padding changes the matmul shapes, not the math). `stopping_criteria` (transformers'
+        StoppingCriteriaList) may end rows early: the server's stops the rows whose client has disconnected.
         """
         if len(prompts) != len(max_tokens) or not prompts:
             raise ValueError("generate_batch needs one max_tokens per prompt and at least one prompt")
@@ -271,6 +305,8 @@ class VerifierRuntime:
             kwargs.update(eos_token_id=self.eos_token_ids, pad_token_id=pad_id)
         else:
             kwargs.update(pad_token_id=pad_id)
+        if stopping_criteria is not None:
+            kwargs["stopping_criteria"] = stopping_criteria
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         results = []
         for row, limit in enumerate(max_tokens):
@@ -297,15 +333,3 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, seed: i
         probs = filtered / filtered.sum()
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def load_tokenizer(root: Path, trust_remote_code: bool = False):
-    """The verifier's tokenizer, or None when the folder ships none (token-id prompts still work)."""
-    has_files = any((root / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    if not has_files:
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(root, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        log.warning("cannot load the tokenizer from %s (%s); only token-id prompts are accepted", root, exc)
-        return None

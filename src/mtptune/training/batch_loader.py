@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from mtptune.data.rows import PreparedRows
 from mtptune.training.background import Background
-from mtptune.training.batching import PackedBatch, PreparedRows, collate
+from mtptune.training.batching import PackedBatch, collate
 from mtptune.training.hidden_source import SourceStats, prefetch, take_rows
 
 

@@ -14,24 +14,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from mtptune.data.prepare import load_prepared
-from mtptune.errors import DataError
+from mtptune.data.rows import Row
 from mtptune.modeling import flex_chain
 from mtptune.modeling.chain_attention import document_ids
 from mtptune.training.loss_plan import LossPlan
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Row:
-    row_id: int  # index in the prepared dataset: names the hidden-state file hs_{row_id}.safetensors
-    input_ids: torch.Tensor  # [T] int64
-    loss_mask: torch.Tensor  # [T] int64 (1 = supervised)
 
 
 @dataclass(frozen=True)
@@ -69,7 +60,7 @@ class PackedBatch:
             self.input_ids.pin_memory(),
             self.loss_mask.pin_memory(),
             self.position_ids.pin_memory(),
-            self.hidden_states.pin_memory(),
+            self.hidden_states if self.hidden_states.is_cuda else self.hidden_states.pin_memory(),
             self.real_tokens,
             None if self.plan is None else self.plan.pin_memory(),
             None if self.block_masks is None else tuple(flex_chain.pin_block_mask(m) for m in self.block_masks),
@@ -84,43 +75,6 @@ class PackedBatch:
     def num_tokens(self) -> int:
         """Real (non-padding) tokens: what throughput is counted in."""
         return self.input_ids.shape[1] if self.real_tokens is None else self.real_tokens
-
-
-class PreparedRows:
-    """Random access to a prepared dataset (`input_ids`, `loss_mask`), truncated to the packing budget."""
-
-    def __init__(self, data_path: str | Path, max_len: int, max_rows: int | None = None):
-        self.path = Path(data_path)
-        self.dataset = load_prepared(self.path)
-        for column in ("input_ids", "loss_mask"):
-            if column not in self.dataset.column_names:
-                raise DataError(f"{self.path}: prepared dataset lacks column {column!r} (run `mtptune prepare`).")
-        n = len(self.dataset) if max_rows is None else min(max_rows, len(self.dataset))
-        if "seq_len" in self.dataset.column_names:
-            lengths = [int(x) for x in self.dataset["seq_len"][:n]]
-        else:
-            lengths = [len(x) for x in self.dataset["input_ids"][:n]]
-        self.max_len = max_len
-        self.truncated = sum(1 for n_tok in lengths if n_tok > max_len)
-        if self.truncated:
-            log.warning(
-                "%d of %d rows are longer than --total-seq-len %d and are truncated to it (their tail is not trained).",
-                self.truncated,
-                n,
-                max_len,
-            )
-        self.lengths = [min(n_tok, max_len) for n_tok in lengths]
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __getitem__(self, row_id: int) -> Row:
-        item = self.dataset[int(row_id)]
-        ids = torch.as_tensor(item["input_ids"], dtype=torch.int64)[: self.max_len]
-        mask = torch.as_tensor(item["loss_mask"], dtype=torch.int64)[: self.max_len]
-        if ids.shape != mask.shape:
-            raise DataError(f"{self.path}: row {row_id} has {ids.numel()} input_ids but {mask.numel()} loss_mask.")
-        return Row(int(row_id), ids, mask)
 
 
 def split_train_val(num_rows: int, train_data_ratio: float) -> tuple[list[int], list[int]]:
@@ -198,6 +152,9 @@ def collate(
     """
     if not rows:
         raise ValueError("collate needs at least one row")
+    # States already on a GPU (colocated, or from a GPU memory cache) are packed there; a mix goes to the GPU.
+    device = next((h.device for h in hidden if h.is_cuda), hidden[0].device)
+    hidden = [h.to(device) for h in hidden]
     input_ids = [r.input_ids for r in rows]
     loss_mask = [r.loss_mask for r in rows]
     positions = [torch.arange(r.input_ids.numel()) for r in rows]

@@ -3,24 +3,30 @@ the hidden-state source, optimizer, scheduler and loggers."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from mtptune.checkpoint.head_checkpoint import HeadConfig, is_head_checkpoint
+from mtptune.checkpoint.head_checkpoint import HeadConfig, is_head_checkpoint, read_head_config
+from mtptune.checkpoint.verifier import Verifier
+from mtptune.data.rows import PreparedRows
 from mtptune.metrics.acceptance import step_weights as fastmtp_weights
+from mtptune.modeling.compile_cache import use_persistent_compile_cache
 from mtptune.modeling.head import MtpHead
 from mtptune.modeling.load import load_head
+from mtptune.serving.sources import HiddenSource
 from mtptune.training import checkpointing as ckpt
-from mtptune.training.batching import PreparedRows, pack_rows, split_train_val
+from mtptune.training.background import Background
+from mtptune.training.batching import pack_rows, split_train_val
 from mtptune.training.config import TrainConfig
 from mtptune.training.distributed import DistInfo, wrap_head
 from mtptune.training.hidden_source import SourceStats, build_source
 from mtptune.training.loggers import MetricsLogger
+from mtptune.training.optim import MuonWithAdamW
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +45,14 @@ class Parts:
     rows: PreparedRows
     train_ids: list[int]
     val_ids: list[int]
-    source: object
+    source: HiddenSource
     logger: MetricsLogger
     weights: list[float]  # alpha_k
     autocast_dtype: torch.dtype | None  # None: plain fp32
     total_steps: int
     stats: SourceStats = field(default_factory=SourceStats)
+    timings: dict[str, float] = field(default_factory=dict)  # start-up costs, seconds (logged with the summary)
+    writer: ckpt.BackgroundWriter = field(default_factory=ckpt.BackgroundWriter)  # checkpoint folders, in order
 
 
 def compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -60,11 +68,17 @@ def loss_weights(config: TrainConfig) -> list[float]:
     return fastmtp_weights(config.num_speculative_steps, config.loss.step_weight_beta)
 
 
-def build_head(config: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None) -> tuple[MtpHead, HeadConfig]:
+def build_head(
+    config: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype | None, verifier: Verifier | None = None
+) -> tuple[MtpHead, HeadConfig, Verifier]:
     """fp32 master weights on the device; the frozen shared tensors in the compute dtype."""
     source = config.from_pretrained or config.verifier
-    head, head_config, _ = load_head(
-        source, config.verifier, device=info.device, dtype=torch.float32, shared_dtype=autocast_dtype or torch.float32
+    head, head_config, verifier = load_head(
+        source,
+        verifier or config.verifier,
+        device=info.device,
+        dtype=torch.float32,
+        shared_dtype=autocast_dtype or torch.float32,
     )
     if config.from_pretrained:
         if head_config.num_speculative_steps != config.num_speculative_steps:
@@ -89,7 +103,7 @@ def build_head(config: TrainConfig, info: DistInfo, autocast_dtype: torch.dtype 
     )
     for param in head.parameters():
         param.requires_grad_(True)
-    return head, head_config
+    return head, head_config, verifier
 
 
 def compile_head(head: MtpHead, scope: str) -> None:
@@ -115,9 +129,16 @@ def compile_head(head: MtpHead, scope: str) -> None:
 
 
 def build_optimizer(config: TrainConfig, head: MtpHead) -> torch.optim.Optimizer:
-    if config.optim.name == "muon":
-        log.warning(
-            "--optimizer muon is not supported for MTP heads by mtptune yet; using AdamW (--lr %g).", config.optim.lr
+    # fused: one kernel for the whole AdamW update on CUDA (the foreach default launches several per tensor group)
+    fused = all(p.is_cuda for p in head.parameters())
+    if config.optim.name == "muon":  # Muon on the 2-D weights, AdamW on the norms (training/optim.py)
+        return MuonWithAdamW(
+            head.parameters(),
+            config.optim.lr,
+            config.optim.muon_lr,
+            config.optim.weight_decay,
+            config.optim.betas,
+            fused,
         )
     decay = [p for p in head.parameters() if p.ndim >= 2]
     no_decay = [p for p in head.parameters() if p.ndim < 2]  # norms
@@ -125,8 +146,6 @@ def build_optimizer(config: TrainConfig, head: MtpHead) -> torch.optim.Optimizer
         {"params": decay, "weight_decay": config.optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # fused: one kernel for the whole update on CUDA (the foreach default launches several per tensor group)
-    fused = all(p.is_cuda for p in head.parameters())
     return torch.optim.AdamW(groups, lr=config.optim.lr, betas=config.optim.betas, fused=fused)
 
 
@@ -156,24 +175,39 @@ def count_total_steps(config: TrainConfig, rows: PreparedRows, train_ids: list[i
 
 
 def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
-    autocast_dtype = compute_dtype(config, info.device)
-    head, head_config = build_head(config, info, autocast_dtype)
-    if info.device.type == "cuda":
-        compile_head(head, config.compile)
-    rows = PreparedRows(config.data.data_path, config.data.total_seq_len, config.data.max_rows)
-    train_ids, val_ids = split_train_val(len(rows), config.data.train_data_ratio)
-    if not val_ids and info.is_main:
-        log.warning("no validation rows (--train-data-ratio 1.0): checkpoint_best will point at the last epoch.")
-    total_steps = count_total_steps(config, rows, train_ids, info.world_size)
-    optimizer = build_optimizer(config, head)
-    scheduler = build_scheduler(config, optimizer, total_steps)
-    save_path = Path(config.checkpoint.save_path)
-    if info.is_main:
-        ckpt.write_run_files(save_path, config)
-    run_name = config.logging.run_name or save_path.resolve().name
-    log_dir = Path(config.logging.log_dir) if config.logging.log_dir else save_path / "logs"
-    logger = MetricsLogger(save_path, config.logging.loggers, log_dir, run_name, config.to_dict(), info.is_main)
-    source = build_source(config.hidden_states, config.data.data_path, config.verifier, head.hidden_size)
+    """The head, data, optimizer, loggers and hidden-state source. The source (for --colocated: loading the
+    verifier, the largest start-up cost) is built in a background thread while the head and the data load."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    use_persistent_compile_cache()
+    verifier = Verifier.open(config.verifier)
+    pending_source = Background(
+        (_timed(build_source, config.hidden_states, config.data.data_path, verifier, verifier.text_config.hidden_size,
+                info.device) for _ in range(1)), 1, "mtptune-source"
+    )  # fmt: skip
+    try:
+        autocast_dtype = compute_dtype(config, info.device)
+        head, head_config, verifier = build_head(config, info, autocast_dtype, verifier)
+        if info.device.type == "cuda":
+            compile_head(head, config.compile)
+        rows = PreparedRows(config.data.data_path, config.data.total_seq_len, config.data.max_rows)
+        train_ids, val_ids = split_train_val(len(rows), config.data.train_data_ratio)
+        if not val_ids and info.is_main:
+            log.warning("no validation rows (--train-data-ratio 1.0): checkpoint_best will point at the last epoch.")
+        total_steps = count_total_steps(config, rows, train_ids, info.world_size)
+        optimizer = build_optimizer(config, head)
+        scheduler = build_scheduler(config, optimizer, total_steps)
+        save_path = Path(config.checkpoint.save_path)
+        if info.is_main:
+            ckpt.write_run_files(save_path, config)
+        run_name = config.logging.run_name or save_path.resolve().name
+        log_dir = Path(config.logging.log_dir) if config.logging.log_dir else save_path / "logs"
+        logger = MetricsLogger(save_path, config.logging.loggers, log_dir, run_name, config.to_dict(), info.is_main)
+        timings["head_and_data_s"] = time.perf_counter() - start
+        source, timings["source_s"] = pending_source.next()
+    finally:
+        pending_source.close()
+    timings["build_s"] = time.perf_counter() - start
     return Parts(
         config=config,
         info=info,
@@ -190,11 +224,15 @@ def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
         weights=loss_weights(config),
         autocast_dtype=autocast_dtype,
         total_steps=total_steps,
+        timings=timings,
     )
 
 
+def _timed(fn, *args):
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
+
+
 def pretrained_num_steps(path: str) -> int | None:
-    """K recorded in a head checkpoint (None for a verifier folder)."""
-    if not is_head_checkpoint(Path(path)):
-        return None
-    return int(json.loads((Path(path) / "config.json").read_text()).get("num_speculative_steps", 0)) or None
+    """K recorded in a head checkpoint of either format (None for a verifier folder: a native head records none)."""
+    return read_head_config(path).num_speculative_steps if is_head_checkpoint(Path(path)) else None

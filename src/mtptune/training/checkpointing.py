@@ -20,6 +20,8 @@ import json
 import os
 import random
 import shlex
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -88,6 +90,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a checkpoint holds, copied to the host: training may go on while it is written."""
+
+    head_state: dict[str, torch.Tensor]
+    extra: dict[str, object]
+
+
+def snapshot(
+    head: MtpHead,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainingState,
+    val_metrics: dict | None,
+) -> Snapshot:
+    head_state = {k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()}
+    extra: dict[str, object] = {
+        "master_weights.pt": {k: v.float().clone() for k, v in head_state.items()},
+        # state_dict() holds the live tensors, which the next optimizer step updates in place: copy them.
+        "optimizer_state_dict.pt": _to_host(optimizer.state_dict()),
+        "scheduler_state_dict.pt": scheduler.state_dict(),
+        "rng_state.pt": rng_state(),
+        STATE_FILE: asdict(state),
+    }
+    if val_metrics is not None:
+        extra["val_metrics.json"] = val_metrics
+    return Snapshot(head_state, extra)
+
+
+def write_snapshot(path: Path, head_config: HeadConfig, snap: Snapshot) -> Path:
+    # The head config says how to serve it: bf16 weights, the K trained, the input-norm convention.
+    return save_head_checkpoint(
+        path, replace(head_config, dtype="bfloat16"), snap.head_state, snap.extra, overwrite=True
+    )
+
+
 def save_checkpoint(
     path: Path,
     head_config: HeadConfig,
@@ -97,18 +135,47 @@ def save_checkpoint(
     state: TrainingState,
     val_metrics: dict | None,
 ) -> Path:
-    head_state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-    extra: dict[str, object] = {
-        "master_weights.pt": {k: v.float().clone() for k, v in head_state.items()},
-        "optimizer_state_dict.pt": optimizer.state_dict(),
-        "scheduler_state_dict.pt": scheduler.state_dict(),
-        "rng_state.pt": rng_state(),
-        STATE_FILE: asdict(state),
-    }
-    if val_metrics is not None:
-        extra["val_metrics.json"] = val_metrics
-    # The head config says how to serve it: bf16 weights, the K trained, the input-norm convention.
-    return save_head_checkpoint(path, replace(head_config, dtype="bfloat16"), head_state, extra, overwrite=True)
+    return write_snapshot(path, head_config, snapshot(head, optimizer, scheduler, state, val_metrics))
+
+
+def _to_host(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(v) for v in value)
+    return value
+
+
+class BackgroundWriter:
+    """Writes checkpoints on one background thread, in order, so the next epoch trains meanwhile. A write's error
+    is raised by the next `submit` or by `wait`, which the trainer calls before it exits (or reads a folder)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mtptune-checkpoint")
+        self._pending: list[Future] = []
+
+    def submit(self, job: Callable[[], object]) -> None:
+        self._raise_finished()
+        self._pending.append(self._pool.submit(job))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def _raise_finished(self) -> None:
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def load_checkpoint(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from mtptune.errors import ConfigError
+from mtptune.training.loss_kernels import check_loss_kernel
 
 OnMissing = Literal["generate", "skip", "warn", "raise"]
 OnGenerate = Literal["delete", "cache"]
@@ -18,6 +19,8 @@ LossKind = Literal["ce", "kl", "tv", "ce+kl"]
 SchedulerKind = Literal["cosine", "linear", "constant"]
 DtypeName = Literal["auto", "float32", "bfloat16"]
 LOSS_KINDS: tuple[str, ...] = ("ce", "kl", "tv", "ce+kl")
+LoadFormat = Literal["auto", "dummy"]
+CacheDevice = Literal["auto", "cpu", "cuda"]
 CompileScope = Literal["step", "norms", "none"]
 COMPILE_SCOPES: tuple[str, ...] = get_args(CompileScope)
 
@@ -41,9 +44,17 @@ class HiddenStatesConfig:
     concurrency: int = 64  # requests in flight (the CLI default): the server batches what is in flight
     prefetch: int = 128  # rows fetched ahead of the step (2 x concurrency, as the CLI)
     dtype: str = "bfloat16"  # dtype the states are held in between fetch and step
-    num_layers: int = 1  # layer ids the server captures; the MTP input is the last one
+    target_layer_ids: tuple[int, ...] | None = None  # what the server captures (N appended); the MTP input is N
     api_key: str | None = None
     server_wait_timeout: float = 600.0
+    # Colocated: the verifier's forward runs in the trainer's process on its device (no server, no files).
+    colocated: bool = False
+    verifier_dtype: str = "auto"  # colocated verifier weights: auto = bf16 on GPU, the checkpoint's dtype on CPU
+    verifier_load_format: LoadFormat = "auto"  # "dummy": random weights from config.json (benchmarks only)
+    forward_tokens: int | None = None  # colocated tokens per verifier forward (default 16384 on GPU, 2048 on CPU)
+    # Hidden states kept in memory between epochs (LRU beyond the budget); 0 disables.
+    memory_cache_gib: float = 16.0
+    memory_cache_device: CacheDevice = "auto"  # auto: the training GPU when colocated, else host RAM
 
     def cache_dir(self, data_path: str) -> Path:
         return Path(self.hidden_states_path) if self.hidden_states_path else Path(data_path) / "hidden_states"
@@ -53,7 +64,7 @@ class HiddenStatesConfig:
 class OptimConfig:
     name: Literal["adamw", "muon"] = "adamw"
     lr: float = 1e-4
-    muon_lr: float | None = None  # default 10 x lr (speculators)
+    muon_lr: float | None = None  # Muon's lr for 2-D weights; default lr (as speculators 0.9.0: RMS matched to AdamW)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -70,6 +81,7 @@ class LossConfig:
     step_weights: tuple[float, ...] | None = None  # explicit alpha_k; overrides beta
     chunk_rows: int = 2048  # rows per lm_head chunk; never more than chunk_rows x V logits alive
     kl_weight: float = 1.0  # weight of the distillation term in "ce+kl"
+    kernel: str = "ours"  # LM head + CE of the training steps: ours, liger, cce (training/loss_kernels.py)
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,7 @@ class TrainConfig:
             raise ConfigError(f"--loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss.kind!r}.")
         if self.loss.chunk_rows < 1:
             raise ConfigError("--loss-chunk-rows must be >= 1.")
+        check_loss_kernel(self.loss.kernel, self.loss.kind)
         if self.loss.step_weights is not None:
             if len(self.loss.step_weights) != self.num_speculative_steps:
                 raise ConfigError(
@@ -146,11 +159,23 @@ class TrainConfig:
         if self.optim.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.optim.lr}.")
         hs = self.hidden_states
-        if hs.on_missing == "generate" and not hs.endpoints:
+        if hs.colocated:
+            if hs.on_missing != "generate" or hs.on_generate != "delete":
+                raise ConfigError(
+                    "--colocated computes every row's hidden states in this process: it takes no --on-missing "
+                    f"{hs.on_missing} / --on-generate {hs.on_generate} (nothing is read from or written to disk)."
+                )
+            if hs.endpoints:
+                raise ConfigError("--colocated runs the verifier in this process: drop --vllm-endpoint.")
+            if hs.forward_tokens is not None and hs.forward_tokens < 1:
+                raise ConfigError(f"--verifier-forward-tokens must be >= 1, got {hs.forward_tokens}.")
+        elif hs.on_missing == "generate" and not hs.endpoints:
             raise ConfigError(
-                "--on-missing generate needs a hidden-state server: pass --vllm-endpoint URL "
-                "(or use --on-missing raise/skip/warn with pre-written hidden-state files)."
+                "--on-missing generate needs a hidden-state server: pass --vllm-endpoint URL, or --colocated to run "
+                "the verifier in this process (or use --on-missing raise/skip/warn with pre-written files)."
             )
+        if hs.memory_cache_gib < 0:
+            raise ConfigError(f"--hidden-states-memory-cache must be >= 0 GiB, got {hs.memory_cache_gib}.")
         if hs.on_generate == "cache" and hs.on_missing != "generate":
             raise ConfigError("--on-generate cache only applies with --on-missing generate.")
         if self.checkpoint.checkpoint_freq <= 0:

@@ -6,11 +6,11 @@ Only rank 0 logs.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
+from mtptune.checkpoint.files import json_line
 from mtptune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"split": split, "step": step, "time": time.time(), **metrics}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json_line(record))  # a NaN loss is written null: the file stays JSON Lines
         self._jsonl.flush()
         prefixed = {f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
         for sink in self._sinks:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mtptune.training.fused_linear_loss import fused_linear_loss
+from mtptune.training.loss_kernels import library_ce, uses_library
 from mtptune.training.loss_plan import LossPlan
 from mtptune.training.metrics import StepMetrics
 
@@ -50,6 +51,7 @@ def mtp_loss(
     chunk_rows: int = 2048,
     kl_weight: float = 1.0,
     with_reference: bool = True,
+    kernel: str = "ours",
 ) -> tuple[torch.Tensor, StepMetrics]:
     """sum_k alpha_k * (sum of step-k objective over its supervised rows) / normalizers[k].
 
@@ -57,9 +59,14 @@ def mtp_loss(
     outputs' device); teacher_hidden: the verifier's post-norm states h [B, T, H] (reference tokens and
     distillation teacher). `with_reference=False` skips the verifier's greedy reference (one more
     full-vocabulary matmul per row) and with it the verifier-based metrics (acc_verifier, tau_sim) of this
-    micro-batch. Returns the loss (a graph when outputs require grad; exactly zero without a graph when nothing
-    is supervised) and this micro-batch's metric sums. Nothing here waits on the device.
+    micro-batch. `kernel` (`training/loss_kernels.py`) picks the LM head + CE of the training steps for `ce`; a
+    library kernel that gives no argmax leaves the argmax metrics (acc, acc_verifier, tau_sim) of steps without the
+    reference unset (only logged steps read them, and those compute the reference and use ours). Returns the loss
+    (a graph when outputs require grad; exactly zero without a graph when nothing is supervised) and this
+    micro-batch's metric sums. Nothing here waits on the device.
     """
+    if kernel != "ours" and kind != "ce":
+        raise ValueError(f"loss kernel {kernel!r} computes cross-entropy only, not {kind!r}")
     K = len(outputs)
     B, T, H = teacher_hidden.shape
     device = teacher_hidden.device
@@ -80,18 +87,26 @@ def mtp_loss(
         train = o.requires_grad and step_weights[k] > 0 and normalizers[k] > 0
         scale = step_weights[k] / normalizers[k] if normalizers[k] > 0 else 0.0
         step_out = (o if train else o.detach()).reshape(B * T, H)[rows]
-        term, sums = fused_linear_loss(step_out, lm_head, targets, teacher, scale, kind, kl_weight, chunk_rows)
+        if train and kernel != "ours" and uses_library(kernel, needs_argmax=with_reference):
+            ce, argmax = library_ce(kernel, step_out, lm_head, targets)
+            term = ce * scale
+            metrics.add("ce", k, ce.detach())
+        else:
+            term, sums = fused_linear_loss(step_out, lm_head, targets, teacher, scale, kind, kl_weight, chunk_rows)
+            argmax = sums.argmax
+            metrics.add("ce", k, sums.ce)
+            metrics.add("kl", k, sums.kl)
+            metrics.add("tv", k, sums.tv)
         if train:
             loss = term if loss is None else loss + term
-        metrics.add("ce", k, sums.ce)
-        metrics.add("kl", k, sums.kl)
-        metrics.add("tv", k, sums.tv)
-        prediction[rows] = sums.argmax
-        metrics.add("correct_label", k, (sums.argmax == targets).sum())
+        if argmax is None:
+            continue
+        prediction[rows] = argmax
+        metrics.add("correct_label", k, (argmax == targets).sum())
         if ref is not None:
             step_ref = ref[rows + k + 1]  # the verifier's greedy token for x_{t+k+2}
             metrics.add("ref_tokens", k, n)
-            metrics.add("correct_verifier", k, (sums.argmax == step_ref).sum())
+            metrics.add("correct_verifier", k, (argmax == step_ref).sum())
             metrics.add("verifier_label_agree", k, (step_ref == targets).sum())
     if ref is not None:
         # Teacher-forced acceptance over rows where every step is supervised: accepted up to the first miss.

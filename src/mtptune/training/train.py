@@ -29,6 +29,7 @@ from mtptune.training.batching import PACKING, PackedBatch, pack_rows, plan_epoc
 from mtptune.training.build import Parts, build_parts
 from mtptune.training.config import TrainConfig
 from mtptune.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from mtptune.training.hidden_source import prefetch_depth
 from mtptune.training.loss import mtp_loss
 from mtptune.training.loss_plan import LossPlan
 from mtptune.training.metrics import StepMetrics
@@ -57,6 +58,7 @@ def run_training(config: TrainConfig, should_stop: Callable[[int], bool] | None 
     info = init_distributed(config.device)
     torch.manual_seed(config.seed)
     parts = build_parts(config, info)
+    parts.logger.log("phase", 0, {"phase": "ready", **{k: round(v, 3) for k, v in parts.timings.items()}})
     try:
         with _StopSignals() as signals:
 
@@ -65,9 +67,12 @@ def run_training(config: TrainConfig, should_stop: Callable[[int], bool] | None 
 
             return train(parts, stop)
     finally:
-        parts.logger.close()
-        parts.source.close()
-        shutdown(info)
+        try:
+            parts.writer.close()  # a checkpoint still being written is finished, never abandoned
+        finally:
+            parts.logger.close()
+            parts.source.close()
+            shutdown(info)
 
 
 def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
@@ -77,8 +82,10 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
     if state is None:
         state = ckpt.TrainingState(epoch=0, local_step=0, global_step=0)
         if config.validate_at_start and p.val_ids:
+            started = time.perf_counter()
             with _checkpoint_if_server_lost(p, state):
                 result.val_before = validate(p)
+            p.timings["initial_validation_s"] = time.perf_counter() - started
             p.logger.log("val", 0, result.val_before)
             _report_val("untrained head", result.val_before, info)
     row_uses = torch.zeros(len(p.rows), dtype=torch.int32)  # training uses of each row in this process
@@ -154,9 +161,10 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
         train_row_uses_max=int(trained.max()),
         train_row_uses_total=int(trained.sum()),
     )
-    if server := p.source.server_stats():
-        result.source_stats["server"] = server
+    result.source_stats.update(p.source.stats())
+    result.source_stats["timings"] = {k: round(v, 3) for k, v in p.timings.items()}
     p.logger.log("summary", state.global_step, result.source_stats)
+    p.writer.wait()
     best = save_path / ckpt.BEST_LINK
     result.best_checkpoint = best if best.exists() else None
     barrier(info)
@@ -203,15 +211,14 @@ def _forward_loss(
     p: Parts, model: torch.nn.Module, b: PackedBatch, normalizers: list[float], with_reference: bool = True
 ):
     config = p.config
-    post_norm = p.head.verifier_final_norm(b.hidden_states)  # h_t = FinalNorm(r_t), the verifier's output
-    head_input = post_norm if config.mtp_input_norm == "post_norm" else b.hidden_states
+    post_norm, head_input = p.head.residual_to_inputs(b.hidden_states, config.mtp_input_norm)
     outputs = model(
         b.input_ids, head_input, b.position_ids, config.num_speculative_steps, config.mtp_input_norm, False,
         block_masks=b.block_masks,
     )  # fmt: skip
     loss, metrics = mtp_loss(
         outputs, b.plan, post_norm.detach(), p.head.lm_head, p.weights, normalizers, config.loss.kind,
-        config.loss.chunk_rows, config.loss.kl_weight, with_reference,
+        config.loss.chunk_rows, config.loss.kl_weight, with_reference, kernel=config.loss.kernel,
     )  # fmt: skip
     if torch.is_grad_enabled() and not loss.requires_grad:
         # Keep every parameter in the graph so DDP's reducer sees a gradient (zero) from this rank.
@@ -312,12 +319,11 @@ def _end_of_epoch(p: Parts, epoch: int, state: ckpt.TrainingState, result: Train
     )
     if better:
         state = replace(state, best_epoch=epoch, best_tau_sim=tau, best_loss=val["loss"] if val else None)
-    _save(p, save_path / str(epoch), state, val)
-    if p.info.is_main:
-        if complete:
-            ckpt.link(save_path, f"epoch{epoch}_end", str(epoch))
-        if better and config.checkpoint.save_best:
-            ckpt.link(save_path, ckpt.BEST_LINK, str(epoch))
+    links = [f"epoch{epoch}_end"] if complete else []
+    if better and config.checkpoint.save_best:
+        links.append(ckpt.BEST_LINK)
+    # Written while the next epoch trains; the links move only once the folder is complete.
+    _save(p, save_path / str(epoch), state, val, links=links, background=True)
     if complete:
         result.epochs_completed += 1
     return state
@@ -340,9 +346,27 @@ def _checkpoint_if_server_lost(p: Parts, state: ckpt.TrainingState, step_log: _S
         ) from exc
 
 
-def _save(p: Parts, path: Path, state: ckpt.TrainingState, val: dict | None) -> None:
+def _save(
+    p: Parts,
+    path: Path,
+    state: ckpt.TrainingState,
+    val: dict | None,
+    links: list[str] | None = None,
+    background: bool = False,
+) -> None:
+    """Rank 0 writes the checkpoint (and then points `links` at it); with `background`, training goes on while the
+    host copy is written (`p.writer`), else this returns once the folder is complete."""
     if p.info.is_main:
-        ckpt.save_checkpoint(path, p.head_config, p.head, p.optimizer, p.scheduler, state, val)
+        snap = ckpt.snapshot(p.head, p.optimizer, p.scheduler, state, val)
+
+        def write() -> None:
+            ckpt.write_snapshot(path, p.head_config, snap)
+            for name in links or []:
+                ckpt.link(path.parent, name, path.name)
+
+        p.writer.submit(write)
+        if not background:
+            p.writer.wait()
     barrier(p.info)
 
 
@@ -380,7 +404,7 @@ def _loader(p: Parts, micro_batches) -> BatchLoader:
         p.source,
         p.rows,
         micro_batches,
-        prefetch_rows=p.config.hidden_states.prefetch,
+        prefetch_rows=prefetch_depth(p.config.hidden_states),
         stats=p.stats,
         on_missing=p.config.hidden_states.on_missing,
         warn=_warn,

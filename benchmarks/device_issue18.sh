@@ -1,0 +1,24 @@
+#!/bin/bash
+# Issue 18 on one GPU (one call of ~9.5 minutes on an H200; carry .bench and .whl):
+#   1. an import-time profile of the trainer (the start-up before any work);
+#   2. (SKIP_FORWARD=0) the colocated verifier forward alone (benchmarks/colocated_forward.py);
+#   3. the headline job from process start to checkpoint_best: a 2-step colocated warm-up that fills the compile
+#      caches (the README's recipe), the timed colocated job, then server mode if the budget allows.
+# Every JSON line lands in $OUT as soon as it exists; logs go into one archive at the end.
+# MODES (default "warmup,colocated,server"), FRACTION (default 1), BUDGET_S (the pipeline's, default 510).
+set -u
+source benchmarks/device_setup.sh
+export PYTHONPATH=/tmp/fla:$PYTHONPATH  # flash-linear-attention for the verifier's Gated DeltaNet layers
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/logs18
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, fla; print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla', fla.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -X importtime -c "import mtptune.cli.main, mtptune.training.train, mtptune.serving.colocated" 2> /tmp/logs18/importtime.txt
+if [ "${SKIP_FORWARD:-1}" != 1 ]; then
+  timeout 120 python3 benchmarks/colocated_forward.py --rows "${FORWARD_ROWS:-800}" > "$OUT/colocated_forward.json" 2> /tmp/logs18/colocated_forward.log
+  tail -c 600 "$OUT/colocated_forward.json"
+fi
+python3 benchmarks/online_pipeline.py --modes "${MODES:-warmup,colocated,server}" --fraction "${FRACTION:-1}" \
+  --server-gpu 0 --trainer-gpu 0 --time-budget-s "${BUDGET_S:-510}" --out "$OUT/online_pipeline.json" \
+  --log-dir /tmp/logs18 2> /tmp/logs18/online_pipeline.stderr | tail -c 3000
+tar czf "$OUT/issue18_logs.tar.gz" -C /tmp logs18 2>/dev/null
+ls -la "$OUT"
