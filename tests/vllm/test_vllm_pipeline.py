@@ -90,6 +90,7 @@ def extraction(example: Example) -> ExtractionRun:
             cwd=root,
         )  # fmt: skip
         after_train = files_in(storage)
+    (root / "train.log").write_text(train.stdout + "\n--- stderr ---\n" + train.stderr)
     return ExtractionRun(row, states.hidden_states, after_fetch, train.stdout, after_train, root / "checkpoints")
 
 
@@ -115,12 +116,18 @@ def test_vllm_hidden_states_equal_the_builtin_servers(extraction: ExtractionRun,
 
 def test_train_against_vllm_leaves_no_file_behind(extraction: ExtractionRun) -> None:
     assert extraction.files_after_fetch == []  # the client deleted the row's file and its lock
-    assert extraction.files_after_train == [], f"left behind by training: {extraction.files_after_train[:8]}"
     out = extraction.train_stdout
-    summary = re.search(r"hidden states: (\d+) loaded, (\d+) invalid, (\d+) missing, (\d+) failed", out)
+    summary = re.search(r"hidden states: (\d+) loaded, (\d+) invalid, (\d+) missing, (\d+) failed.*", out)
     assert summary is not None, out[-2000:]
+    # A file the client gave up on (its lock held past the client's lock timeout, then retried) is written by
+    # vLLM afterwards and stays: the summary's retries say how many requests that could be.
+    assert extraction.files_after_train == [], (
+        f"left behind by training: {extraction.files_after_train[:8]}; {summary.group(0)}"
+    )
     loaded, invalid, missing, failed = map(int, summary.groups())
-    assert loaded >= 96 * 4 and (invalid, missing, failed) == (0, 0, 0), summary.group(0)
+    assert loaded >= 96 and (invalid, missing, failed) == (0, 0, 0), summary.group(0)
+    generated = int(re.search(r"server: (\d+) generated", summary.group(0)).group(1))
+    assert generated >= 96, summary.group(0)  # every row (train and validation) came from vLLM at least once
     before = float(re.search(r"validation tau_sim before: ([\d.]+)", out).group(1))
     after = float(re.search(r"validation tau_sim after: +([\d.]+)", out).group(1))
     assert before < 1.5 and after > 3.0, (before, after)
