@@ -7,7 +7,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtptune.serving.batching import FORWARD_OVERHEAD_TOKENS
+from mtptune.serving.request_batching import FORWARD_OVERHEAD_TOKENS
 
 LOAD_FORMATS = ("auto", "dummy")  # vLLM's names: read the checkpoint / random weights from config.json
 
