@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving.conftest import server_process, write_word_tokenizer
+from mtptune.testing.server import server_process
+from mtptune.testing.word_tokenizer import write_word_tokenizer
 
 BODY_LIMIT = 8192  # above the longest save path sent below
 JSON_HEADERS = {"content-type": "application/json"}
