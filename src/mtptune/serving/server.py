@@ -1,4 +1,5 @@
-"""The built-in hidden-state server: vLLM's extraction protocol (contracts b3-b6) plus real generation, on FastAPI.
+"""The built-in hidden-state server: vLLM's extraction protocol (docs/contracts.md, "The hidden-state server") plus real
+generation, on FastAPI.
 
 `POST /v1/completions` (or chat) with `max_tokens: 1` is a capture: the prompt joins a dynamic batch, the requested
 layers' states are written to `<storage>/<request id>.safetensors` under the `.lock` protocol, and the response

@@ -20,7 +20,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def default_hidden_states_path() -> Path:
-    """vLLM's connector defaults to the system temp dir; prefer RAM-backed /dev/shm where it exists (contracts b1)."""
+    """vLLM's connector defaults to the system temp dir; prefer RAM-backed /dev/shm where it exists (docs/contracts.md,
+    "Launching vLLM")."""
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() else Path(tempfile.gettempdir())
     return base / "mtptune_hidden_states"
@@ -28,7 +29,7 @@ def default_hidden_states_path() -> Path:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: str  # path or hub id as given; also the default served model id (b3: must match the trainer's string)
+    model: str  # path or hub id as given; also the default served model id (must match the trainer's string)
     layer_ids: tuple[int, ...]
     storage_dir: Path
     served_model_name: str | None = None

@@ -154,7 +154,8 @@ class VerifierRuntime:
         return cls(hf_model, hf_tokenizer, layer_ids, torch_device)
 
     def _forward(self, sequences: Sequence[Sequence[int]], layer_ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
-        """One right-padded forward over the batch (padding is exact for Gated DeltaNet; packing is not, contracts f).
+        """One right-padded forward over the batch (padding is exact for Gated DeltaNet; packing is not:
+        docs/contracts.md, "Verifier forwards").
 
         No attention mask is passed: with right padding every real token precedes every pad, so causal attention,
         the causal conv and the delta-rule recurrence never let a pad reach a real row (exact, and SDPA keeps its
