@@ -39,10 +39,9 @@ class _Pending(Generic[Result]):
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-# What one extra forward costs, in padded-token equivalents: a split is worth it only when it saves more padding
-# than this. A transformers forward of a 32-layer hybrid verifier launches ~1-2k kernels (15-40 ms of Python); on a
-# GPU that hides behind the compute of a few thousand tokens but not of a few hundred, so splits into forwards much
-# smaller than ~1k tokens cost more than their padding. Tunable per server (--batch-overhead-tokens).
+# What one extra forward costs, in padded-token equivalents: a split is worth it only when it saves more padding than
+# this. Every forward pays a fixed cost of launching its kernels from Python (docs/benchmarks.md, "Why the defaults are
+# what they are"). Tunable per server (--batch-overhead-tokens).
 FORWARD_OVERHEAD_TOKENS = 1024
 # Requests considered per cut: enough to sort into well-filled runs, few enough that planning stays ~1 ms.
 PLAN_POOL_REQUESTS = 256

@@ -248,11 +248,11 @@ class VerifierRuntime:
 
         flash-linear-attention's Triton kernels autotune per batch size (its cumsum kernels key on B) and per
         2,048-token block count (its gated RMS norm keys on cdiv(tokens x heads, 65,536)), and Triton compiles each
-        kernel again for integer arguments that are 1 or not a multiple of 16 (a sequence length, its number of
-        64-token chunks): on an H200 ~0.8 s per new row count and ~11 s per new block count or length kind, paid
-        inside a live request's forward otherwise (docs/benchmarks.md 8.2). The default widths are two chunks (a
-        multiple of 16) and three (not one), the kinds real prompts have. Triton keeps compiled kernels on disk
-        (TRITON_CACHE_DIR), so later starts pay only the forwards and the tuning runs.
+        kernel again for integer arguments that are 1 or not a multiple of 16 (a sequence length, its number of 64-token
+        chunks), each paid inside a live request's forward otherwise (docs/benchmarks.md, "Why the defaults are what
+        they are"). The default widths are two chunks (a multiple of 16) and three (not one), the kinds real prompts
+        have. Triton keeps compiled kernels on disk (TRITON_CACHE_DIR), so later starts pay only the forwards and the
+        tuning runs.
         """
         start = time.perf_counter()
         token = self.eos_token_ids[0] if self.eos_token_ids else 0
