@@ -13,7 +13,7 @@ from mtptune.modeling.load import load_head
 from mtptune.serving.client import HiddenStatesClient
 from mtptune.serving.contract import capture_spec
 from mtptune.serving.sources import ServerSource
-from mtptune.testing.server import running_server
+from mtptune.testing.server_process import running_server
 
 from .trained_tiny import NUM_STEPS, TinySetup, direct_source
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from mtptune.testing.learnable import LearnableSpec, pattern_rows, write_hidden_state_files, write_prepared_rows
-from mtptune.testing.server import running_server
+from mtptune.testing.server_process import running_server
 
 NUM_ROWS = 24
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mtptune.testing.server import server_process
+from mtptune.testing.server_process import server_process
 from mtptune.testing.word_tokenizer import write_word_tokenizer
 
 BODY_LIMIT = 8192  # above the longest save path sent below

@@ -15,7 +15,7 @@ import torch
 from mtptune.checkpoint.verifier import build_random_causal_lm
 from mtptune.cli.main import main
 from mtptune.serving.hidden_state_files import read_hidden_states_file
-from mtptune.testing.server import running_server
+from mtptune.testing.server_process import running_server
 
 REPO = Path(__file__).resolve().parents[2]
 HIDDEN, LAYERS, VOCAB = 128, 8, 4096  # make_fake_verifier.py --tiny
