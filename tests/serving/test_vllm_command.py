@@ -1,4 +1,5 @@
-"""`mtptune serve --engine vllm --dry-run` and scripts/launch_vllm.py print the exact `vllm serve` command (b1)."""
+"""`mtptune serve --engine vllm --dry-run` and scripts/launch_vllm.py print the exact `vllm serve` command
+(docs/contracts.md, "Launching vLLM")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`mtptune evaluate {offline,generate,vllm,compare}`: acceptance the way serving will see it (contracts e)."""
+"""`mtptune evaluate {offline,generate,vllm,compare}`: acceptance the way serving will see it (docs/contracts.md,
+"Acceptance metrics")."""
 
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_head_source(source: str) -> str:
-    """A training run root resolves to its `checkpoint_best` (contracts a7)."""
+    """A training run root resolves to its `checkpoint_best` (docs/contracts.md, "Output folders")."""
     path = Path(source)
     best = path / "checkpoint_best"
     if not (path / "config.json").is_file() and best.is_dir():

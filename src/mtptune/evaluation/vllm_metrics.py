@@ -1,9 +1,9 @@
 """Acceptance from a running vLLM: its spec-decode Prometheus counters, scraped before and after a prompt set.
 
-Counters (contracts e), on the wire with a `_total` suffix, at `GET <server root>/metrics` (not under /v1):
-`vllm:spec_decode_num_drafts`, `vllm:spec_decode_num_draft_tokens`, `vllm:spec_decode_num_accepted_tokens`,
-`vllm:spec_decode_num_accepted_tokens_per_pos{position="k"}`. Labels such as model_name / engine are summed over.
-AL = 1 + accepted / drafts; p_k = accepted_per_pos[k] / drafts.
+Counters (docs/contracts.md, "Acceptance metrics"), on the wire with a `_total` suffix, at `GET <server root>/metrics`
+(not under /v1): `vllm:spec_decode_num_drafts`, `vllm:spec_decode_num_draft_tokens`,
+`vllm:spec_decode_num_accepted_tokens`, `vllm:spec_decode_num_accepted_tokens_per_pos{position="k"}`. Labels such as
+model_name / engine are summed over. AL = 1 + accepted / drafts; p_k = accepted_per_pos[k] / drafts.
 """
 
 from __future__ import annotations
