@@ -136,3 +136,9 @@ def test_results_rows_replace_per_run_and_render(table, gsm8k_run, tmp_path) -> 
 def test_results_row_of_a_real_args_namespace_has_every_lever(table) -> None:
     args = argparse.Namespace(**{k: 1 for k in table.LEVERS})
     assert set(table.row({"name": "x"}, args)["levers"]) == set(table.LEVERS)
+
+
+def test_jsonl_with_unicode_line_separators_in_text_reads_back(chat_data, tmp_path) -> None:
+    rows = [{"id": "sharegpt-x", "turns": ["a\u2028b\x85c\u2029d"]}, {"id": "sharegpt-y", "turns": ["e"]}]
+    chat_data.write_jsonl_gz(tmp_path / "s.jsonl.gz", rows)  # ensure_ascii=False: the separators stay raw
+    assert chat_data.read_jsonl(tmp_path / "s.jsonl.gz") == rows

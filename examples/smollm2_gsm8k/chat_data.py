@@ -33,7 +33,7 @@ MIN_ASCII = 0.95
 
 def read_jsonl(path: Path) -> list[dict]:
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+    return [json.loads(line) for line in raw.decode().split("\n") if line.strip()]
 
 
 def write_jsonl_gz(path: Path, rows: list[dict]) -> None:

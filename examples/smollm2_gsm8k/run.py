@@ -442,7 +442,7 @@ def sampled_questions(work: Path, train_q: Path, n: int) -> Path:
 
 
 def ids_of(path: Path) -> list[str]:
-    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line)["id"] for line in path.read_text().split("\n") if line.strip()]
 
 
 def rows_file(work: Path, split: str, sources: list[Path], keep: set[str], never: set[str]) -> tuple[Path, str, int]:
@@ -451,7 +451,7 @@ def rows_file(work: Path, split: str, sources: list[Path], keep: set[str], never
     for source in sources:
         if not source.is_file():
             continue
-        for line in source.read_text().splitlines():
+        for line in source.read_text().split("\n"):
             if not line.strip():
                 continue
             row_id = json.loads(line)["id"]
@@ -820,7 +820,7 @@ def experiment_name(args: argparse.Namespace, data_key: str) -> str:
 
 
 def regenerate_stage(
-    work: Path, logs: Path, args: argparse.Namespace, server: LazyServer, budget: Budget, report: Report,
+    logs: Path, args: argparse.Namespace, server: LazyServer, budget: Budget, report: Report,
     jobs: list[tuple[str, Path, Path, bool, int | None]],
 ) -> None:  # fmt: skip
     """Run the regenerations [(stage, questions, output, sampled, max_turns)] not yet complete. A stage's jobs run
@@ -918,87 +918,97 @@ def main(argv: list[str] | None = None) -> int:
             if n_samples:
                 questions = sampled_questions(work, train_q, args.answers_per_question)
                 jobs.append(("regenerate_sampled", questions, sampled, True, None))
-            regenerate_stage(work, logs, args, server, budget, report, jobs)
-        with report.stage("prepare") as entry:
-            keep = set(train_ids) | {f"{i}{SAMPLE_SEP}{j}" for i in train_ids for j in range(1, n_samples + 1)}
-            keep |= chat_ids
-            train_rows, train_key, n_train = rows_file(work, "train", [greedy["train"], sampled, chat], keep, held_out)
-            test_rows, test_key, n_test = rows_file(work, "test", [greedy["test"]], test_ids, set())
-            n_sampled = sum(1 for i in ids_of(train_rows) if SAMPLE_SEP in i)
-            n_chat = sum(1 for i in ids_of(train_rows) if i in chat_ids)
-            entry.update(train_rows=n_train, sampled_rows=n_sampled, chat_rows=n_chat, test_rows=n_test)
-            report.results["data"] = {
-                "train_rows": n_train,
-                "train_questions": len(train_ids),
-                "sampled_rows": n_sampled,
-                "chat_rows": n_chat,
-                "chat_conversations": len(chat_ids),
-                "test_rows": n_test,
-                "train_file": train_rows.name,
-                "test_file": test_rows.name,
-            }
-            assert not (train_ids & held_out), "a training question is held out"
-            data = {
-                "train": (work / f"data_train-{train_key}-s{args.total_seq_len}", train_key),
-                "test": (work / f"data_test-{test_key}-s{args.total_seq_len}", test_key),
-            }
-            steps = []
-            for split, rows in (("train", train_rows), ("test", test_rows)):
-                folder = data[split][0]
-                if not (folder.is_dir() and (folder / "report.json").is_file()):
-                    shutil.rmtree(folder, ignore_errors=True)
-                    steps.append(Step(prepare_args(rows, folder, args), logs / f"prepare_{split}.log"))
-            for step in steps:
-                step.wait()
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                prepared = json.loads((data["train"][0] / "report.json").read_text())
-                report.results["data"]["train_tokens"] = prepared.get("tokens_total")
-                report.results["data"]["supervised_tokens"] = prepared.get("supervised_tokens_total")
-        if convert is not None:
-            with report.stage("convert"):
-                convert.wait()
-
-        name = args.name or experiment_name(args, train_key)
-        exp = work / "exp" / name
-        report.exp = exp
-        report.results["name"] = name
-        save = exp / "checkpoints"
-        done = exp / "train_done.json"
-        if "train" in args.stages and not done.is_file():
-            with report.stage("train") as entry:
-                train = train_command(args, head, data["train"][0], train_key, work, save, server.endpoint)
-                reserve = args.reserve_eval_s if "eval" in args.stages else 0.0
-                exit_code = Step(train, logs / f"train_{name}.log").wait(budget.share(reserve))
-                curve = training_curve(save)
-                report.results["training"] = {"validation": curve, "epochs_planned": args.epochs}
-                if exit_code is None:
-                    entry["status"] = f"stopped at its time share after {sum('epoch' in c for c in curve)} epochs"
-                    report.results["training"]["stopped_by_budget"] = True
-                else:
-                    done.write_text(json.dumps({"finished": time.time(), "validation": curve}) + "\n")
-            # Trained now: whatever was stitched or evaluated before belongs to an older checkpoint.
-            shutil.rmtree(exp / "stitched", ignore_errors=True)
-            shutil.rmtree(exp / "eval", ignore_errors=True)
+            regenerate_stage(logs, args, server, budget, report, jobs)
+        if args.stages == ["regen"]:  # the answers only: prepared, trained and evaluated by later calls
+            report.results["status"] = "done"
+            code = 0
         else:
-            report.results["training"] = {"validation": training_curve(save), "epochs_planned": args.epochs}
-        server.stop()  # nothing below needs it: the evaluations run the verifier in their own processes
-        best = save / "checkpoint_best" if (save / "checkpoint_best").exists() else save / "interrupted"
-        if not best.exists():
-            raise SystemExit(f"no checkpoint under {save}: train first (--stages ...,train), or training stopped before its first save")  # fmt: skip
-        report.results["training"]["checkpoint"] = os.path.realpath(best)
-        stitched = exp / "stitched"
-        if "train" in args.stages and not (stitched / "config.json").is_file():
-            with report.stage("stitch"):
-                sh(["stitch", str(best), "smollm2", "--output-path", str(stitched)], logs / f"stitch_{name}.log")
-        if "eval" in args.stages:
-            if not (stitched / "config.json").is_file():
-                raise SystemExit(f"{stitched} missing: run the train stage first (it stitches the head)")
-            if not args.skip_untrained_eval:
-                evaluate(work / "eval" / head.name, logs, str(head), args, data["test"], prompts, budget, report, "untrained")  # fmt: skip
-            evaluate(exp / "eval", logs, str(stitched), args, data["test"], prompts, budget, report, "trained", args.eval_num_steps)  # fmt: skip
-        failed = [f"{label}/{k}" for label in ("untrained", "trained") for k, v in report.results.get(label, {}).items() if "error" in v]  # fmt: skip
-        code = 3 if failed else 0
-        report.results["status"] = f"done, failed evaluations: {', '.join(failed)}" if failed else "done"
+            with report.stage("prepare") as entry:
+                keep = set(train_ids) | {f"{i}{SAMPLE_SEP}{j}" for i in train_ids for j in range(1, n_samples + 1)}
+                keep |= chat_ids
+                train_rows, train_key, n_train = rows_file(
+                    work, "train", [greedy["train"], sampled, chat], keep, held_out
+                )
+                test_rows, test_key, n_test = rows_file(work, "test", [greedy["test"]], test_ids, set())
+                n_sampled = sum(1 for i in ids_of(train_rows) if SAMPLE_SEP in i)
+                n_chat = sum(1 for i in ids_of(train_rows) if i in chat_ids)
+                entry.update(train_rows=n_train, sampled_rows=n_sampled, chat_rows=n_chat, test_rows=n_test)
+                report.results["data"] = {
+                    "train_rows": n_train,
+                    "train_questions": len(train_ids),
+                    "sampled_rows": n_sampled,
+                    "chat_rows": n_chat,
+                    "chat_conversations": len(chat_ids),
+                    "test_rows": n_test,
+                    "train_file": train_rows.name,
+                    "test_file": test_rows.name,
+                }
+                assert not (train_ids & held_out), "a training question is held out"
+                data = {
+                    "train": (work / f"data_train-{train_key}-s{args.total_seq_len}", train_key),
+                    "test": (work / f"data_test-{test_key}-s{args.total_seq_len}", test_key),
+                }
+                steps = []
+                for split, rows in (("train", train_rows), ("test", test_rows)):
+                    folder = data[split][0]
+                    if not (folder.is_dir() and (folder / "report.json").is_file()):
+                        shutil.rmtree(folder, ignore_errors=True)
+                        steps.append(Step(prepare_args(rows, folder, args), logs / f"prepare_{split}.log"))
+                for step in steps:
+                    step.wait()
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    prepared = json.loads((data["train"][0] / "report.json").read_text())
+                    report.results["data"]["train_tokens"] = prepared.get("tokens_total")
+                    report.results["data"]["supervised_tokens"] = prepared.get("supervised_tokens_total")
+            if convert is not None:
+                with report.stage("convert"):
+                    convert.wait()
+
+            name = args.name or experiment_name(args, train_key)
+            exp = work / "exp" / name
+            report.exp = exp
+            report.results["name"] = name
+            save = exp / "checkpoints"
+            done = exp / "train_done.json"
+            if "train" in args.stages and not done.is_file():
+                with report.stage("train") as entry:
+                    train = train_command(args, head, data["train"][0], train_key, work, save, server.endpoint)
+                    reserve = args.reserve_eval_s if "eval" in args.stages else 0.0
+                    exit_code = Step(train, logs / f"train_{name}.log").wait(budget.share(reserve))
+                    curve = training_curve(save)
+                    report.results["training"] = {"validation": curve, "epochs_planned": args.epochs}
+                    if exit_code is None:
+                        entry["status"] = f"stopped at its time share after {sum('epoch' in c for c in curve)} epochs"
+                        report.results["training"]["stopped_by_budget"] = True
+                    else:
+                        done.write_text(json.dumps({"finished": time.time(), "validation": curve}) + "\n")
+                # Trained now: whatever was stitched or evaluated before belongs to an older checkpoint.
+                shutil.rmtree(exp / "stitched", ignore_errors=True)
+                shutil.rmtree(exp / "eval", ignore_errors=True)
+            else:
+                report.results["training"] = {"validation": training_curve(save), "epochs_planned": args.epochs}
+            server.stop()  # nothing below needs it: the evaluations run the verifier in their own processes
+            # A training stopped by the budget in a train-only call resumes next call: nothing to stitch yet.
+            if "eval" in args.stages or not report.results["training"].get("stopped_by_budget"):
+                best = save / "checkpoint_best" if (save / "checkpoint_best").exists() else save / "interrupted"
+                if not best.exists():
+                    raise SystemExit(f"no checkpoint under {save}: train first (--stages ...,train), or training stopped before its first save")  # fmt: skip
+                report.results["training"]["checkpoint"] = os.path.realpath(best)
+                stitched = exp / "stitched"
+                if not (stitched / "config.json").is_file():
+                    with report.stage("stitch"):
+                        sh(
+                            ["stitch", str(best), "smollm2", "--output-path", str(stitched)],
+                            logs / f"stitch_{name}.log",
+                        )
+                if "eval" in args.stages:  # the trained head first: the fresh one (seeded, the same on every
+                    # machine) gets what the budget leaves, and the same command again finishes it
+                    evaluate(exp / "eval", logs, str(stitched), args, data["test"], prompts, budget, report, "trained", args.eval_num_steps)  # fmt: skip
+                    if not args.skip_untrained_eval:
+                        evaluate(work / "eval" / head.name, logs, str(head), args, data["test"], prompts, budget, report, "untrained")  # fmt: skip
+            failed = [f"{label}/{k}" for label in ("untrained", "trained") for k, v in report.results.get(label, {}).items() if "error" in v]  # fmt: skip
+            code = 3 if failed else 0
+            report.results["status"] = f"done, failed evaluations: {', '.join(failed)}" if failed else "done"
     except BaseException as exc:
         report.results["status"] = "failed"
         report.results["error"] = f"{type(exc).__name__}: {exc}"[:1000]
