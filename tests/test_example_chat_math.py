@@ -128,7 +128,8 @@ def test_results_rows_replace_per_run_and_render(table, gsm8k_run, tmp_path) -> 
     assert "160 turns of 80 conversations" in figures and "| 1.30 / 1.30 |" in figures  # MT-Bench turns apart
     assert "| skipped |" in figures and "| 1.00 |" in figures  # a budget-cut figure; the fresh head beside
     levers = table.levers_table(read)
-    assert "| a | 1119 GSM8K q × 4; 4476 rows, 0.85 M supervised tokens | 6 | kl | 3 | 0.0015 |" in levers
+    assert "| a | 1119 GSM8K q × 4; 4476 rows, 851,000 supervised tokens | 6 | kl | 3 | 0.0015 |" in levers
+    assert "| 1,000 drafts | **2.70** |" in figures  # offline: drafts only
     assert "a: validation tau_sim 1.00, 1.90" in table.curves(read)
     json.dumps(read)  # rows stay plain JSON
 

@@ -103,11 +103,12 @@ def _al(entry: dict | None) -> str:
 
 
 def _count(entry: dict) -> str:
-    if "prompts" not in entry:
-        return f"{entry.get('drafts', 0):,} drafts"
+    drafts = f"{entry.get('drafts', 0):,} drafts"
+    if "prompts" not in entry:  # offline: every slot of the held-out answers drafts
+        return drafts
     if entry.get("conversations") and entry["conversations"] != entry["prompts"]:
-        return f"{entry['prompts']} turns of {entry['conversations']} conversations"
-    return f"{entry['prompts']} prompts"
+        return f"{entry['prompts']} turns of {entry['conversations']} conversations, {drafts}"
+    return f"{entry['prompts']} prompts, {drafts}"
 
 
 def figures_table(rows: list[dict]) -> str:
@@ -128,14 +129,14 @@ def figures_table(rows: list[dict]) -> str:
             c = " / ".join(f"{x:.3f}" for x in entry.get("conditional") or [])
             turns = " / ".join(f"{t['acceptance_length']:.2f}" for t in entry.get("by_turn") or [])
             lines.append(
-                f"| {r['name']} | {title} | {_count(entry)}, {entry.get('drafts', 0):,} drafts | "
+                f"| {r['name']} | {title} | {_count(entry)} | "
                 f"**{entry['acceptance_length']:.2f}** | {p} | {c} | {_al(fresh)} | {turns} |"
             )
     return "\n".join(lines)
 
 
 def levers_table(rows: list[dict]) -> str:
-    heads = [title.split(",")[0] + "," + title.split(",")[1].split("(")[0] for _, title in FIGURES]
+    heads = [title.split(" (")[0] for _, title in FIGURES]
     lines = [
         "| run | data | epochs | loss | K train | lr | " + " | ".join(heads) + " |",
         "|---|---|---|---|---|---|" + "---|" * len(FIGURES),
@@ -149,7 +150,7 @@ def levers_table(rows: list[dict]) -> str:
             )
         mix += f"; {data.get('train_rows', '?')} rows"
         if data.get("supervised_tokens"):
-            mix += f", {data['supervised_tokens'] / 1e6:.2f} M supervised tokens"
+            mix += f", {data['supervised_tokens']:,} supervised tokens"
         if lv.get("max_rows"):
             mix += f" (first {lv['max_rows']} rows)"
         als = [_al(r["figures"].get("trained", {}).get(key)) for key, _ in FIGURES]

@@ -371,7 +371,9 @@ def server_extra_args(args: argparse.Namespace) -> list[str]:
     if args.server_max_queue:
         extra += ["--max-queue", str(args.server_max_queue)]
     if args.server_max_rows:
-        prompt_slots = 768 if args.chat_samples else 256  # ShareGPT turns carry longer prompts than GSM8K's
+        prompt_slots = (
+            768 if getattr(args, "chat_samples", 0) else 256
+        )  # ShareGPT turns carry longer prompts than GSM8K's
         slots = args.server_batch_slots or args.server_max_rows * (prompt_slots + args.max_tokens)
         extra += ["--max-generate-batch-tokens", str(slots), "--", "--max-num-seqs", str(args.server_max_rows)]
     elif args.server_batch_slots:
