@@ -906,7 +906,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         head = work / "heads" / f"{args.init}-K{args.train_num_steps}"
         convert = None
-        if not (head / "config.json").is_file():  # needs no server: runs beside the regeneration
+        if not (head / "config.json").is_file() and args.stages != [
+            "regen"
+        ]:  # needs no server: beside the regeneration
             convert = Step(["convert", "smollm2", "--init", args.init, "--output-path", str(head), "--num-speculative-steps", str(args.train_num_steps)], logs / "convert.log")  # fmt: skip
 
         greedy = {split: regenerated_path(work, split, args) for split in ("train", "test")}
@@ -1026,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
         report.publish()
         if report.exp is not None:
             report.write(report.exp)
-    for label in ("untrained", "trained"):
+    for label in ("untrained", "trained") if report.results.get("name") else ():
         summary = {k: round(v["acceptance_length"], 3) for k, v in report.results.get(label, {}).items() if "acceptance_length" in v}  # fmt: skip
         print(f"{report.results.get('name')} {label}: AL {summary}")
     return code
