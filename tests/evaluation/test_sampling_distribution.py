@@ -142,6 +142,7 @@ def test_speculative_sampling_follows_the_verifier_distribution(round_inputs) ->
     checks = position_checks(rounds, drafts, probs)
     assert len(checks) >= 2  # the first token, and the one after an accepted first draft
     assert all(p_value > 1e-3 for _, p_value in checks), checks
+    print(f"(samples, p-value) per emitted position: {checks}")
     # Against plain sampling from the verifier (what serving without a head does), same count, another seed.
     plain = torch.multinomial(probs[0], ROUNDS, replacement=True, generator=torch.Generator().manual_seed(1))
     assert two_sample([r[0] for r in rounds], plain.tolist()) > 1e-3
@@ -156,4 +157,5 @@ def test_a_wrong_rule_fails_the_same_check(round_inputs, rule: Rule) -> None:
     probs = torch.softmax(logits / TEMPERATURE, -1)
     rounds = emitted(rule, drafts, logits, seed=0, rounds=WRONG_ROUNDS)
     first_token = position_checks(rounds, drafts, probs)[0][1]
+    print(f"{rule.__name__}: first-token p-value {first_token:.3g}")
     assert first_token < 1e-6
