@@ -64,12 +64,13 @@ def decode_prompts(job: GenerationJob, prompts: list[tuple[int, Prompt]], forwar
     from mtptune.evaluation.verifier_forward import VerifierForward
     from mtptune.modeling.load import load_head
 
+    if (forward is None) != (head is None):
+        raise ValueError("decode_prompts: pass both the verifier forward and the head, or neither")
     if head is None:
         head, _, verifier = load_head(job.head, job.verifier, device=job.device, dtype=DTYPES[job.dtype])
         head.eval().requires_grad_(False)
-    else:
-        verifier = forward.verifier
-    forward = forward or VerifierForward.load(verifier, DTYPES[job.dtype], job.device)
+        forward = VerifierForward.load(verifier, DTYPES[job.dtype], job.device)
+    verifier = forward.verifier
     needs_text = any(p.token_ids is None for _, p in prompts)
     tokenizer = load_tokenizer(job.tokenizer or verifier.root) if needs_text else None
     return run_generation(
