@@ -410,7 +410,13 @@ def completion_marker(output: Path, questions: Path) -> Path:
 
 
 def regenerate_args(
-    questions: Path, output: Path, endpoint: str, args: argparse.Namespace, sampled: bool, max_turns: int | None = None
+    questions: Path,
+    output: Path,
+    endpoint: str,
+    args: argparse.Namespace,
+    sampled: bool,
+    max_turns: int | None = None,
+    concurrency: int | None = None,
 ) -> list:
     temperature = ["--temperature", f"{args.sample_temperature:g}", "--top-p", f"{args.sample_top_p:g}"]
     turns = ["--max-turns", str(max_turns)] if max_turns else []
@@ -426,7 +432,7 @@ def regenerate_args(
         "--max-tokens",
         str(args.max_tokens),
         "--concurrency",
-        str(args.concurrency),
+        str(concurrency or args.concurrency),
         *turns,
     ]
 
@@ -837,8 +843,9 @@ def regenerate_stage(
             cap = budget.share(reserve)
             began = time.time()
             steps = []
+            share = max(1, args.concurrency // len(todo))  # --concurrency in flight in all, within the server's queue
             for _, questions, output, sampled, turns in todo:
-                command = regenerate_args(questions, output, endpoint, args, sampled, turns)
+                command = regenerate_args(questions, output, endpoint, args, sampled, turns, share)
                 steps.append((output, questions, Step(command, logs / f"{output.stem}.log")))
             for output, questions, step in steps:
                 if step.wait(None if cap is None else cap - (time.time() - began)) is None:
