@@ -31,7 +31,8 @@
 #   each) TEST_SAMPLES=200 GEN_SAMPLES=200 (held-out GSM8K prompts decoded) MTB_SAMPLES=80 MTB_TURNS=2
 #   EVAL_TEMPS="0 0.7" EVAL_SEED=0 EVAL_WORKERS=12 (processes per decoding job) EVAL_STARTUP_S=30 (their spawn +
 #   load, kept out of each job's --max-seconds) EVAL_MAX_TOKENS=128 SKIP_FRESH=0
-#   BUDGET_S=540 RESERVE_TRAIN_S=180 RESERVE_EVAL_S=135 SERVER_ROWS=1024 CONCURRENCY=2048 NAME= EXTRA_ARGS=
+#   BUDGET_S=540 RESERVE_TRAIN_S=180 RESERVE_EVAL_S=135 SERVER_ROWS=1024 CONCURRENCY=4096 (requests in flight in
+#   all, shared by the regenerations that run together: 2048 each for GSM8K's two greedy ones) NAME= EXTRA_ARGS=
 #   WORK=/tmp/smol_gsm8k KEEP=/tmp/smol_carry DEVICE=cuda HARD_TIMEOUT_S=572 (run.py gets SIGTERM then: it stops its
 #   steps and publishes; preflight: 420); TINY=1 shrinks everything to a CPU-sized smoke run (with DEVICE=cpu,
 #   PYTHON=..., OUT=...).
@@ -103,7 +104,7 @@ EOF
 # Enough file descriptors for ~1,000 concurrent HTTP requests on each side.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE=$(ulimit -n)
-CONCURRENCY=${CONCURRENCY:-2048}
+CONCURRENCY=${CONCURRENCY:-4096}
 if [ "$NOFILE" != unlimited ] && [ $((NOFILE / 2 - 64)) -lt "$CONCURRENCY" ]; then
   CONCURRENCY=$((NOFILE / 2 - 64)); say "open-file limit $NOFILE: regeneration concurrency lowered to $CONCURRENCY"
 fi
@@ -120,7 +121,7 @@ fi
 if [ "$MODE" = preflight ]; then
   [ -f "$SMOL/a/part-a" ] && [ "$(stat -c %s "$SMOL/a/part-a")" = "$PART_A_SIZE" ] || die "$SMOL/a/part-a missing or truncated"
   P_ARGS=(--config "$SMOL/a/preflight" --device "$DEVICE" --out "$OUT" --work "${PREFLIGHT_WORK:-/tmp/smol_preflight}"
-          --concurrency "$CONCURRENCY" --server-max-rows "$SERVER_ROWS" --max-tokens "${MAX_TOKENS:-256}"
+          --concurrency "$((CONCURRENCY / 2))" --server-max-rows "$SERVER_ROWS" --max-tokens "${MAX_TOKENS:-256}"
           --total-seq-len "${SEQ_LEN:-8192}" --loss "${LOSS:-kl}" --full-epochs "${EPOCHS:-6}"
           --full-answers-per-question "${ANSWERS:-4}")
   if [ "${TINY:-0}" = 1 ]; then
@@ -166,7 +167,7 @@ ARGS=(--work-dir "$WORK" --device "$DEVICE" --gguf "$GGUF" --inputs "$SMOL/a/inp
       --max-tokens "${MAX_TOKENS:-256}" --answers-per-question "${ANSWERS:-4}"
       --sample-temperature "${TEMP:-0.8}" --sample-top-p "${TOP_P:-0.95}"
       --chat-samples "${CHAT_SAMPLES:-0}" --chat-max-turns "${CHAT_TURNS:-2}"
-      --concurrency "$CONCURRENCY" --server-max-rows "$SERVER_ROWS" --server-max-queue 4096
+      --concurrency "$CONCURRENCY" --server-max-rows "$SERVER_ROWS" --server-max-queue "$((CONCURRENCY > 4096 ? CONCURRENCY : 4096))"
       --eval-max-tokens "${EVAL_MAX_TOKENS:-128}" --epochs "${EPOCHS:-6}" --lr "${LR:-1.5e-3}"
       --loss "${LOSS:-kl}" --init "${INIT:-random}" --total-seq-len "${SEQ_LEN:-8192}"
       --num-steps 3 --train-num-steps "${TRAIN_K:-3}"
