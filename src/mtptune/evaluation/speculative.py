@@ -1,4 +1,4 @@
-"""Real speculative decoding with the verifier and the head, as vLLM's MTP drafter does it (contracts d5).
+"""Real speculative decoding with the verifier and the head, as vLLM's MTP drafter does it (docs/contracts.md, "Attention pattern").
 
 Each round: the head's first pass runs over every slot with a hidden state (slot t: token x_{t+1}, hidden h_t,
 position t), then K-1 recursive steps on the last slot (input = previous draft, hidden = previous output,
