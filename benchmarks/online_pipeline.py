@@ -151,7 +151,7 @@ def _quantile(sorted_xs: list[int], q: float) -> float:  # numpy's default (line
 
 
 def write_prepared(path: Path, lengths: list[tuple[int, int]], vocab: int, seed: int) -> dict:
-    """The on-disk format `mtptune train --data-path` reads (datasets save_to_disk, contracts a7)."""
+    """The on-disk format `mtptune train --data-path` reads (docs/contracts.md, "Output folders")."""
     from mtptune.data.prepare import write_dataset
     from mtptune.data.token_rows import TokenRow
 

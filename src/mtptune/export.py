@@ -1,5 +1,6 @@
-"""Write a head checkpoint in another format: speculators' MTP interchange format (contracts a8) so that
-speculators 0.9.0 loads and stitches it with its own code, or back into mtptune's own format.
+"""Write a head checkpoint in another format: speculators' MTP interchange format (docs/contracts.md, "The speculators
+interchange format") so that speculators 0.9.0 loads and stitches it with its own code, or back into mtptune's own
+format.
 
 `export_checkpoint` reads either format (the reader detects it from config.json), so it converts both ways.
 """

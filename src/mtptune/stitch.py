@@ -1,10 +1,9 @@
 """Step 5 of the workflow: write a servable copy of the verifier whose only changed tensors are the `mtp.*` head.
 
-Contract (contracts c6): every head tensor goes back under the verifier's own name, layout (per-expert or
-fused experts, as the verifier stores them), dtype and shard; shards without head tensors are hard-linked
-(or copied with `copy_untouched=True`, and always copied when linking fails); config.json and the index are
-left as they are. After writing, the output is verified tensor by tensor; any failure removes the partial
-output and raises.
+Contract (docs/contracts.md, "Stitching"): every head tensor goes back under the verifier's own name, layout (per-expert
+or fused experts, as the verifier stores them), dtype and shard; shards without head tensors are hard-linked (or copied
+with `copy_untouched=True`, and always copied when linking fails); config.json and the index are left as they are. After
+writing, the output is verified tensor by tensor; any failure removes the partial output and raises.
 
 Attach mode (automatic for a verifier without `mtp.*` tensors whose family `attaches_head`, e.g. Llama): the head
 goes into a new shard `mtp.safetensors` in the Qwen-style `mtp.*` layout; every verifier file is hard-linked or

@@ -1,4 +1,4 @@
-"""speculators MTP interchange format (contracts a8) without speculators installed: hand-written folders import
+"""speculators MTP interchange format (docs/contracts.md) without speculators installed: hand-written folders import
 into load_head / stitch, exports follow a8 exactly, and wrong folders fail with a clear message.
 (Round trips against the real speculators package live in tests/interop/.)"""
 

@@ -16,8 +16,8 @@ from mtptune.data.regenerate import ChatClient, ClientConfig, SamplingConfig, re
 from mtptune.data.token_rows import Dropped
 from mtptune.errors import ServerError
 from mtptune.serving.server_config import free_port
+from mtptune.testing.server_process import running_server
 from mtptune.testing.tiny import TinySpec, build_model, write_tiny_verifier
-from tests.serving.conftest import running_server
 
 CONTEXT = 256
 

@@ -13,10 +13,9 @@ from mtptune.modeling.load import load_head
 from mtptune.serving.client import HiddenStatesClient
 from mtptune.serving.contract import capture_spec
 from mtptune.serving.sources import ServerSource
+from mtptune.testing.server_process import running_server
 
 from .trained_tiny import NUM_STEPS, TinySetup, direct_source
-
-serving = pytest.importorskip("tests.serving.conftest", reason="the serving tests' server launcher is not available")
 
 
 def server_source(endpoints: list[str], hidden_size: int) -> ServerSource:
@@ -28,7 +27,7 @@ def test_server_hidden_states_give_the_same_tau_sim(tiny: TinySetup, tmp_path: P
     head, _, _ = load_head(tiny.trained_head, str(tiny.verifier_dir))
     rows = tiny.eval_rows[:4]
     direct = evaluate_offline(head, rows, direct_source(tiny), NUM_STEPS)
-    with serving.running_server(tiny.verifier_dir, tmp_path / "hs") as base:
+    with running_server(tiny.verifier_dir, tmp_path / "hs") as base:
         served = evaluate_offline(head, rows, server_source([base], head.hidden_size), NUM_STEPS)
     assert served.counts.drafts == direct.counts.drafts
     # Same states up to bf16 rounding of the residual before the final norm: allow a rare flipped near-tie.

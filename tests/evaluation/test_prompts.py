@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mtptune.errors import DataError
-from mtptune.evaluation.prompts import Prompt, encode_prompt, load_prompts
+from mtptune.evaluation.prompts import Prompt, encode_prompt, encode_turn, gsm8k_split, load_prompts, load_tokenizer
 
 
 def test_builtin_prompt_sets() -> None:
@@ -34,3 +34,45 @@ def test_prompt_files(tmp_path: Path) -> None:
         encode_prompt(Prompt("x", text="hello"), tokenizer=None)
     with pytest.raises(DataError, match="neither a built-in set"):
         load_prompts(str(tmp_path / "nope.jsonl"))
+
+
+def test_gsm8k_splits_are_fixed_and_disjoint() -> None:
+    held, train, everything = load_prompts("gsm8k_heldout"), load_prompts("gsm8k_train"), load_prompts("gsm8k")
+    assert (len(held), len(train)) == (200, 1119)
+    assert not {p.prompt_id for p in held} & {p.prompt_id for p in train}
+    train_ids, held_ids = gsm8k_split(len(everything))
+    assert [p.text for p in held] == [everything[i].text for i in held_ids]  # in split order
+    assert [p.text for p in train] == [everything[i].text for i in train_ids]
+    assert held_ids[:3] == [1097, 1209, 704]  # the split of issues 7 and 21: never changes
+    assert load_prompts("gsm8k_heldout", limit=5) == held[:5]
+
+
+def test_mt_bench_both_turns_and_the_rendered_second_turn() -> None:
+    first, both = load_prompts("mt_bench", limit=2), load_prompts("mt_bench", limit=2, turns="all")
+    assert [p.num_turns for p in first] == [1, 1] and [p.num_turns for p in both] == [2, 2]
+    assert both[0].text == first[0].text and both[0].followups[0].startswith("Rewrite your previous response")
+    tokenizer = load_tokenizer("qwen3.5")
+    second = tokenizer.decode(encode_turn(both[0], ["ALOHA ANSWER"], tokenizer))
+    # The verifier's own answer sits between the two user turns, and a generation prompt follows the second.
+    assert second.index(both[0].text) < second.index("ALOHA ANSWER") < second.index(both[0].followups[0])
+    assert second.rstrip().endswith(("<|im_start|>assistant", "<think>"))
+    assert tokenizer.decode(encode_prompt(both[0], tokenizer)) == tokenizer.decode(encode_turn(first[0], [], tokenizer))
+    with pytest.raises(DataError, match="has 2 turn"):
+        encode_turn(both[0], ["a", "b"], tokenizer)
+
+
+def test_messages_rows_keep_their_later_user_turns(tmp_path: Path) -> None:
+    chat, sharegpt = tmp_path / "chat.jsonl", tmp_path / "sharegpt.jsonl"
+    chat.write_text(
+        '{"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "ref"}, '
+        '{"role": "user", "content": "two"}]}\n'
+    )
+    sharegpt.write_text(
+        '{"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}, '
+        '{"from": "human", "value": " "}]}\n'
+    )
+    (prompt,) = load_prompts(str(chat), turns="all")
+    assert (prompt.text, prompt.followups) == ("one", ("two",))  # the reference answer "ref" is never used
+    assert load_prompts(str(sharegpt), turns="first")[0].followups == ()
+    with pytest.raises(DataError, match="empty user turn"):
+        load_prompts(str(sharegpt), turns="all")

@@ -71,7 +71,7 @@ def test_cli_offline_generate_compare(tiny: TinySetup, tmp_path: Path, capsys: p
     )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in tiny.eval_prompts[:2]))
-    run_dir = tmp_path / "run"  # a training run root resolves to its checkpoint_best (contracts a7)
+    run_dir = tmp_path / "run"  # a training run root resolves to its checkpoint_best
     run_dir.mkdir()
     (run_dir / "checkpoint_best").symlink_to(tiny.trained_head, target_is_directory=True)
     head = ["--head", str(run_dir), "--verifier", str(tiny.verifier_dir)]

@@ -88,10 +88,19 @@ def test_diff_of_two_scrapes_and_labels() -> None:
 def test_server_root_and_serve_command() -> None:
     assert server_root("http://localhost:8000/v1/") == "http://localhost:8000"
     assert server_root("http://localhost:8000") == "http://localhost:8000"
+    # Without chunked prefill vLLM refuses a hybrid verifier (Qwen3.5) unless prefix caching is off too.
     assert vllm_serve_command("out/stitched", 3) == (
         "vllm serve out/stitched --speculative-config "
-        '\'{"method":"mtp","num_speculative_tokens":3}\' --no-enable-chunked-prefill'
+        '\'{"method":"mtp","num_speculative_tokens":3}\' --no-enable-chunked-prefill --no-enable-prefix-caching'
     )
+
+
+def test_serve_command_for_a_folder_without_tokenizer(tiny_verifier, capsys) -> None:
+    """A stitched tiny verifier has no tokenizer: vLLM serves it to token-id prompts only (tests/vllm runs it)."""
+    assert main(["evaluate", "vllm", "--serve-command", str(tiny_verifier), "--num-steps", "2"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed[-3:] == ["--no-enable-prefix-caching", "--skip-tokenizer-init", "--language-model-only"]
+    assert '\'{"method":"mtp","num_speculative_tokens":2}\'' in printed
 
 
 class _VllmLike(BaseHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""On-disk layouts (contracts c1), convert -> stitch round trips and the one-depth limit of the new families."""
+"""On-disk layouts (docs/families.md), convert -> stitch round trips and the one-depth limit of the new families."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from mtptune.stitch import stitch
 
 from .conftest import FAMILY_SPECS
 
-# The fuse-stage names each layout stores (contracts c1); everything else under the prefix is the decoder block.
+# The fuse-stage names each layout stores (docs/families.md); everything else under the prefix is the decoder block.
 FUSE_NAMES = {
     "deepseek_v3": {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"},
     "glm4_moe": {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"},

@@ -2,7 +2,8 @@
 
 A tiny real `LlamaForCausalLM` (tied and untied, single file and sharded, written by transformers' own
 `save_pretrained`) goes through convert --init -> stitch (attach) -> load back, and the head's numerics are checked
-against a straight-line re-implementation of d2-d5 with Llama-style norms (`x̂ · w`) and the Llama block.
+against a straight-line re-implementation of docs/contracts.md, "Numerics vLLM serves", with Llama-style norms
+(`x̂ · w`) and the Llama block.
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ def rope(x: torch.Tensor, pos: int, theta: float) -> torch.Tensor:
 
 
 class Reference:
-    """d2-d5 row by row from the stitched folder's raw tensors: fuse [emb; hidden], Llama block, mtp.norm, recursion."""
+    """The numerics vLLM serves (docs/contracts.md) row by row from the stitched folder's raw tensors: fuse [emb;
+    hidden], Llama block, mtp.norm, recursion."""
 
     def __init__(self, root, cfg):
         ckpt = SafetensorsCheckpoint.open(root)
@@ -219,7 +221,7 @@ class Reference:
 
     def run(self, ids: list[int], residual: torch.Tensor, docs: list[int], positions: list[int], K: int) -> dict:
         T = len(ids)
-        h = [rms(residual[t], self.w["model.norm.weight"], self.eps) for t in range(T)]  # d4: post final norm
+        h = [rms(residual[t], self.w["model.norm.weight"], self.eps) for t in range(T)]  # h_t = FinalNorm(r_t)
         step0 = [self.fuse(ids[t + 1], h[t]) for t in range(T - 1)]
         results = {}
         for t in range(T - 1):

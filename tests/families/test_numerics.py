@@ -1,4 +1,5 @@
-"""MtpHead on DeepSeek-V3 / GLM-4.5 / MiMo vs references written here from vLLM's drafters (contracts c1, d2, d5).
+"""MtpHead on DeepSeek-V3 / GLM-4.5 / MiMo vs references written here from vLLM's drafters (docs/families.md,
+docs/contracts.md "One MTP step" and "Attention pattern").
 
 The fuse stage is straight-line from the raw on-disk tensors: Llama-style RMSNorm (`x̂ · w`), embedding zeroed at
 position 0, `[enorm(emb); hnorm(h)]` (DeepSeek / GLM) or the reversed `[hidden_layernorm(h); token_layernorm(emb)]`
@@ -120,7 +121,7 @@ class Reference:
 
     def run(self, ids: list[int], residual: torch.Tensor, docs: list[int], positions: list[int], K: int) -> dict:
         T = len(ids)
-        h = [rms(residual[t], self.final_norm, self.eps) for t in range(T)]  # d4: post final norm
+        h = [rms(residual[t], self.final_norm, self.eps) for t in range(T)]  # h_t = FinalNorm(r_t)
         step0 = [self.fuse(ids[t + 1], positions[t], h[t]) for t in range(T - 1)]
         results = {}
         for t in range(T - 1):

@@ -20,7 +20,7 @@ import torch
 from transformers import Qwen3_5ForConditionalGeneration
 
 from mtptune.serving.hidden_state_files import read_hidden_states_file
-from tests.serving.conftest import running_server
+from mtptune.testing.server_process import running_server
 
 from .conftest import needs_device, rel_err
 

@@ -1,4 +1,5 @@
-"""MtpHead vs an independent straight-line re-implementation of contracts d1-d5, written here from the text.
+"""MtpHead vs an independent straight-line re-implementation of docs/contracts.md, "Numerics vLLM serves", written
+here from the text.
 
 The reference reads the raw `mtp.*` tensors with safetensors and simulates vLLM's drafter row by row: for each
 prefix slot t, step 0 writes KV at position t from (x_{t+1}, h_t); step k >= 1 runs one token at position t+k
@@ -116,7 +117,7 @@ class Reference:
     def run(self, ids: list[int], residual: torch.Tensor, docs: list[int], positions: list[int], K: int):
         """Logits [K][t] for every row whose chain stays inside the sequence."""
         T = len(ids)
-        h = [rms(residual[t].double(), self.final_norm, self.eps) for t in range(T)]  # d4: post final norm
+        h = [rms(residual[t].double(), self.final_norm, self.eps) for t in range(T)]  # h_t = FinalNorm(r_t)
         step0 = []
         for t in range(T - 1):
             u = self.fuse(ids[t + 1], h[t])

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from mtptune.testing.learnable import LearnableSpec, pattern_rows, write_hidden_state_files, write_prepared_rows
+from mtptune.testing.server_process import running_server
 
 NUM_ROWS = 24
 CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -108,8 +109,6 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 @pytest.fixture(scope="session")
 def online_server(corpus, tmp_path_factory):
     """One real built-in server for the tests that only need it alive: (base URL, its storage folder)."""
-    from tests.serving.conftest import running_server
-
     storage = tmp_path_factory.mktemp("online") / "hs"
     with running_server(corpus.verifier, storage) as base:
         yield base, storage

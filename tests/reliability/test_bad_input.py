@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mtptune.cli.main import main
+from mtptune.serving.server_config import free_port
 from mtptune.testing.tiny import TinySpec, write_tiny_verifier
-from tests.serving.conftest import free_port
 
 from .conftest import records, train_args
 

@@ -7,7 +7,7 @@ import json
 import signal
 import time
 
-from tests.serving.conftest import free_port
+from mtptune.serving.server_config import free_port
 
 from .conftest import records, spawn, start_server, stop, train_args, wait_for_step
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from mtptune.serving.hidden_state_files import read_hidden_states_file
-from tests.serving.conftest import server_process
+from mtptune.testing.server_process import server_process
 
 TMPFS_BYTES = 64 * 1024
 PROMPT = list(range(10, 70))  # 60 tokens: a 7.7 KiB file (one layer, H=64, bf16), 3 tmpfs blocks with the header

@@ -1,6 +1,6 @@
 """Issue 22's server faults, caused for real against one `mtptune serve` process: a chat template that would loop
 for hours, a chunked body over the size limit, a client that abandons a long generation, a request without
-max_tokens, and sampling values or save paths that used to fail after the capture file was made."""
+max_tokens, and sampling values or save paths that must be refused before the capture file is made."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving.conftest import server_process, write_word_tokenizer
+from mtptune.testing.server_process import server_process
+from mtptune.testing.word_tokenizer import write_word_tokenizer
 
 BODY_LIMIT = 8192  # above the longest save path sent below
 JSON_HEADERS = {"content-type": "application/json"}
 DEFAULT_MAX_TOKENS = 5
 TEMPLATE_TIMEOUT = 3.0  # long enough to see /health answer several times meanwhile
-# 10**10 iterations of Jinja: hours of pure Python (issue 22's nested loop froze /health for 17 s with less).
+# 10**10 iterations of Jinja: hours of pure Python.
 NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 
 

@@ -20,7 +20,7 @@ from mtptune.serving.hidden_state_files import HiddenStatesWriteLock, lock_path_
 from mtptune.serving.protocol import CompletionRequest, Rejected
 from mtptune.serving.save_path import custom_save_path
 from mtptune.serving.verifier_runtime import sample_token
-from tests.serving.conftest import running_server
+from mtptune.testing.server_process import running_server
 
 KEY = "s3cret"
 NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"

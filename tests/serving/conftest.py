@@ -1,40 +1,21 @@
-"""A real tiny verifier (with a word-level tokenizer and chat template) and a real `mtptune serve` subprocess."""
+"""Fixtures of the serving tests: a real tiny verifier and a word-level tokenizer kept apart from it.
+
+The server launcher lives in `mtptune.testing.server_process` and the tokenizer in `mtptune.testing.word_tokenizer`; the
+names below are re-exported for test modules that still import them from here.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from mtptune.serving.server_config import free_port
+from mtptune.testing.server_process import ServerProcess, running_server, server_process
 from mtptune.testing.tiny import write_tiny_verifier
+from mtptune.testing.word_tokenizer import EOS, VOCAB, write_word_tokenizer
 
-VOCAB = 1000
-EOS = VOCAB - 1
-CHAT_TEMPLATE = (
-    "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}{% if add_generation_prompt %}w3{% endif %}"
-)
-
-
-def write_word_tokenizer(model_dir: Path) -> None:
-    """Token `wK` has id K; `</s>` is EOS. Enough for text prompts, detokenisation and a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"</s>": EOS}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="w0", pad_token="</s>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(model_dir)
+__all__ = ["EOS", "VOCAB", "ServerProcess", "free_port", "running_server", "server_process", "write_word_tokenizer"]
 
 
 @pytest.fixture(scope="session")
@@ -48,60 +29,3 @@ def word_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tokenizer")
     write_word_tokenizer(path)
     return path
-
-
-@dataclass(frozen=True)
-class ServerProcess:
-    base: str  # http://127.0.0.1:PORT
-    proc: subprocess.Popen
-    log: Path  # its stdout and stderr
-
-
-@contextlib.contextmanager
-def running_server(model: Path, storage: Path, *extra: str, startup_timeout: float = 90.0) -> Iterator[str]:
-    """Start `python -m mtptune.cli.main serve MODEL --engine builtin ...`; yield its base URL once /health is 200."""
-    with server_process(model, storage, *extra, startup_timeout=startup_timeout) as server:
-        yield server.base
-
-
-@contextlib.contextmanager
-def server_process(
-    model: Path,
-    storage: Path,
-    *extra: str,
-    startup_timeout: float = 90.0,
-    prefix: Sequence[str] = (),
-    preexec_fn: Callable[[], None] | None = None,
-) -> Iterator[ServerProcess]:
-    """As `running_server`, yielding the process and its log too. `prefix` runs the server under another command
-    (`unshare ... sh -c ... exec "$@"`, which must exec it so that the pid stays the server's); `preexec_fn` runs in
-    the child before it starts (resource limits)."""
-    port = free_port()
-    log_path = storage.parent / f"server-{port}.log"
-    cmd = [*prefix, sys.executable, "-m", "mtptune.cli.main", "serve", str(model), "--engine", "builtin"]
-    cmd += ["--port", str(port), "--hidden-states-path", str(storage), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy after {startup_timeout} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield ServerProcess(base, proc, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

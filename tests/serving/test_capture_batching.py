@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtptune.serving.batching import DynamicBatcher, plan_forwards
+from mtptune.serving.request_batching import DynamicBatcher, plan_forwards
 from mtptune.serving.verifier_runtime import VerifierRuntime
 
 

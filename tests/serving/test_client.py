@@ -21,7 +21,8 @@ from mtptune.openai_http import (
 )
 from mtptune.serving.client import HiddenStatesClient
 from mtptune.serving.hidden_state_files import HiddenStates
-from tests.serving.conftest import free_port, running_server
+from mtptune.serving.server_config import free_port
+from mtptune.testing.server_process import running_server
 
 ROWS = [(i, [10 + i, 20 + i, 30 + i, 40 + i, 50 + i]) for i in range(6)]
 

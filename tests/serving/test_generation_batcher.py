@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-from mtptune.serving.batching import GenerationBatcher, GenerationRequest
+from mtptune.serving.request_batching import GenerationBatcher, GenerationRequest
 
 
 def run_requests(requests: list[GenerationRequest], max_rows: int = 32) -> tuple[list[list[int]], list[str]]:

@@ -1,4 +1,5 @@
-"""The `.lock` protocol (b5) and the client-side validation (b7) on real files."""
+"""The `.lock` protocol and the client-side validation on real files (docs/contracts.md, "The lock protocol",
+"Validating a file")."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch
 from mtptune.checkpoint.verifier import build_random_causal_lm
 from mtptune.cli.main import main
 from mtptune.serving.hidden_state_files import read_hidden_states_file
-from tests.serving.conftest import running_server
+from mtptune.testing.server_process import running_server
 
 REPO = Path(__file__).resolve().parents[2]
 HIDDEN, LAYERS, VOCAB = 128, 8, 4096  # make_fake_verifier.py --tiny
@@ -68,7 +68,7 @@ def test_dummy_server_serves_hidden_states_over_http(dummy_server, fake_verifier
     payload = post_capture(base, ids)
     path = Path(payload["kv_transfer_params"]["hidden_states_path"])
     assert path.parent == storage.resolve()
-    states = read_hidden_states_file(path, ids, 1, HIDDEN).hidden_states  # id N: finite, no zero rows (b7)
+    states = read_hidden_states_file(path, ids, 1, HIDDEN).hidden_states  # id N: finite, no zero rows
     assert states.dtype == torch.bfloat16 and states.shape == (len(ids), 1, HIDDEN)
     assert payload["choices"][0]["prompt_token_ids"] == ids
     assert 0 <= payload["choices"][0]["token_ids"][0] < VOCAB

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3_5ForConditionalGeneration
 
 from mtptune.serving.hidden_state_files import read_hidden_states_file
-from tests.serving.conftest import EOS, VOCAB, running_server
+from mtptune.testing.server_process import running_server
+from mtptune.testing.word_tokenizer import EOS, VOCAB
 
 MAX_MODEL_LEN = 256
 N = 4  # tiny verifier's num_hidden_layers

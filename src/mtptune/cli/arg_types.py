@@ -1,5 +1,5 @@
 """argparse `type=` checks for numeric flags: a value outside its range is a usage error (exit 2) that names the flag
-and the range, instead of a run that quietly does something else (`--num-prompts -3` used to run 5 prompts)."""
+and the range, instead of a run that quietly does something else (`--num-prompts -3` would run all but 3 prompts)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`mtptune evaluate {offline,generate,vllm,compare}`: acceptance the way serving will see it (contracts e)."""
+"""`mtptune evaluate {offline,generate,vllm,compare}`: acceptance the way serving will see it (docs/contracts.md,
+"Acceptance metrics")."""
 
 from __future__ import annotations
 
@@ -54,6 +55,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tokenizer", default=None, help="tokenizer folder, .gguf or `qwen3.5` (default: the verifier's)"
     )
     generate.add_argument(
+        "--turns",
+        choices=("first", "all"),
+        default="first",
+        help="all: multi-turn prompts (MT-Bench's 2 turns, later user messages of `messages` rows) - each later turn "
+        "is sent after the verifier's own answer to the earlier ones; every turn counts as one prompt",
+    )
+    generate.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="decode the prompts in N processes, each with its own verifier copy (a small verifier on a GPU is "
+        "launch-bound: N processes share the device); results are merged, sampling is seeded per prompt",
+    )
+    generate.add_argument(
+        "--no-greedy-baseline",
+        dest="greedy_baseline",
+        action="store_false",
+        help="temperature > 0 only: skip the plain greedy decoding of every prompt (no tokens/s comparison, half "
+        "the time)",
+    )
+    generate.add_argument(
         "--tie-tolerance",
         type=non_negative_float,
         default=0.0,
@@ -101,8 +123,13 @@ def _head_args(p: argparse.ArgumentParser) -> None:
 
 
 def _prompt_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", default="gsm8k", help="gsm8k | mt_bench | a .jsonl / .txt file (text or token ids)")
-    p.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N prompts")
+    p.add_argument(
+        "--prompts",
+        default="gsm8k",
+        help="gsm8k | gsm8k_heldout (the fixed 200-question held-out split) | gsm8k_train | mt_bench | a .jsonl / "
+        ".txt file (text or token ids)",
+    )
+    p.add_argument("--num-prompts", type=positive_int, default=None, help="use the first N prompts (conversations)")
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
@@ -112,7 +139,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_head_source(source: str) -> str:
-    """A training run root resolves to its `checkpoint_best` (contracts a7)."""
+    """A training run root resolves to its `checkpoint_best` (docs/contracts.md, "Output folders")."""
     path = Path(source)
     best = path / "checkpoint_best"
     if not (path / "config.json").is_file() and best.is_dir():
@@ -199,35 +226,41 @@ def _offline_source(args: argparse.Namespace, verifier, hidden_size: int):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from mtptune.evaluation.prompts import encode_prompt, load_prompts, load_tokenizer
+    from mtptune.evaluation.generation_job import GenerationJob, decode_prompts, run_workers
+    from mtptune.evaluation.prompts import load_prompts
     from mtptune.evaluation.result import EvaluationResult, GenerationStats
-    from mtptune.evaluation.speculative import run_generation
     from mtptune.evaluation.verifier_forward import VerifierForward
     from mtptune.metrics.acceptance import AcceptanceCounts
 
-    prompts = load_prompts(args.prompts, args.num_prompts)
+    if not args.greedy_baseline and args.temperature <= 0:
+        raise ConfigError("--no-greedy-baseline needs --temperature > 0: at 0 the greedy run is the lossless check.")
+    prompts = load_prompts(args.prompts, args.num_prompts, args.turns)
     results = []
     forward = None
     for source in [s for s in (args.baseline_head, args.head) if s]:
         source, head, verifier, k = _load(args, source)
-        forward = forward or VerifierForward.load(verifier, DTYPES[args.dtype], args.device)
-        tokenizer = (
-            load_tokenizer(args.tokenizer or verifier.root) if any(p.token_ids is None for p in prompts) else None
-        )
-        encoded = [(p.prompt_id, encode_prompt(p, tokenizer)) for p in prompts]
-        log.info("generate: %s, K=%d, %d prompts, temperature %g", source, k, len(encoded), args.temperature)
-        run = run_generation(
-            forward,
-            head,
-            encoded,
-            args.max_new_tokens,
-            k,
-            args.temperature,
-            args.seed,
-            args.tie_tolerance,
-            log=log.info,
+        job = GenerationJob(
+            head=source,
+            verifier=args.verifier,
+            num_steps=k,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            tie_tolerance=args.tie_tolerance,
+            dtype=args.dtype,
+            device=args.device,
+            tokenizer=args.tokenizer,
+            greedy_baseline=args.greedy_baseline,
             max_seconds=args.max_seconds,
         )
+        turns = sum(p.num_turns for p in prompts)
+        log.info("generate: %s, K=%d, %d prompts (%d turns), temperature %g", source, k, len(prompts), turns, args.temperature)  # fmt: skip
+        if args.workers > 1:
+            del head  # each worker loads its own
+            run = run_workers(job, prompts, args.workers)
+        else:
+            forward = forward or VerifierForward.load(verifier, DTYPES[args.dtype], args.device)
+            run = decode_prompts(job, list(enumerate(prompts)), forward=forward, head=head)
         stats = GenerationStats(
             prompts=run.prompts,
             generated_tokens=run.generated_tokens,
@@ -239,11 +272,23 @@ def run_generate(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             lossless_checked=args.temperature <= 0,
             numerical_ties=run.numerical_ties,
+            conversations=run.conversations,
+            greedy_baseline=args.greedy_baseline,
+            seed=args.seed if args.temperature > 0 else None,
+            max_new_tokens=args.max_new_tokens,
         )
         counts = AcceptanceCounts.from_accept_lengths(k, run.accept_lengths)
+        by_turn = [AcceptanceCounts.from_accept_lengths(k, a) for a in run.turn_accept_lengths]
         results.append(
             EvaluationResult(
-                "generate", source, str(verifier.root), args.prompts, counts, run.prompts, generation=stats
+                "generate",
+                source,
+                str(verifier.root),
+                args.prompts,
+                counts,
+                run.prompts,
+                generation=stats,
+                by_turn=by_turn if len(by_turn) > 1 else None,
             )
         )
         if run.numerical_ties:

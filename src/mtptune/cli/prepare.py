@@ -1,4 +1,5 @@
-"""`mtptune prepare`: token-id rows, conversations or presets -> a prepared dataset dir (contracts a3, a7)."""
+"""`mtptune prepare`: token-id rows, conversations or presets -> a prepared dataset dir (docs/contracts.md,
+"Output folders")."""
 
 from __future__ import annotations
 

@@ -79,11 +79,17 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "same meaning as vLLM's --load-format dummy, passed through to vllm)",
     )
     parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: MODEL)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder (default: MODEL; vllm: a MODEL folder without tokenizer files is served with "
+        "--skip-tokenizer-init, token-id prompts only)",
+    )
     parser.add_argument(
         "--allow-custom-save-path",
         action="store_true",
-        help="builtin: let a request choose its file via kv_transfer_params.hidden_states_path (inside the storage dir)",
+        help="let a request choose its file via kv_transfer_params.hidden_states_path (builtin: inside the storage "
+        "dir; vllm: the connector's allow_custom_save_path, anywhere the server may write)",
     )
     parser.add_argument(
         "--batch-window-ms", type=non_negative_float, default=2.0, help="builtin: wait this long to fill a batch"
@@ -228,12 +234,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_vllm(args: argparse.Namespace, layer_ids: list[int], storage: str) -> int:
-    from mtptune.serving.vllm_command import VllmServeSpec, build_vllm_command, exec_command, format_command
+    from pathlib import Path
+
+    from mtptune.serving.vllm_command import (
+        VllmServeSpec,
+        build_vllm_command,
+        default_kv_cache_bytes,
+        exec_command,
+        format_command,
+        is_vllm_cpu_build,
+    )
 
     spec = VllmServeSpec(
         model=args.model,
         layer_ids=layer_ids,
-        hidden_states_path=storage,
+        # vLLM joins this with each request id and returns the result as the file's path: a relative storage dir
+        # would give the trainer paths relative to the server's working directory, not its own.
+        hidden_states_path=str(Path(storage).expanduser().resolve()),
         backend=args.hidden_states_backend,
         host=args.host or "127.0.0.1",
         port=args.port,
@@ -244,6 +261,9 @@ def _run_vllm(args: argparse.Namespace, layer_ids: list[int], storage: str) -> i
         dtype=args.dtype,
         load_format=args.load_format,
         trust_remote_code=args.trust_remote_code,
+        tokenizer=args.tokenizer,
+        allow_custom_save_path=args.allow_custom_save_path,
+        kv_cache_memory_bytes=default_kv_cache_bytes(is_vllm_cpu_build()),
         engine_args=list(args.engine_args),
     )
     argv = build_vllm_command(spec)

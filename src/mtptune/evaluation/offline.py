@@ -1,4 +1,5 @@
-"""Teacher-forced acceptance simulation tau_sim (contracts e), as serving would see it at temperature 0.
+"""Teacher-forced acceptance simulation tau_sim (docs/contracts.md, "Acceptance metrics"), as serving would see it
+at temperature 0.
 
 For every draft slot t (the head's first pass reads token x_{t+1} and hidden h_t), step k predicts position
 t+k+2 and consumes its own step-(k-1) output. The reference is the verifier's own greedy token there,

@@ -66,7 +66,13 @@ def format_table(results: list[tuple[str, EvaluationResult]]) -> str:
             ("tokens/s greedy", [cell(x.baseline_tokens_per_s if x else None, ".1f") for x in g]),
             ("lossless checked", [cell(("yes" if x.lossless_checked else "no") if x else None) for x in g]),
             ("numerical ties", [cell(x.numerical_ties if x else None) for x in g]),
+            ("temperature", [cell(x.temperature if x else None, "g") for x in g]),
         ]
+    turns = max((len(r.by_turn or []) for _, r in results), default=0)
+    for t in range(turns):
+        turn = [r.by_turn[t] if r.by_turn and t < len(r.by_turn) else None for _, r in results]
+        lines.append((f"AL turn {t + 1}", [cell(c.acceptance_length if c else None) for c in turn]))
+        lines.append((f"drafts turn {t + 1}", [cell(c.drafts if c else None) for c in turn]))
     header = ("", [label for label, _ in results])
     rows = [header, *lines]
     w0 = max(len(name) for name, _ in rows)

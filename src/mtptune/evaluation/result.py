@@ -28,6 +28,10 @@ class GenerationStats:
     temperature: float
     lossless_checked: bool  # token-for-token equality with greedy decoding was asserted (temperature 0)
     numerical_ties: int = 0  # prompts whose comparison stopped at a greedy near-tie (see --tie-tolerance)
+    conversations: int = 0  # multi-turn prompts decoded (each of their turns counts in `prompts`); 0: not recorded
+    greedy_baseline: bool = True  # False: sampled run without the greedy decoding (no baseline tokens/s)
+    seed: int | None = None  # sampling seed (temperature > 0)
+    max_new_tokens: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -53,6 +57,7 @@ class EvaluationResult:
     label_accuracy: list[float] | None = None  # offline: per-step top-1 accuracy against the dataset labels
     generation: GenerationStats | None = None
     draft_tokens: int | None = None  # vllm: vllm:spec_decode_num_draft_tokens
+    by_turn: list[AcceptanceCounts] | None = None  # generate, multi-turn prompts: the counts of turn 1, 2, ...
 
     @property
     def num_steps(self) -> int:
@@ -71,6 +76,7 @@ class EvaluationResult:
     def to_json(self) -> dict:
         body = {f.name: getattr(self, f.name) for f in fields(self)}
         body["counts"] = self.counts.to_dict()
+        body["by_turn"] = None if self.by_turn is None else [c.to_dict() for c in self.by_turn]
         body["generation"] = None
         if self.generation is not None:
             body["generation"] = asdict(self.generation) | {
@@ -85,8 +91,8 @@ class EvaluationResult:
     @classmethod
     def from_json(cls, body: dict, source: str = "result") -> EvaluationResult:
         try:
-            c = body["counts"]
-            counts = AcceptanceCounts(c["num_steps"], c["drafts"], list(c["accepted_per_position"]))
+            counts = _counts(body["counts"])
+            by_turn = body.get("by_turn")
             gen = body.get("generation")
             generation = None
             if gen is not None:
@@ -102,6 +108,7 @@ class EvaluationResult:
                 label_accuracy=body.get("label_accuracy"),
                 generation=generation,
                 draft_tokens=body.get("draft_tokens"),
+                by_turn=None if by_turn is None else [_counts(c) for c in by_turn],
             )
         except (KeyError, TypeError) as exc:
             raise DataError(f"{source}: not an mtptune evaluation result ({exc!r} missing or malformed).") from exc
@@ -127,3 +134,7 @@ class EvaluationResult:
 
 
 RESULT_FILE = "result.json"
+
+
+def _counts(c: dict) -> AcceptanceCounts:
+    return AcceptanceCounts(c["num_steps"], c["drafts"], list(c["accepted_per_position"]))

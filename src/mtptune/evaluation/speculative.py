@@ -1,10 +1,24 @@
-"""Real speculative decoding with the verifier and the head, as vLLM's MTP drafter does it (contracts d5).
+"""Real speculative decoding with the verifier and the head, as vLLM's MTP drafter does it (docs/contracts.md, "Attention pattern").
 
 Each round: the head's first pass runs over every slot with a hidden state (slot t: token x_{t+1}, hidden h_t,
 position t), then K-1 recursive steps on the last slot (input = previous draft, hidden = previous output,
-position +1 per step). One verifier forward over [sequence + drafts] checks them: greedy acceptance of the
-longest matching prefix plus the verifier's bonus token, or (temperature > 0) the standard rejection rule for a
-one-hot (argmax) draft: accept x with probability p(x), else resample from normalize(max(0, p - q)).
+position +1 per step). One verifier forward over [sequence + drafts] checks them (`verify_drafts`).
+
+Acceptance rule (`verify_drafts`), the one vLLM applies to MTP / EAGLE drafts:
+* temperature 0: draft i is accepted iff it is the verifier's argmax at its position; the first miss is replaced by
+  that argmax, and when all K are accepted the verifier's argmax after them is the bonus token. The output is
+  plain greedy decoding token for token (checked by `check_lossless`).
+* temperature T > 0: the standard speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): accept
+  draft x with probability min(1, p(x) / q(x)), else emit a token drawn from normalize(max(0, p - q)) and stop the
+  round; p = softmax(verifier logits / T) at that position. vLLM's MTP drafter proposes the argmax of its own logits
+  and hands the rejection sampler no draft probabilities (`draft_probs=None`): q is then a point mass at x, so the
+  rule becomes "accept x with probability p(x); on a rejection sample from p with p(x) set to 0, renormalized" —
+  vLLM's `rejection_random_sample_kernel` (draft_prob taken as 1: accept iff p(x) >= u, u ~ U[0, 1)) and
+  `sample_recovered_tokens_kernel` (the draft token's probability zeroed) in vllm/v1/sample/rejection_sampler.py.
+  That is what is implemented here. It is exact whatever the head: P(emit x) = p(x) * 1 and, for y != x,
+  P(emit y) = (1 - p(x)) * p(y) / (1 - p(x)) = p(y), so every emitted token follows the verifier's distribution
+  (tests/evaluation/test_sampling_distribution.py checks this with a chi-square test and shows that wrong rules
+  fail it). Not modelled: vLLM's top-k / top-p / penalties on the target probabilities (plain temperature here).
 
 Verifier: when every verifier layer is full attention (Llama, Qwen2, DeepSeek) it keeps a KV cache, runs only
 [newest token + drafts] per round and crops the rejected drafts off the cache (`DynamicCache.crop`); verifiers with
@@ -12,13 +26,19 @@ linear-attention / recurrent state (Qwen3.5, Qwen3-Next) recompute the whole seq
 ever has to be rolled back. The greedy baseline uses the same path (cache or recompute), so the tokens/s ratio
 measures the verifier steps saved. Head: the first pass runs over every slot; steps k >= 1 run on the last slot
 only (it attends to the prefix's step-0 keys plus its own chain, exactly as the full-width computation does).
+
+Multi-turn prompts (`Dialogue`): turn k's prompt is rendered from the speculative output of turns 0..k-1 (the
+verifier's own answers: at temperature 0 identical to its greedy answers, near-ties aside); each turn is one
+decoded prompt. Sampling is seeded per prompt (`prompt_seed`), so a run split over worker processes draws the same
+tokens as one process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -76,10 +96,13 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _verify(
+def verify_drafts(
     drafts: list[int], logits: torch.Tensor, temperature: float, generator: torch.Generator | None
 ) -> tuple[int, int]:
-    """logits [K+1, V] at the positions predicting drafts 0..K-1 and the bonus. Returns (accepted, next token)."""
+    """logits [K+1, V] at the positions predicting drafts 0..K-1 and the bonus. Returns (accepted, next token): the
+    round emits drafts[:accepted] + [next token]. The rule (module docstring): greedy match at temperature 0; at
+    T > 0 accept draft x with probability p(x) (q = point mass at the argmax draft, min(1, p/q) = p(x)), else draw
+    the next token from p with p(x) zeroed and renormalized."""
     for i, draft in enumerate(drafts):
         if temperature <= 0:
             target = int(logits[i].argmax())
@@ -130,7 +153,7 @@ def speculative_decode(
         logits = verifier.logits(hidden_new)  # predicts drafts 0..K-1 and the bonus
         if verify_hook is not None:
             logits = verify_hook(logits)
-        accepted, bonus = _verify(drafts, logits, temperature, generator)
+        accepted, bonus = verify_drafts(drafts, logits, temperature, generator)
         out.accept_lengths.append(accepted)
         out.draft_slots.append(L - 2)
         new = [*drafts[:accepted], bonus]
@@ -218,6 +241,26 @@ def check_lossless(
 
 
 @dataclass(frozen=True)
+class Dialogue:
+    """A prompt of one or more turns. `render(answers)` gives turn k's prompt ids from the verifier's own answers
+    (token ids of the speculative output) to turns 0..k-1; `index` seeds its sampling (`prompt_seed`)."""
+
+    prompt_id: str
+    num_turns: int
+    render: Callable[[list[list[int]]], list[int]]
+    index: int = 0
+
+
+def single_turn(prompt_id: str, ids: list[int], index: int = 0) -> Dialogue:
+    return Dialogue(prompt_id, 1, lambda answers: list(ids), index)
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The sampling seed of prompt `index`: independent of which process decodes it, distinct across (seed, index)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
 class GenerationRun:
     accept_lengths: list[int]
     generated_tokens: int
@@ -227,13 +270,36 @@ class GenerationRun:
     seconds: float
     baseline_seconds: float
     numerical_ties: int
-    prompts: int = 0  # prompts decoded (fewer than given when max_seconds ran out)
+    prompts: int = 0  # prompts (turns) decoded (fewer than given when max_seconds ran out)
+    conversations: int = 0  # dialogues decoded (= prompts for single-turn prompts)
+    turn_accept_lengths: list[list[int]] = field(default_factory=list)  # [turn k] -> accept lengths of that turn
+
+    @staticmethod
+    def merge(runs: Sequence[GenerationRun]) -> GenerationRun:
+        """Runs over disjoint prompt sets (worker processes) as one."""
+        turns = max((len(r.turn_accept_lengths) for r in runs), default=0)
+        return GenerationRun(
+            accept_lengths=[a for r in runs for a in r.accept_lengths],
+            generated_tokens=sum(r.generated_tokens for r in runs),
+            baseline_generated_tokens=sum(r.baseline_generated_tokens for r in runs),
+            verifier_steps=sum(r.verifier_steps for r in runs),
+            baseline_verifier_steps=sum(r.baseline_verifier_steps for r in runs),
+            seconds=sum(r.seconds for r in runs),
+            baseline_seconds=sum(r.baseline_seconds for r in runs),
+            numerical_ties=sum(r.numerical_ties for r in runs),
+            prompts=sum(r.prompts for r in runs),
+            conversations=sum(r.conversations for r in runs),
+            turn_accept_lengths=[
+                [a for r in runs if k < len(r.turn_accept_lengths) for a in r.turn_accept_lengths[k]]
+                for k in range(turns)
+            ],
+        )
 
 
 def run_generation(
     verifier: VerifierForward,
     head: MtpHead,
-    prompts: list[tuple[str, list[int]]],
+    prompts: Sequence[tuple[str, list[int]] | Dialogue],
     max_new_tokens: int,
     num_steps: int,
     temperature: float = 0.0,
@@ -243,40 +309,56 @@ def run_generation(
     verify_hook: VerifyHook | None = None,
     log: Callable[[str], None] | None = None,
     max_seconds: float | None = None,
+    greedy_baseline: bool = True,
 ) -> GenerationRun:
-    """Speculative decoding of every prompt, plus plain greedy decoding of the same prompts; at temperature 0 the
-    two outputs must be identical (LosslessError otherwise). With `max_seconds`, no new prompt starts once that
-    much time has passed (at least one prompt always runs); `prompts` in the result says how many ran."""
+    """Speculative decoding of every prompt (every turn of a `Dialogue`), plus plain greedy decoding of the same
+    prompts; at temperature 0 the two outputs must be identical (LosslessError otherwise). `greedy_baseline=False`
+    (temperature > 0 only) skips the greedy decoding: no tokens/s comparison. With `max_seconds`, no new prompt
+    (dialogue) starts once that much time has passed (at least one always runs); `prompts` / `conversations` in the
+    result say how many ran."""
+    if not greedy_baseline and temperature <= 0:
+        raise MtpTuneError("at temperature 0 the greedy baseline is the lossless check; it cannot be skipped.")
     started = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
     stop = verifier.eos_token_ids if stop_tokens is None else stop_tokens
+    dialogues = [p if isinstance(p, Dialogue) else single_turn(p[0], p[1], i) for i, p in enumerate(prompts)]
     accept_lengths: list[int] = []
+    by_turn: list[list[int]] = [[] for _ in range(max((d.num_turns for d in dialogues), default=0))]
     tokens = base_tokens = steps = base_steps = ties = 0
     seconds = base_seconds = 0.0
-    done = 0
-    for i, (prompt_id, ids) in enumerate(prompts, start=1):
-        if done and max_seconds is not None and time.perf_counter() - started >= max_seconds:
+    done = conversations = 0
+    for i, dialogue in enumerate(dialogues, start=1):
+        if conversations and max_seconds is not None and time.perf_counter() - started >= max_seconds:
             if log is not None:
-                log(f"stopping after {done} of {len(prompts)} prompts: the time budget of {max_seconds:g} s is spent")
+                log(f"stopping after {conversations} of {len(dialogues)} prompts: the time budget of {max_seconds:g} s is spent")  # fmt: skip
             break
-        spec = speculative_decode(
-            verifier, head, ids, max_new_tokens, num_steps, temperature, generator, stop, verify_hook
-        )
-        greedy, margins = greedy_decode(verifier, ids, max_new_tokens, stop)
-        if temperature <= 0 and not check_lossless(prompt_id, spec, greedy, margins, tie_tolerance):
-            ties += 1
-        accept_lengths += spec.accept_lengths
-        tokens += len(spec.tokens)
-        base_tokens += len(greedy.tokens)
-        steps += spec.verifier_steps
-        base_steps += greedy.verifier_steps
-        seconds += spec.seconds
-        base_seconds += greedy.seconds
-        done += 1
-        if log is not None:
-            drafts = max(1, len(spec.accept_lengths))
-            log(
-                f"[{i}/{len(prompts)}] {prompt_id}: {len(spec.tokens)} tokens in {spec.verifier_steps} verifier steps "
-                f"(AL {1 + sum(spec.accept_lengths) / drafts:.2f})"
+        generator = torch.Generator().manual_seed(prompt_seed(seed, dialogue.index))
+        answers: list[list[int]] = []
+        for turn in range(dialogue.num_turns):
+            ids = dialogue.render(answers)
+            prompt_id = dialogue.prompt_id if dialogue.num_turns == 1 else f"{dialogue.prompt_id}#turn{turn + 1}"
+            spec = speculative_decode(
+                verifier, head, ids, max_new_tokens, num_steps, temperature, generator, stop, verify_hook
             )
-    return GenerationRun(accept_lengths, tokens, base_tokens, steps, base_steps, seconds, base_seconds, ties, done)
+            if greedy_baseline:
+                greedy, margins = greedy_decode(verifier, ids, max_new_tokens, stop)
+                if temperature <= 0 and not check_lossless(prompt_id, spec, greedy, margins, tie_tolerance):
+                    ties += 1
+                base_tokens += len(greedy.tokens)
+                base_steps += greedy.verifier_steps
+                base_seconds += greedy.seconds
+            answers.append(spec.tokens)
+            accept_lengths += spec.accept_lengths
+            by_turn[turn] += spec.accept_lengths
+            tokens += len(spec.tokens)
+            steps += spec.verifier_steps
+            seconds += spec.seconds
+            done += 1
+            if log is not None:
+                drafts = max(1, len(spec.accept_lengths))
+                log(
+                    f"[{i}/{len(dialogues)}] {prompt_id}: {len(spec.tokens)} tokens in {spec.verifier_steps} verifier "
+                    f"steps (AL {1 + sum(spec.accept_lengths) / drafts:.2f})"
+                )
+        conversations += 1
+    run = GenerationRun(accept_lengths, tokens, base_tokens, steps, base_steps, seconds, base_seconds, ties)
+    return replace(run, prompts=done, conversations=conversations, turn_accept_lengths=by_turn)

@@ -46,8 +46,8 @@ class VerifierForward:
         from mtptune.checkpoint.verifier import load_causal_lm
 
         # A *ForConditionalGeneration checkpoint loads as its text *ForCausalLM; model.visual.* is dropped silently
-        # (contracts f), which is what we want: evaluation is text-only. Families transformers lacks (MiMo) supply
-        # their config.
+        # (docs/contracts.md, "Verifier forwards"), which is what we want: evaluation is text-only. Families
+        # transformers lacks (MiMo) supply their config.
         model = load_causal_lm(verifier.root, dtype=dtype)
         device = torch.device(device)
         return cls(model.to(device).eval(), verifier, device)
@@ -67,7 +67,7 @@ class VerifierForward:
         squeeze = input_ids.dim() == 1
         ids = input_ids[None] if squeeze else input_ids
         out = self.model.model(input_ids=ids.to(self.device), use_cache=False)
-        hidden = out.last_hidden_state  # already post-norm (contracts d4)
+        hidden = out.last_hidden_state  # already post-norm (docs/contracts.md, "Which hidden state")
         return hidden[0] if squeeze else hidden
 
     @property

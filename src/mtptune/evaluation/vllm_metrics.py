@@ -1,9 +1,9 @@
 """Acceptance from a running vLLM: its spec-decode Prometheus counters, scraped before and after a prompt set.
 
-Counters (contracts e), on the wire with a `_total` suffix, at `GET <server root>/metrics` (not under /v1):
-`vllm:spec_decode_num_drafts`, `vllm:spec_decode_num_draft_tokens`, `vllm:spec_decode_num_accepted_tokens`,
-`vllm:spec_decode_num_accepted_tokens_per_pos{position="k"}`. Labels such as model_name / engine are summed over.
-AL = 1 + accepted / drafts; p_k = accepted_per_pos[k] / drafts.
+Counters (docs/contracts.md, "Acceptance metrics"), on the wire with a `_total` suffix, at `GET <server root>/metrics`
+(not under /v1): `vllm:spec_decode_num_drafts`, `vllm:spec_decode_num_draft_tokens`,
+`vllm:spec_decode_num_accepted_tokens`, `vllm:spec_decode_num_accepted_tokens_per_pos{position="k"}`. Labels such as
+model_name / engine are summed over. AL = 1 + accepted / drafts; p_k = accepted_per_pos[k] / drafts.
 """
 
 from __future__ import annotations
@@ -205,8 +205,16 @@ def run_vllm(
 
 
 def vllm_serve_command(stitched_dir: str | Path, num_speculative_tokens: int, extra: list[str] | None = None) -> str:
-    """The serving command for a stitched verifier (contracts a1 step 6)."""
+    """The serving command for a stitched verifier (contracts a1 step 6).
+
+    The tutorial's command turns chunked prefill off; vLLM then refuses to start a hybrid verifier (Qwen3.5,
+    Qwen3-Next: "Chunked prefill is required for mamba cache mode 'align'") unless prefix caching is off too, so
+    both are off. A folder without tokenizer files gets the flags that serve it to token-id prompts.
+    """
+    from mtptune.serving.vllm_command import tokenizer_free_flags
+
     spec = json.dumps({"method": "mtp", "num_speculative_tokens": num_speculative_tokens}, separators=(",", ":"))
+    extra = list(extra or [])
     parts = [
         "vllm",
         "serve",
@@ -214,6 +222,8 @@ def vllm_serve_command(stitched_dir: str | Path, num_speculative_tokens: int, ex
         "--speculative-config",
         spec,
         "--no-enable-chunked-prefill",
-        *(extra or []),
+        "--no-enable-prefix-caching",
+        *tokenizer_free_flags(str(stitched_dir), extra),
+        *extra,
     ]
     return shlex.join(parts)

@@ -1,7 +1,7 @@
 """DeepSeek-V3/R1 (`deepseek_v3`) -> vLLM `DeepSeekMTP`; GLM-4.5/4.6 (`glm4_moe`) -> vLLM `Glm4MoeMTP`.
 vLLM serves both with speculative method `mtp`.
 
-On disk (contracts c1) MTP depth i is an extra decoder layer `model.layers.{N+i}` (N = num_hidden_layers; 61 for
+On disk (docs/families.md) MTP depth i is an extra decoder layer `model.layers.{N+i}` (N = num_hidden_layers; 61 for
 DeepSeek-V3, 46 for GLM-4.5-Air, 92 for GLM-4.5) holding `enorm`, `hnorm`, `eh_proj`, `shared_head.norm`,
 `shared_head.head`, `embed_tokens` and a full decoder block (`self_attn.*`: MLA for DeepSeek, GQA with biases and
 optional q/k norms for GLM; `mlp.*`: routed experts per-expert + `shared_experts` + sigmoid router `gate` with its

@@ -83,7 +83,7 @@ class DepthPrefixedFamily(MtpFamily):
     def head_to_native(self, head: dict[str, torch.Tensor], native_keys: set[str]) -> dict[str, torch.Tensor]:
         trainable = {k for k in native_keys if not self.is_frozen_head_key(k)}
         prefix = self._single_prefix(trainable, "verifier")
-        # Keep experts fused exactly where the verifier stores them fused (contracts c5).
+        # Keep experts fused exactly where the verifier stores them fused (docs/contracts.md, "Fused experts").
         keep_fused = {
             self._to_head_name(k[len(prefix) :])
             for k in trainable

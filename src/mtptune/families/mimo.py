@@ -1,6 +1,6 @@
 """MiMo (`mimo`, Xiaomi MiMo-7B) -> vLLM `MiMoMTP` (speculative method `mtp`).
 
-On disk (contracts c1): `model.mtp_layers.{i}.{token_layernorm, hidden_layernorm, input_proj, final_layernorm}` and
+On disk (docs/families.md): `model.mtp_layers.{i}.{token_layernorm, hidden_layernorm, input_proj, final_layernorm}` and
 the Qwen2 block directly under the same prefix (`self_attn.*` with q/k/v biases, `mlp.*`, `input_layernorm`,
 `post_attention_layernorm`). vLLM's `MiMoMultiTokenPredictorLayer` zeroes the embedding at position 0, normalises
 both inputs with Llama-style RMSNorm (`x̂ · w`) and concatenates them **reversed**, `[hidden, emb]`, before

@@ -1,6 +1,7 @@
 """Per-expert <-> fused MoE expert tensors (transformers 5 holds experts fused in memory).
 
-Fused layout (contracts a8/c5): gate_up_proj [E, 2I, H] = stack_e(cat[gate_e, up_e], dim 0), down_proj [E, H, I].
+Fused layout (docs/contracts.md, "Fused experts"): gate_up_proj [E, 2I, H] = stack_e(cat[gate_e, up_e], dim 0),
+down_proj [E, H, I].
 """
 
 from __future__ import annotations

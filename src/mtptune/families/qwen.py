@@ -32,7 +32,7 @@ class QwenMtpFamily(MtpFamily):
         return fuse_experts({k[len(PREFIX) :]: v for k, v in native.items()})
 
     def head_to_native(self, head: dict[str, torch.Tensor], native_keys: set[str]) -> dict[str, torch.Tensor]:
-        # Keep experts fused exactly where the verifier stores them fused (contracts c5).
+        # Keep experts fused exactly where the verifier stores them fused (docs/contracts.md, "Fused experts").
         keep_fused = {k[len(PREFIX) :] for k in native_keys if k.endswith((".gate_up_proj", ".down_proj"))}
         keep_fused = {k for k in keep_fused if ".experts." in k}
         return {PREFIX + k: v for k, v in split_experts(head, keep_fused=keep_fused).items()}

@@ -1,4 +1,5 @@
-"""Acceptance metrics shared by the trainer (validation) and the evaluator (contracts e)."""
+"""Acceptance metrics shared by the trainer (validation) and the evaluator (docs/contracts.md,
+"Acceptance metrics")."""
 
 from mtptune.metrics.acceptance import AcceptanceCounts, step_weights
 

@@ -1,4 +1,4 @@
-"""Acceptance counting with vLLM's definitions (contracts e).
+"""Acceptance counting with vLLM's definitions (docs/contracts.md, "Acceptance metrics").
 
 D drafts; A_k = drafts whose positions 0..k were all accepted; p_k = A_k / D (unconditional);
 c_k = p_k / p_{k-1} (conditional, p_{-1} = 1); acceptance length AL = tau = 1 + sum_k p_k.

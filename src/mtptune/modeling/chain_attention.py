@@ -1,10 +1,10 @@
 """The attention pattern of vLLM's MTP drafter, for teacher-forced training over whole sequences.
 
-At serving time (contracts d5) the drafter's first pass writes step-0 entries for every prefix slot t
-(token x_{t+1}, hidden h_t, RoPE position t) into the head's KV cache; step k >= 1 of the draft for slot t runs
-one token at position t+k whose query attends to the step-0 entries of slots <= t plus its own chain
-(steps 1..k of slot t). We reproduce exactly that for every row at once: step k's keys are
-[step-0 keys of rows <= t in the same document] + [step-j keys of row t, j = 1..k].
+At serving time (docs/contracts.md, "Attention pattern") the drafter's first pass writes step-0 entries for every prefix
+slot t (token x_{t+1}, hidden h_t, RoPE position t) into the head's KV cache; step k >= 1 of the draft for slot t runs
+one token at position t+k whose query attends to the step-0 entries of slots <= t plus its own chain (steps 1..k of slot
+t). We reproduce exactly that for every row at once: step k's keys are [step-0 keys of rows <= t in the same document] +
+[step-j keys of row t, j = 1..k].
 
 Registered with transformers' AttentionInterface as "mtptune_chain"; the decoder layer passes our
 `ChainAttentionState` through its **kwargs, so the stock HF layer (q/k norms, gating, GQA) is reused.

@@ -7,7 +7,7 @@ fully masked 128x128 tile, so the cost is that of document-causal attention plus
 The block structure depends only on the document layout, so the trainer's batch loader builds it on the host
 (`host_block_masks`, a few small CPU ops per step, off the training thread) and the training thread only copies
 it; `create_block_mask` on the device instead costs ~30 host-bound small kernels per step that leave the GPU idle
-(docs/benchmarks.md 8.1).
+(docs/benchmarks.md, "Where the GPU idled").
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The MTP head: one module for every family, numerically what vLLM's drafter computes (contracts d2-d5).
+"""The MTP head: one module for every family, numerically what vLLM's drafter computes (docs/contracts.md,
+"Numerics vLLM serves").
 
 Parameter names equal the checkpoint's `mtp.*` names without the prefix (`fc`, `pre_fc_norm_embedding`,
 `pre_fc_norm_hidden`, `layers.0.*`, `norm`), so loading a head is a plain state-dict copy. The verifier's
@@ -108,8 +109,9 @@ class MtpHead(nn.Module):
             parts.reverse()
         x = self.fc(torch.cat(parts, dim=-1))
         if hasattr(self.rotary_emb, "mrope_section") and position_ids.dim() == 2:
-            # Qwen3.5's interleaved mRoPE takes [3, B, T] ids (equal rows for text, contracts d3); transformers 5.19
-            # broadcasts [B, T] itself but 5.17 (the GPU image) indexes a third dim and fails on 2-D ids.
+            # Qwen3.5's interleaved mRoPE takes [3, B, T] ids (equal rows for text, docs/contracts.md, "Positions");
+            # transformers 5.19 broadcasts [B, T] itself but 5.17 (the GPU image) indexes a third dim and fails on 2-D
+            # ids.
             position_ids = position_ids[None].expand(3, *position_ids.shape)
         position_embeddings = self.rotary_emb(x, position_ids)
         x = self.layers[0](x, position_embeddings=position_embeddings, attention_mask=None, mtp_chain=chain)
@@ -172,8 +174,8 @@ def shift_left(x: torch.Tensor, n: int, fill: int = 0) -> torch.Tensor:
 def step_targets(
     input_ids: torch.Tensor, loss_mask: torch.Tensor, position_ids: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets and validity for step k (contracts d6): row t predicts x_{t+k+2}, valid iff that token exists in
-    the same document and is supervised."""
+    """Targets and validity for step k (docs/contracts.md, "Targets"): row t predicts x_{t+k+2}, valid iff that token
+    exists in the same document and is supervised."""
     doc = document_ids(position_ids)
     shift = k + 2
     targets = shift_left(input_ids, shift)

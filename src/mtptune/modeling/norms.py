@@ -1,4 +1,4 @@
-"""Functional RMSNorm in both conventions (contracts d1): fp32 arithmetic, cast back at the end."""
+"""Functional RMSNorm in both conventions (docs/contracts.md, "RMSNorm"): fp32 arithmetic, cast back at the end."""
 
 from __future__ import annotations
 

@@ -6,10 +6,10 @@ computes the rows of its own micro-batches.
 
 Forwards have fixed shapes (`ForwardShapes`): every forward is `rows x width` tokens with the width rounded up to a
 multiple of `width_step` and `rows = tokens // width`, so a run meets only a handful of shapes. On a GPU that is what
-keeps start-up short: flash-linear-attention autotunes its kernels per batch size and per token-block count, and
-Triton compiles again for new kinds of lengths, costing ~1-11 s per new shape. Rows are grouped by width within a
-window of the incoming rows; a partly filled group moves up to the next width (more padding, same shapes), and the
-stream's last forward is padded with dummy rows. Rows are answered in input order.
+keeps start-up short: flash-linear-attention autotunes its kernels per batch size and per token-block count, and Triton
+compiles again for new kinds of lengths, seconds for each new shape. Rows are grouped by width within a window of the
+incoming rows; a partly filled group moves up to the next width (more padding, same shapes), and the stream's last
+forward is padded with dummy rows. Rows are answered in input order.
 """
 
 from __future__ import annotations
@@ -42,9 +42,8 @@ class ForwardShapes:
 
 GPU_SHAPES = ForwardShapes(tokens=16384, width_step=32)
 CPU_SHAPES = ForwardShapes(tokens=2048, width_step=16)
-# Rows are grouped by width within a window of this many forwards' tokens: on GSM8K-length rows (~200 tokens) the
-# fill is ~74 % with widths in steps of 64 and a 4-forward window, ~88 % in steps of 32 with 16 (13 shapes), ~92 %
-# in steps of 16 (19 shapes); docs/benchmarks.md has the simulation and the measurement.
+# Rows are grouped by width within a window of this many forwards' tokens: a wider window fills forwards better,
+# finer width steps too but with more shapes (docs/benchmarks.md, "Why the defaults are what they are").
 WINDOW_FORWARDS = 16
 
 

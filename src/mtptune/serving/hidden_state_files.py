@@ -1,4 +1,5 @@
-"""The per-request hidden-state file of vLLM's `ExampleHiddenStatesConnector` (contracts b4, b5, b7).
+"""The per-request hidden-state file of vLLM's `ExampleHiddenStatesConnector` (docs/contracts.md,
+"Hidden-state files", "The lock protocol", "Validating a file").
 
 One safetensors file per request: `hidden_states [T, n_ids, H]` (model dtype) and `token_ids [T]` (int64), guarded by a
 sibling `<file>.lock` that the writer holds an exclusive `flock` on until the write has finished. The built-in server
@@ -67,7 +68,8 @@ def lock_path_for(path: str | os.PathLike) -> Path:
 class HiddenStatesWriteLock:
     """Create `<file>.lock` and hold an exclusive flock on it; `release()` closes the fd once the file is written.
 
-    Acquire before the path is returned to the client and release after the write (contracts b5.1).
+    Acquire before the path is returned to the client and release after the write (docs/contracts.md, "The lock
+    protocol").
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -208,7 +210,8 @@ def read_hidden_states_file(
     lock_timeout: float = 10.0,
     spec: CaptureSpec | None = None,
 ) -> HiddenStates:
-    """Wait for the writer's lock, load on CPU, and validate (contracts b7); never returns a suspicious sample.
+    """Wait for the writer's lock, load on CPU, and validate (docs/contracts.md, "Validating a file"); never returns a
+    suspicious sample.
 
     `expected_token_ids` / `num_layers` / `hidden_size` = None skip that check. With `spec` (what the reader
     expects), a file that declares other layers is rejected (`layer_mismatch`) and `num_layers` defaults to the

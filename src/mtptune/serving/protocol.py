@@ -54,7 +54,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     max_tokens: StrictInt | None = COMPLETIONS_DEFAULT_MAX_TOKENS
-    # One prompt per request: text, or token ids (the hidden-state protocol, contracts b3).
+    # One prompt per request: text, or token ids (docs/contracts.md, "Requests and responses").
     prompt: StrictStr | list[StrictInt] | list[list[StrictInt]] | list[StrictStr]
 
 

@@ -1,11 +1,11 @@
 """What the server checks around every request before and after its endpoint runs (one ASGI middleware), and
 how an endpoint stops its work when the client has gone.
 
-`RequestGuard` answers 401 without the API key, 413 for a body over `--max-body-bytes` and records each request's
-status and latency. The size limit is enforced on the bytes actually read, not on the `Content-Length` header alone:
-a chunked body has no such header and used to bypass the limit entirely (issue 22). The body is read in full here
-(never more than the limit plus one network chunk) and replayed to the endpoint; later `receive()` calls go to the
-server, so an endpoint can still learn that its client disconnected (`until_disconnected`).
+`RequestGuard` answers 401 without the API key, 413 for a body over `--max-body-bytes` and records each request's status
+and latency. The size limit is enforced on the bytes actually read, not on the `Content-Length` header alone: a chunked
+body has no such header. The body is read in full here (never more than the limit plus one network chunk) and replayed
+to the endpoint; later `receive()` calls go to the server, so an endpoint can still learn that its client disconnected
+(`until_disconnected`).
 """
 
 from __future__ import annotations

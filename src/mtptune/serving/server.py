@@ -1,4 +1,5 @@
-"""The built-in hidden-state server: vLLM's extraction protocol (contracts b3-b6) plus real generation, on FastAPI.
+"""The built-in hidden-state server: vLLM's extraction protocol (docs/contracts.md, "The hidden-state server") plus real
+generation, on FastAPI.
 
 `POST /v1/completions` (or chat) with `max_tokens: 1` is a capture: the prompt joins a dynamic batch, the requested
 layers' states are written to `<storage>/<request id>.safetensors` under the `.lock` protocol, and the response
@@ -6,7 +7,7 @@ carries `kv_transfer_params.hidden_states_path`. Longer `max_tokens` generate (g
 
 Guards (docs/reliability.md): every refusal that can be foreseen (bad fields, a bad save path, a full storage folder)
 happens before the forward and before any file exists; chat templates and text prompts are rendered off the event
-loop with a time limit (`chat_render`); a client that disconnects cancels its work (`request_guard`).
+loop with a time limit (`render_guard`); a client that disconnects cancels its work (`request_guard`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mtptune.modeling.compile_cache import use_persistent_compile_cache
-from mtptune.serving.batching import DynamicBatcher, GenerationBatcher, GenerationRequest, QueueFull
-from mtptune.serving.chat_render import request_template, run_with_deadline, template_kwargs
 from mtptune.serving.hidden_state_files import (
     PARTIAL_SUFFIX,
     HiddenStatesWriteLock,
@@ -39,7 +38,6 @@ from mtptune.serving.hidden_state_files import (
     remove_abandoned_writes,
     write_hidden_states_file,
 )
-from mtptune.serving.metrics import ServerMetrics
 from mtptune.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -47,9 +45,12 @@ from mtptune.serving.protocol import (
     SamplingFields,
     error_body,
 )
+from mtptune.serving.render_guard import request_template, run_with_deadline, template_kwargs
+from mtptune.serving.request_batching import DynamicBatcher, GenerationBatcher, GenerationRequest, QueueFull
 from mtptune.serving.request_guard import RequestGuard, unless_disconnected
 from mtptune.serving.save_path import custom_save_path
 from mtptune.serving.server_config import ServerConfig
+from mtptune.serving.server_metrics import ServerMetrics
 from mtptune.serving.storage_space import FULL_ERRNOS, StorageSpace, storage_full
 from mtptune.serving.verifier_runtime import Capture, Generation, VerifierRuntime, sample_token
 

@@ -7,7 +7,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtptune.serving.batching import FORWARD_OVERHEAD_TOKENS
+from mtptune.serving.request_batching import FORWARD_OVERHEAD_TOKENS
 
 LOAD_FORMATS = ("auto", "dummy")  # vLLM's names: read the checkpoint / random weights from config.json
 
@@ -20,7 +20,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def default_hidden_states_path() -> Path:
-    """vLLM's connector defaults to the system temp dir; prefer RAM-backed /dev/shm where it exists (contracts b1)."""
+    """vLLM's connector defaults to the system temp dir; prefer RAM-backed /dev/shm where it exists (docs/contracts.md,
+    "Launching vLLM")."""
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() else Path(tempfile.gettempdir())
     return base / "mtptune_hidden_states"
@@ -28,7 +29,7 @@ def default_hidden_states_path() -> Path:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: str  # path or hub id as given; also the default served model id (b3: must match the trainer's string)
+    model: str  # path or hub id as given; also the default served model id (must match the trainer's string)
     layer_ids: tuple[int, ...]
     storage_dir: Path
     served_model_name: str | None = None
@@ -65,27 +66,25 @@ class ServerConfig:
         return self.served_model_name or self.model
 
     def batch_tokens_for(self, device_type: str) -> int:
-        """Padded tokens per capture forward. On an H100 a transformers forward of a 9B hybrid verifier runs at
-        ~27k tokens/s from ~4k tokens up (docs/benchmarks.md 8.2), so a GPU forward may be large: 16k tokens is a
-        round of 64 GSM8K-length requests. Larger gains nothing and costs start-up: the server warms one forward per
-        2k tokens of budget (flash-linear-attention re-tunes per 2k-token block count, ~11 s each on a cold
-        machine)."""
+        """Padded tokens per capture forward: 16k on a GPU (a round of 64 GSM8K-length requests; a GPU forward gains
+        nothing from more, and the server warms one forward per 2k tokens of budget at start), 8k on a CPU. The
+        measurements behind them: docs/benchmarks.md, "Why the defaults are what they are"."""
         if self.max_batch_tokens is not None:
             return max(self.max_batch_tokens, 1)
         return 16384 if device_type == "cuda" else 8192
 
     def batch_rows_for(self, device_type: str) -> int | None:
-        """Requests per capture forward. flash-linear-attention autotunes some kernels per batch size (~1 s each on
-        an H100, docs/benchmarks.md 8.2): a GPU server warms every row count up to this bound once at start, so the
-        bound keeps that finite; 64 GSM8K-length rows are already ~13k tokens, past where a forward stops gaining."""
+        """Requests per capture forward: 64 on a GPU, where flash-linear-attention tunes some kernels per batch size
+        and the server warms every row count up to this bound at start (the bound keeps that finite); unbounded on a
+        CPU."""
         if self.max_batch_rows is not None:
             return max(self.max_batch_rows, 1)
         return 64 if device_type == "cuda" else None
 
     def overhead_tokens_for(self, device_type: str) -> int:
-        """What one more forward costs in padded-token equivalents (the length planner splits a round only when
-        that saves more padding than this). Measured on an H100 (9B hybrid verifier, docs/benchmarks.md 8.2): a
-        forward takes ~34 ms + 29 us per token, i.e. a fixed cost of ~1.2k tokens; on a CPU ~1k tokens."""
+        """What one more forward costs in padded-token equivalents (the length planner splits a round only when that
+        saves more padding than this): 2k on a GPU, `FORWARD_OVERHEAD_TOKENS` on a CPU (docs/benchmarks.md, "Why the
+        defaults are what they are")."""
         if self.batch_overhead_tokens is not None:
             return max(self.batch_overhead_tokens, 0)
         return 2048 if device_type == "cuda" else FORWARD_OVERHEAD_TOKENS

@@ -154,7 +154,8 @@ class VerifierRuntime:
         return cls(hf_model, hf_tokenizer, layer_ids, torch_device)
 
     def _forward(self, sequences: Sequence[Sequence[int]], layer_ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
-        """One right-padded forward over the batch (padding is exact for Gated DeltaNet; packing is not, contracts f).
+        """One right-padded forward over the batch (padding is exact for Gated DeltaNet; packing is not:
+        docs/contracts.md, "Verifier forwards").
 
         No attention mask is passed: with right padding every real token precedes every pad, so causal attention,
         the causal conv and the delta-rule recurrence never let a pad reach a real row (exact, and SDPA keeps its
@@ -247,11 +248,11 @@ class VerifierRuntime:
 
         flash-linear-attention's Triton kernels autotune per batch size (its cumsum kernels key on B) and per
         2,048-token block count (its gated RMS norm keys on cdiv(tokens x heads, 65,536)), and Triton compiles each
-        kernel again for integer arguments that are 1 or not a multiple of 16 (a sequence length, its number of
-        64-token chunks): on an H200 ~0.8 s per new row count and ~11 s per new block count or length kind, paid
-        inside a live request's forward otherwise (docs/benchmarks.md 8.2). The default widths are two chunks (a
-        multiple of 16) and three (not one), the kinds real prompts have. Triton keeps compiled kernels on disk
-        (TRITON_CACHE_DIR), so later starts pay only the forwards and the tuning runs.
+        kernel again for integer arguments that are 1 or not a multiple of 16 (a sequence length, its number of 64-token
+        chunks), each paid inside a live request's forward otherwise (docs/benchmarks.md, "Why the defaults are what
+        they are"). The default widths are two chunks (a multiple of 16) and three (not one), the kinds real prompts
+        have. Triton keeps compiled kernels on disk (TRITON_CACHE_DIR), so later starts pay only the forwards and the
+        tuning runs.
         """
         start = time.perf_counter()
         token = self.eos_token_ids[0] if self.eos_token_ids else 0

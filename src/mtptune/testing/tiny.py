@@ -61,6 +61,8 @@ class TinySpec:
     head_dim: int = 16
     intermediate_size: int = 128
     linear_head_dim: int = 16
+    linear_num_key_heads: int = 2
+    linear_num_value_heads: int = 4
     seed: int = 0
     dtype: str = "bfloat16"
 
@@ -76,8 +78,8 @@ def text_kwargs(spec: TinySpec) -> dict:
         head_dim=spec.head_dim,
         linear_key_head_dim=spec.linear_head_dim,
         linear_value_head_dim=spec.linear_head_dim,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
+        linear_num_key_heads=spec.linear_num_key_heads,
+        linear_num_value_heads=spec.linear_num_value_heads,
         tie_word_embeddings=spec.tied,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,

@@ -1,14 +1,14 @@
 """Dynamic batching of hidden-state captures: requests that arrive within a short window share padded forwards.
 
-Each forward is right-padded to its longest row (Gated DeltaNet cannot be packed, contracts f), so the batcher
-groups requests of similar length: it sorts the waiting requests by length, splits them into the runs that
-minimise padded tokens plus a fixed cost per forward (`plan_forwards`), each within the token budget, and runs the
-run holding the oldest request (no request waits behind newer ones forever). A lone request over the budget still
-runs (the max-length check bounds it). While the model is busy the queue simply fills, so under load forwards form
+Each forward is right-padded to its longest row (Gated DeltaNet cannot be packed: docs/contracts.md, "Verifier
+forwards"), so the batcher groups requests of similar length: it sorts the waiting requests by length, splits them into
+the runs that minimise padded tokens plus a fixed cost per forward (`plan_forwards`), each within the token budget, and
+runs the run holding the oldest request (no request waits behind newer ones forever). A lone request over the budget
+still runs (the max-length check bounds it). While the model is busy the queue simply fills, so under load forwards form
 without waiting for the window at all; answering one run while the next computes keeps the clients' next requests
 arriving. The window is also cut short once as many requests wait as were in demand when the previous batch was cut
-(clients that keep N requests in flight send them back within a few ms of their answers; there is no point waiting
-the rest of the window for an N+1st).
+(clients that keep N requests in flight send them back within a few ms of their answers; there is no point waiting the
+rest of the window for an N+1st).
 """
 
 from __future__ import annotations
@@ -39,10 +39,9 @@ class _Pending(Generic[Result]):
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-# What one extra forward costs, in padded-token equivalents: a split is worth it only when it saves more padding
-# than this. A transformers forward of a 32-layer hybrid verifier launches ~1-2k kernels (15-40 ms of Python); on a
-# GPU that hides behind the compute of a few thousand tokens but not of a few hundred, so splits into forwards much
-# smaller than ~1k tokens cost more than their padding. Tunable per server (--batch-overhead-tokens).
+# What one extra forward costs, in padded-token equivalents: a split is worth it only when it saves more padding than
+# this. Every forward pays a fixed cost of launching its kernels from Python (docs/benchmarks.md, "Why the defaults are
+# what they are"). Tunable per server (--batch-overhead-tokens).
 FORWARD_OVERHEAD_TOKENS = 1024
 # Requests considered per cut: enough to sort into well-filled runs, few enough that planning stays ~1 ms.
 PLAN_POOL_REQUESTS = 256

@@ -1,13 +1,13 @@
 """Chat templates and tokenization off the event loop, with a time limit; request-supplied templates by consent.
 
-A chat template is a Jinja program. Rendered on the server's event loop, one with nested loops froze every other
-request, `/health` included, for as long as it ran (issue 22 saw 17 s). So each render runs on its own daemon
-thread, bounded by `--chat-template-timeout`: past it the request gets a 400 and the thread is stopped with an
-asynchronous exception (`PyThreadState_SetAsyncExc`), which Python raises at the thread's next bytecode, i.e. inside
-Jinja's loops. Work that stays in C (a tokenizer's Rust encode) cannot be interrupted, but it is linear in a body the
-server bounds. A template sent with the request (`chat_template`, or `chat_template_kwargs.chat_template`) is refused
-unless the operator started the server with `--trust-request-chat-template`, as vLLM does: a Jinja program can also
-allocate without bound, which no time limit catches.
+A chat template is a Jinja program. Rendered on the server's event loop, one with nested loops would freeze every other
+request, `/health` included, for as long as it runs. So each render runs on its own daemon thread, bounded by
+`--chat-template-timeout`: past it the request gets a 400 and the thread is stopped with an asynchronous exception
+(`PyThreadState_SetAsyncExc`), which Python raises at the thread's next bytecode, i.e. inside Jinja's loops. Work that
+stays in C (a tokenizer's Rust encode) cannot be interrupted, but it is linear in a body the server bounds. A template
+sent with the request (`chat_template`, or `chat_template_kwargs.chat_template`) is refused unless the operator started
+the server with `--trust-request-chat-template`, as vLLM does: a Jinja program can also allocate without bound, which no
+time limit catches.
 """
 
 from __future__ import annotations
