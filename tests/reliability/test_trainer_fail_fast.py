@@ -16,9 +16,9 @@ import pytest
 
 from mtptune.cli.main import main
 from mtptune.testing.learnable import write_hidden_state_files, write_prepared_rows
+from mtptune.testing.server_process import server_process
 from mtptune.testing.tiny import TinySpec, write_tiny_verifier
 from mtptune.training.checkpointing import complete_checkpoints
-from tests.serving.conftest import server_process
 
 from .conftest import CHILD_ENV, records, train_args
 from .test_corrupt_data import corrupt_copy

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving.conftest import server_process
+from mtptune.testing.server_process import server_process
 
 from .conftest import CHILD_ENV, records, train_args, wait_for_step
 from .test_server_full_disk import namespaces_work, tmpfs_prefix  # noqa: F401  (the fixture is used by name)

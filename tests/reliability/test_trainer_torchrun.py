@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from mtptune.data.rows import PreparedRows
+from mtptune.serving.server_config import free_port
 from mtptune.training.batching import pack_rows, plan_epoch, split_train_val
-from tests.serving.conftest import free_port
 
 from .conftest import records, start_server, stop, train_args, wait_for_step
 
