@@ -69,6 +69,18 @@ def test_server_of_another_verifier_stops_at_the_first_row(corpus, tmp_path, cap
     assert files_in(storage, tmp_path / "cache") == []  # every file it was sent, deleted
 
 
+def test_server_capturing_other_layers_stops_at_the_first_row(corpus, tmp_path, capsys):
+    """Same layer count, other layers (server `--target-layer-ids 2`, trainer `3`): every file passes the shape
+    check and declares a capture this run did not ask for (`layer_mismatch`), which no later row changes."""
+    storage, save = tmp_path / "hs", tmp_path / "ckpt"
+    with server_process(corpus.verifier, storage, "--target-layer-ids", "2") as server:
+        assert main(online_args(corpus, save, server.base, "--target-layer-ids", "3")) == 2
+    err = capsys.readouterr().err
+    assert "do not fit this run" in err and "layers [2, 4]" in err and "layers [3, 4]" in err, err
+    assert_nothing_saved(save)
+    assert files_in(storage, tmp_path / "cache") == []
+
+
 def test_offline_files_of_another_verifier_stop_at_the_first_row(corpus, tmp_path, capsys):
     """The same with pre-written files (`--on-missing skip`, which used to count and skip every row)."""
     other = write_tiny_verifier(tmp_path / "other", TinySpec(hidden_size=96))
