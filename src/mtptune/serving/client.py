@@ -396,16 +396,26 @@ class HiddenStatesClient:
                     self.undeletable.append(f"{leftover} ({exc.strerror or exc})")
 
     def _dispose(self, row_id: int, path: str) -> None:
-        """After use: delete the server's file, or move it into the cache (b5.4); always remove the lock."""
+        """After use: delete the server's file, or move it into the cache (b5.4); always remove the lock. A file this
+        user may not remove stops the run (`SystematicFailure`): every file would stay and fill the server's disk."""
         target = self._cache_path(row_id) if self.on_generate == "cache" else None
-        if target is None:
-            Path(path).unlink(missing_ok=True)
-        else:
-            tmp = target.with_name(target.name + ".partial")
-            shutil.move(path, tmp)  # a rename when on the same file system
-            os.replace(tmp, target)
-            self._count(cached=1)
-        lock_path_for(path).unlink(missing_ok=True)
+        try:
+            if target is None:
+                Path(path).unlink(missing_ok=True)
+            else:
+                tmp = target.with_name(target.name + ".partial")
+                try:
+                    shutil.move(path, tmp)  # a rename when on the same file system
+                except OSError:
+                    tmp.unlink(missing_ok=True)  # copied, but the original could not be removed
+                    raise
+                os.replace(tmp, target)
+                self._count(cached=1)
+            lock_path_for(path).unlink(missing_ok=True)
+        except PermissionError as exc:
+            with self._stats_lock:
+                self.undeletable.append(f"{path} ({exc.strerror or exc})")
+            raise SystematicFailure(undeletable_storage_message(path, exc)) from exc
 
     # --- many samples from synchronous code (DataLoader workers, the trainer loop) -----------------------------
     def _background_loop(self) -> asyncio.AbstractEventLoop:
@@ -515,6 +525,17 @@ def refusal_hint(exc: HttpStatusError) -> str:
             "smaller --total-seq-len."
         )
     return "Every row would get the same answer; fix the server's or the trainer's settings named above."
+
+
+def undeletable_storage_message(path: str | os.PathLike, denied: PermissionError) -> str:
+    folder = Path(path).parent
+    return (
+        f"the trainer may not remove the hidden-state file {path} that the server wrote ({denied.strerror or denied}: "
+        f"{denied.filename or path}). The trainer removes each file from the server's storage folder {folder} once it "
+        f"has read it (--on-generate delete or cache); without write access for the trainer's user (uid "
+        f"{os.getuid()}) every file would stay there and fill the server's disk. Run the server and the trainer as the "
+        "same user, or give both one group with read and write access to the folder (and umask 002)."
+    )
 
 
 def unreadable_storage_message(path: str | os.PathLike, denied: PermissionError) -> str:
