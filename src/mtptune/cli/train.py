@@ -16,8 +16,9 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
-from mtptune.errors import ConfigError
+from mtptune.errors import ConfigError, MtpTuneError
 from mtptune.training.config import COMPILE_SCOPES
 from mtptune.training.loss_kernels import DEFAULT_LOSS_KERNEL, LOSS_KERNELS
 
@@ -299,6 +300,41 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_now(_run_reporting_errors(args))
+    return _run(args)
+
+
+def _run_reporting_errors(args: argparse.Namespace) -> int:
+    """`_run` with the errors reported as `mtptune` reports them (cli/main.py), for `_exit_now`."""
+    try:
+        return _run(args)
+    except MtpTuneError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"mtptune train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtptune train: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+def _exit_now(code: int) -> None:
+    """End a torchrun rank without the interpreter's teardown. Its last step frees the DDP reducer, whose gloo
+    process group then joins its worker thread while holding the GIL, and that thread may need the GIL to free a
+    finished collective's tensors: the rank hung forever after a finished run (seen in tests/training/
+    test_distributed.py: `~ProcessGroupGloo` joining `pt_gloo_runloop`, which waited in `decref_pyobject`). The
+    run is complete here (checkpoints written, process group destroyed, logs flushed below)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _run(args: argparse.Namespace) -> int:
     from mtptune.training.train import run_training
 
     config = build_config(args)
