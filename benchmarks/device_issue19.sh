@@ -17,7 +17,7 @@
 #   6. peer on GSM8K-length rows (mean ~202 tokens), defaults                      ~65 s    120 s
 #   7. mtptune on the same GSM8K-length files                                      ~45 s     90 s
 #   8. peer on the 8.1 rows with --log-freq 10 (its per-step device syncs off)     ~60 s    110 s
-#   9. while time is left: mtptune --loss-kernel $LIBRARY_KERNELS (default "liger cce") on the 8.1 rows, the A/B at
+#   9. while time is left: mtptune --loss-kernel $LIBRARY_KERNELS (default "liger") on the 8.1 rows, the A/B at
 #      the GSM8K shapes, the A/B's other variants (ours-c4096, liger-c1), the peer with --optimizer adamw --log-freq 10.
 # Expected: parts 1-8 ~540 s, so 8 may be cut short (its summary still comes back) and 9 mostly skipped.
 # The fake verifier and both data sets are written on the CPU in the background while 1 and 2 run.
@@ -110,7 +110,7 @@ if [ $DATA_RC = 0 ]; then
   part mtptune_gsm8k_adamw 40 90 "${TRAIN[@]}" "${SHORT[@]}" --label adamw --peer "$LOGS/peer_gsm8k/summary.json"
   [ $PEER_OK = 1 ] && part peer_long_logfreq10 60 110 "${PEER[@]}" peer_long_logfreq10 $W/verifier $W/long $W/long_hs \
     "$LOGS/peer_long_logfreq10" --real-tokens-from "$LOGS/peer_long/steps.jsonl" -- --log-freq 10
-  for K in ${LIBRARY_KERNELS:-liger cce}; do
+  for K in ${LIBRARY_KERNELS:-liger}; do
     part "mtptune_long_$K" 40 90 "${TRAIN[@]}" "${LONG[@]}" --label "adamw_$K" --loss-kernel "$K" \
       --peer "$LOGS/peer_long/summary.json"
   done

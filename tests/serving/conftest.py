@@ -1,7 +1,6 @@
 """Fixtures of the serving tests: a real tiny verifier and a word-level tokenizer kept apart from it.
 
-The server launcher lives in `mtptune.testing.server_process` and the tokenizer in `mtptune.testing.word_tokenizer`; the
-names below are re-exported for test modules that still import them from here.
+The server launcher lives in `mtptune.testing.server_process` and the tokenizer in `mtptune.testing.word_tokenizer`.
 """
 
 from __future__ import annotations
@@ -10,12 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mtptune.serving.server_config import free_port
-from mtptune.testing.server_process import ServerProcess, running_server, server_process
 from mtptune.testing.tiny import write_tiny_verifier
-from mtptune.testing.word_tokenizer import EOS, VOCAB, write_word_tokenizer
-
-__all__ = ["EOS", "VOCAB", "ServerProcess", "free_port", "running_server", "server_process", "write_word_tokenizer"]
+from mtptune.testing.word_tokenizer import write_word_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from mtptune.cli.main import main
 from mtptune.serving import vllm_command
 from mtptune.serving.vllm_command import CPU_KV_CACHE_BYTES, default_kv_cache_bytes, tokenizer_free_flags
 from mtptune.testing.tiny import TinySpec, write_tiny_verifier
-from tests.serving.conftest import write_word_tokenizer
+from mtptune.testing.word_tokenizer import write_word_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -23,9 +23,9 @@ from mtptune.serving.contract import capture_spec
 from mtptune.serving.memory_cache import HiddenStateCache
 from mtptune.serving.sources import CachedSource, FolderSource, ServerSource
 from mtptune.serving.verifier_runtime import VerifierRuntime
+from mtptune.testing.server_process import running_server
 from mtptune.training.config import DataConfig, HiddenStatesConfig
 from mtptune.training.train import run_training
-from tests.serving.conftest import running_server
 
 from .conftest import offline_config
 

@@ -93,8 +93,7 @@ def test_steps_that_need_the_argmax_use_ours_when_the_library_gives_none(head, s
     with_argmax = stand_in(True)
     run(head, "standin", with_reference=True, seed=1)
     assert with_argmax.calls == K
-    assert uses_library("liger", needs_argmax=True) and not uses_library("cce", needs_argmax=True)
-    assert uses_library("cce", needs_argmax=False) and not uses_library("ours", needs_argmax=False)
+    assert uses_library("liger", needs_argmax=True) and not uses_library("ours", needs_argmax=False)
     head.zero_grad(set_to_none=True)
 
 
@@ -110,17 +109,15 @@ def test_validation_rows_without_grad_take_ours(head, stand_in):
 
 
 def test_config_errors_name_the_flag():
-    with pytest.raises(ConfigError, match="--loss-kernel must be one of ours, liger, cce"):
-        check_loss_kernel("triton", "ce")
+    with pytest.raises(ConfigError, match="--loss-kernel must be one of ours, liger"):
+        check_loss_kernel("cce", "ce")
     for kind in ("kl", "tv", "ce+kl"):
         with pytest.raises(ConfigError, match=re.escape(f"--loss {kind} needs the verifier's distribution")):
-            check_loss_kernel("cce", kind)
+            check_loss_kernel("liger", kind)
     check_loss_kernel("ours", "tv")
-    for kernel, package in (("liger", "liger-kernel"), ("cce", "cut-cross-entropy")):
-        module = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}[kernel]
-        if importlib.util.find_spec(module) is None:
-            with pytest.raises(ConfigError, match=f"needs the {package} package"):
-                check_loss_kernel(kernel, "ce")
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(ConfigError, match="needs the liger-kernel package"):
+            check_loss_kernel("liger", "ce")
     config = TrainConfig(
         verifier="v",
         data=DataConfig("d"),
@@ -136,8 +133,7 @@ def test_config_errors_name_the_flag():
 
 def test_library_kernels_need_cuda():
     hidden, weight, targets = torch.zeros(2, 4), torch.zeros(8, 4), torch.zeros(2, dtype=torch.long)
-    for kernel in ("liger", "cce"):
-        with pytest.raises(ConfigError, match="needs a CUDA device"):
-            library_ce(kernel, hidden, weight, targets)
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        library_ce("liger", hidden, weight, targets)
     with pytest.raises(ConfigError, match="not a library kernel"):
         library_ce("ours", hidden, weight, targets)

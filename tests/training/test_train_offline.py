@@ -32,7 +32,7 @@ def test_training_raises_validation_tau_sim_and_writes_the_checkpoint_layout(lea
     assert before < 1.2 and after > before + 1.0  # K=3: tau_sim in [1, 4]
     assert result.val_history[-1]["acc_step_0"] > 0.8
 
-    # Layout (contracts a7): epoch folders, relative links, best = highest val tau_sim.
+    # Layout (docs/contracts.md, "Output folders"): epoch folders, relative links, best = highest val tau_sim.
     assert [p.name for p in sorted(save.iterdir()) if p.is_dir() and not p.is_symlink()] == ["0", "1", "2"]
     for e in range(3):
         assert os.readlink(save / f"epoch{e}_end") == str(e)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
+from mtptune.testing.server_process import running_server
 from mtptune.training.config import DataConfig, HiddenStatesConfig
 from mtptune.training.train import run_training
-from tests.serving.conftest import running_server
 
 from .conftest import offline_config
 

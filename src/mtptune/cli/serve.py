@@ -1,8 +1,8 @@
 """`mtptune serve MODEL [--target-layer-ids I ...] [--engine auto|vllm|builtin] -- <engine args>`.
 
-`vllm` execs the exact `vllm serve` command of a hidden-state extraction server (contracts b1); `builtin` runs
+`vllm` execs the exact `vllm serve` command of a hidden-state extraction server (docs/contracts.md, "Launching vLLM"); `builtin` runs
 mtptune's own server, which speaks the same protocol on CPU or one GPU; `auto` picks vLLM when it is importable
-and CUDA is available. The speculators `launch_vllm` flags are accepted (contracts a4).
+and CUDA is available. The speculators `launch_vllm` flags are accepted (docs/contracts.md, "Commands and flags").
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ def run_vllm(
 
 
 def vllm_serve_command(stitched_dir: str | Path, num_speculative_tokens: int, extra: list[str] | None = None) -> str:
-    """The serving command for a stitched verifier (contracts a1 step 6).
+    """The serving command for a stitched verifier (docs/contracts.md, "Commands and flags", step 6).
 
     The tutorial's command turns chunked prefill off; vLLM then refuses to start a hybrid verifier (Qwen3.5,
     Qwen3-Next: "Chunked prefill is required for mamba cache mode 'align'") unless prefix caching is off too, so

@@ -191,7 +191,7 @@ class HiddenStatesClient:
                     time.sleep(1.0)
 
     def check_model(self) -> str:
-        """The served model id of every endpoint; raises ServerError when one differs from `model_id` (b3)."""
+        """The served model id of every endpoint; raises ServerError when one differs from `model_id` (docs/contracts.md, "Requests and responses")."""
         self.wait_for_servers()
         served = None
         with httpx.Client(timeout=min(self.request_timeout, 30.0), headers=self.headers) as http:
@@ -355,7 +355,7 @@ class HiddenStatesClient:
         if echoed is not None and list(echoed) != token_ids:
             self._count_invalid("token_mismatch")
             await asyncio.to_thread(self._discard, path)
-            # The server tokenised differently: retrying cannot help (contracts b3).
+            # The server tokenised differently: retrying cannot help (docs/contracts.md, "Requests and responses").
             raise HiddenStatesInvalid(
                 "token_mismatch", f"row {row_id}: {base} echoed different prompt_token_ids than were sent."
             )
@@ -396,7 +396,7 @@ class HiddenStatesClient:
                     self.undeletable.append(f"{leftover} ({exc.strerror or exc})")
 
     def _dispose(self, row_id: int, path: str) -> None:
-        """After use: delete the server's file, or move it into the cache (b5.4); always remove the lock. A file this
+        """After use: delete the server's file, or move it into the cache (docs/contracts.md, "The lock protocol"); always remove the lock. A file this
         user may not remove stops the run (`SystematicFailure`): every file would stay and fill the server's disk."""
         target = self._cache_path(row_id) if self.on_generate == "cache" else None
         try:

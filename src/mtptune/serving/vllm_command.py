@@ -1,4 +1,4 @@
-"""The exact `vllm serve` command line of a hidden-state extraction server (contracts b1, b2)."""
+"""The exact `vllm serve` command line of a hidden-state extraction server (docs/contracts.md, "Launching vLLM")."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class VllmServeSpec:
 
 
 def speculative_config(layer_ids: Sequence[int]) -> dict:
-    # The extraction "proposer" asserts num_speculative_tokens == 1 (b2).
+    # The extraction "proposer" asserts num_speculative_tokens == 1.
     return {
         "method": "extract_hidden_states",
         "num_speculative_tokens": 1,
@@ -127,7 +127,7 @@ def build_vllm_command(spec: VllmServeSpec) -> list[str]:
     kv = kv_transfer_config(spec.hidden_states_path, spec.backend, spec.allow_custom_save_path)
     argv += ["--kv-transfer-config", json.dumps(kv)]
     # Chunked prefill breaks one-request-one-prefill capture; prefix-cache hits are undocumented for the
-    # hidden-state KV group (b2). Both off is also what vLLM demands of a hybrid verifier (Qwen3.5's linear
+    # hidden-state KV group. Both off is also what vLLM demands of a hybrid verifier (Qwen3.5's linear
     # attention): without chunked prefill, prefix caching must be off too (tests/vllm). speculators' launcher
     # leaves both to the user; we do not.
     for flag in ("--no-enable-chunked-prefill", "--no-enable-prefix-caching"):

@@ -124,9 +124,8 @@ def compile_head(head: MtpHead, scope: str) -> None:
     """Compile the head in place (state-dict keys unchanged). Eager, one MTP step is ~100 small kernels (each RMSNorm
     ~6 fp32 passes forward and more backward, rotary, residuals, SiLU-gating). "step" compiles `MtpHead.step` whole
     (flex attention and the elementwise work around the matmuls fuse; one graph per step index k, the chain state's
-    step being a guarded constant); "norms" compiles only the RMSNorm modules, which was most of the gain: on the
-    9B-shaped benchmark "step" measured 224.1 vs 225.3 ms per step (docs/benchmarks.md 8.1). A compile failure falls
-    back to eager instead of stopping the run."""
+    step being a guarded constant); "norms" compiles only the RMSNorm modules (the measured difference:
+    docs/benchmarks.md, "Trainer step"). A compile failure falls back to eager instead of stopping the run."""
     import torch._dynamo
 
     if scope == "none":

@@ -1,4 +1,4 @@
-"""Training checkpoints under --save-path (contracts a7), written by rank 0, atomically.
+"""Training checkpoints under --save-path (docs/contracts.md, "Output folders"), written by rank 0, atomically.
 
     <save-path>/run.yaml, train_command.txt, metrics.jsonl, .train.lock (while a trainer runs: run_lock.py)
     <save-path>/<epoch>/        config.json + model.safetensors (bf16 head: `stitch` and `--from-pretrained` read it)

@@ -1,12 +1,12 @@
 """The MTP objective, computed chunk by chunk so full-vocabulary logits never exist for all rows at once.
 
-For step k, row t predicts x_{t+k+2} (contracts d6) and is supervised iff that token is in the same document and
+For step k, row t predicts x_{t+k+2} (docs/contracts.md, "Targets") and is supervised iff that token is in the same document and
 has loss_mask 1; only those rows reach the LM head, `chunk_rows` at a time, through `fused_linear_loss`, which
 computes each chunk's input gradient in the forward pass: peak memory is one chunk of logits whatever the
 sequence length and K (248k vocab x 8192 tokens x 3 steps would need ~24 GB in fp32), and the vocabulary matmul
 is never recomputed in the backward.
 
-Losses per step k (each averaged over its own supervised tokens N_k, then weighted by FastMTP alpha_k, d7):
+Losses per step k (each averaged over its own supervised tokens N_k, then weighted by FastMTP alpha_k; docs/contracts.md, "Step weights"):
 * `ce`: cross-entropy against the dataset token x_{t+k+2};
 * `kl`: KL(p_verifier || q_head) toward the verifier's own next-token distribution at that position,
   p = softmax(W_lm h_{t+k+1}) from the same post-norm hidden states (no extra server call);
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from mtptune.training.fused_linear_loss import fused_linear_loss
 from mtptune.training.loss_kernels import library_ce, uses_library
 from mtptune.training.loss_plan import LossPlan
-from mtptune.training.metrics import StepMetrics
+from mtptune.training.step_metrics import StepMetrics
 
 
 @torch.no_grad()

@@ -5,13 +5,13 @@
 * `liger`: liger-kernel's fused linear cross-entropy (the same structure: chunked matmuls, a Triton CE kernel that
   writes the logit gradient in place; it returns the argmax too). CUDA only, `--loss ce` only. Two device syncs per
   call inside the library (a `.item()` on the target count, a `torch.equal` on the upstream gradient).
-* `cce`: Apple's cut-cross-entropy (logits computed blockwise in on-chip memory and never written: the forward is a
-  matmul with a log-sum-exp epilogue, the backward recomputes the logits). CUDA only, `--loss ce` only, exact
-  gradient (no gradient filtering), no argmax: a step whose metrics are read (a logged step) uses `ours`.
 
-KL / TV need the verifier's distribution at every row as well as the head's, which neither library computes: every
-loss but `ce` takes `ours`. The LM head is frozen, so only the input gradient is computed (both libraries skip the
-weight gradient when the weight does not require grad). To make a library the default, change `DEFAULT_LOSS_KERNEL`
+cut-cross-entropy (logits never written) was measured beside them and is not offered: 3x slower than `ours` at the
+9B shapes and its bf16-accumulated input gradient 17 % off the reference (docs/benchmarks.md, "LM-head loss kernels").
+
+KL / TV need the verifier's distribution at every row as well as the head's, which liger does not compute: every
+loss but `ce` takes `ours`. The LM head is frozen, so only the input gradient is computed (liger skips the weight
+gradient when the weight does not require grad). To make a library the default, change `DEFAULT_LOSS_KERNEL`
 (and the CLI default), and drop the CE fast path of `fused_linear_loss` (`_ce_grad`) if no step uses it any more.
 """
 
@@ -28,9 +28,9 @@ if TYPE_CHECKING:  # torch stays unimported here: TrainConfig.validate() calls c
     import torch
 
 DEFAULT_LOSS_KERNEL = "ours"
-LOSS_KERNELS: tuple[str, ...] = ("ours", "liger", "cce")
-_MODULES = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}
-_PACKAGES = {"liger": "liger-kernel", "cce": "cut-cross-entropy"}
+LOSS_KERNELS: tuple[str, ...] = ("ours", "liger")
+_MODULES = {"liger": "liger_kernel"}
+_PACKAGES = {"liger": "liger-kernel"}
 
 # kernel(hidden [n, H] bf16/fp16, weight [V, H] frozen, targets [n]) -> (sum of CE over rows (differentiable wrt
 # hidden), argmax [n] or None).
@@ -72,17 +72,8 @@ def _liger(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
     return out.loss, out.predicted_tokens
 
 
-def _cce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-    # The library's public entry point looks for ignored targets with a nonzero() (a device sync); every row here is
-    # supervised, so its autograd function is called with no ignore mask.
-    from cut_cross_entropy.cce import CCEParams, linear_cross_entropy_apply
-
-    params = CCEParams(targets, None, None, "sum", None, False, targets.shape)
-    return linear_cross_entropy_apply(hidden, weight, params), None
-
-
 # Registered by name (tests add pure-PyTorch stand-ins).
-KERNELS: dict[str, LibraryKernel] = {"liger": LibraryKernel(_liger, True), "cce": LibraryKernel(_cce, False)}
+KERNELS: dict[str, LibraryKernel] = {"liger": LibraryKernel(_liger, True)}
 
 
 def uses_library(kernel: str, needs_argmax: bool) -> bool:

@@ -5,8 +5,8 @@ boolean index, i.e. a device-to-host sync per step k, each of which drains the G
 only on the token ids, the loss mask and the document boundaries, which the host has anyway, so the batch loader
 computes them here, in its background thread, and the step itself never waits on the device.
 
-Indices are flat positions into the [B, T] micro-batch. Row t of step k predicts x_{t+k+2} (contracts d6) and is
-compared with the verifier's greedy token computed from the post-norm state at t+k+1 (contracts e).
+Indices are flat positions into the [B, T] micro-batch. Row t of step k predicts x_{t+k+2} (docs/contracts.md, "Targets") and is
+compared with the verifier's greedy token computed from the post-norm state at t+k+1 (docs/contracts.md, "Acceptance metrics").
 """
 
 from __future__ import annotations

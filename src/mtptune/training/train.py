@@ -40,8 +40,8 @@ from mtptune.training.distributed import DistInfo, all_reduce_sum, barrier, init
 from mtptune.training.hidden_source import prefetch_depth
 from mtptune.training.loss import mtp_loss
 from mtptune.training.loss_plan import LossPlan
-from mtptune.training.metrics import StepMetrics
 from mtptune.training.numerics import NonFiniteTraining, describe_tensors, non_finite_tensors
+from mtptune.training.step_metrics import StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -556,7 +556,7 @@ def _apply_new_hyperparameters(p: Parts, fresh: list[dict], base_lrs: list[float
 
 
 def _loader(p: Parts, micro_batches) -> BatchLoader:
-    """Micro-batches assembled in a background thread; on GPU padded to --total-seq-len (contracts a5: one shape,
+    """Micro-batches assembled in a background thread; on GPU padded to --total-seq-len (one shape,
     no recompiles) and pinned for non-blocking copies."""
     cuda = p.info.device.type == "cuda"
     return BatchLoader(
