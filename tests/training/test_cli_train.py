@@ -74,3 +74,36 @@ def test_cli_trains_offline_and_prints_before_after(learnable, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "validation tau_sim before" in out and "checkpoint_best" in out
     assert main(shlex.split(command.replace("--on-missing raise", "--on-missing generate"))) == 2
+
+
+def test_a_bare_command_builds_exactly_the_default_config(learnable, tmp_path):
+    """One default per field: `mtptune train` with only the required flags gives the config classes' defaults,
+    field for field (a CLI default that drifts from its dataclass default fails here)."""
+    from dataclasses import replace
+
+    from mtptune.training.config import CheckpointConfig, DataConfig, HiddenStatesConfig, TrainConfig
+
+    args = parse(
+        f"train --verifier-name-or-path {learnable.verifier} --data-path {learnable.data} --save-path {tmp_path} "
+        "--vllm-endpoint http://localhost:8000/v1"
+    )
+    args.api_key = None  # the CLI also reads OPENAI_API_KEY from the environment
+    built = replace(build_config(args), command=())
+    expected = TrainConfig(
+        verifier=str(learnable.verifier),
+        data=DataConfig(str(learnable.data)),
+        checkpoint=CheckpointConfig(str(tmp_path)),
+        hidden_states=HiddenStatesConfig(endpoints=("http://localhost:8000/v1",)),
+    )
+    assert built.to_dict() == expected.to_dict()
+
+
+def test_allowed_values_come_from_the_config_types():
+    from typing import get_args
+
+    from mtptune.training.config import LossKind, OnMissing, SchedulerKind
+
+    actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}  # type: ignore[union-attr]
+    assert tuple(actions["loss"].choices) == get_args(LossKind)
+    assert tuple(actions["on_missing"].choices) == get_args(OnMissing)
+    assert tuple(actions["scheduler"].choices) == get_args(SchedulerKind)

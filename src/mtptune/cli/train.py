@@ -17,10 +17,34 @@ import logging
 import os
 import sys
 import traceback
+from typing import get_args
 
 from mtptune.errors import ConfigError, MtpTuneError
-from mtptune.training.config import COMPILE_SCOPES
-from mtptune.training.loss_kernels import DEFAULT_LOSS_KERNEL, LOSS_KERNELS
+from mtptune.training.config import (
+    CacheDevice,
+    CheckpointConfig,
+    CompileScope,
+    DataConfig,
+    DtypeName,
+    HiddenStatesConfig,
+    InputNormName,
+    LoadFormat,
+    LoggingConfig,
+    LossConfig,
+    LossKind,
+    OnGenerate,
+    OnMissing,
+    OptimConfig,
+    OptimizerName,
+    SchedulerKind,
+    TrainConfig,
+)
+from mtptune.training.loss_kernels import LOSS_KERNELS
+
+# The one source of every default below: the config classes (the required fields get placeholders).
+_DATA, _CKPT, _HS, _OPT = DataConfig(""), CheckpointConfig(""), HiddenStatesConfig(), OptimConfig()
+_LOSS, _LOG = LossConfig(), LoggingConfig()
+_TRAIN = TrainConfig("", _DATA, _CKPT)
 
 log = logging.getLogger("mtptune.train")
 
@@ -44,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--num-speculative-steps", type=int, default=None, help="K trained (default: the checkpoint's, or 3)"
     )
-    g.add_argument("--mtp-input-norm", choices=("post_norm", "none"), default="post_norm",
+    g.add_argument("--mtp-input-norm", choices=get_args(InputNormName), default=_TRAIN.mtp_input_norm,
                    help="post_norm: head gets FinalNorm(r_t) like vLLM serves it (default); none: pre-norm A/B")  # fmt: skip
     g.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
                    help="layer ids the server captures, read as `mtptune serve` reads them (N is appended unless "
@@ -57,26 +81,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--hidden-states-path", default=None, help="cache/offline folder (default <data-path>/hidden_states)"
     )
-    g.add_argument("--on-missing", choices=("generate", "skip", "warn", "raise"), default="generate")
-    g.add_argument("--on-generate", choices=("delete", "cache"), default="delete")
-    g.add_argument("--request-timeout", type=float, default=120.0)
-    g.add_argument("--max-retries", type=int, default=3)
+    g.add_argument("--on-missing", choices=get_args(OnMissing), default=_HS.on_missing)
+    g.add_argument("--on-generate", choices=get_args(OnGenerate), default=_HS.on_generate)
+    g.add_argument("--request-timeout", type=float, default=_HS.request_timeout)
+    g.add_argument("--max-retries", type=int, default=_HS.max_retries)
     g.add_argument(
         "--concurrency",
         type=int,
         default=None,
-        help="hidden-state requests in flight (default 64: an 8192-token step of GSM8K-length rows holds ~40 "
+        help=f"hidden-state requests in flight (default {_HS.concurrency}: an 8192-token step of GSM8K-length rows holds ~40 "
         "rows, and the server batches what is in flight: the more, the larger and cheaper its forwards)",
     )
     g.add_argument("--num-workers", type=int, default=None, help="speculators' spelling of --concurrency")
     g.add_argument(
         "--prefetch", type=int, default=None, help="rows fetched ahead of the step (default 2 x concurrency)"
     )
-    g.add_argument("--hidden-states-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    g.add_argument("--hidden-states-dtype", choices=("bfloat16", "float16", "float32"), default=_HS.dtype)
     g.add_argument(
         "--server-wait-timeout",
         type=float,
-        default=600.0,
+        default=_HS.server_wait_timeout,
         help="seconds to wait for the server's GET /health at start (default 600: loading a 9B verifier, vLLM's "
         "CUDA graphs or the built-in server's kernel warm-up take minutes)",
     )
@@ -84,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--hidden-states-memory-cache",
         type=float,
-        default=16.0,
+        default=_HS.memory_cache_gib,
         metavar="GIB",
         help="keep up to GIB of hidden states in memory so that epochs after the first reuse them instead of asking "
         "the server (or the colocated verifier) again; least recently used rows are dropped beyond it; 0 disables "
@@ -92,14 +116,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--hidden-states-memory-cache-device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
+        choices=get_args(CacheDevice),
+        default=_HS.memory_cache_device,
         help="where the memory cache lives (auto: the training GPU with --colocated, host RAM otherwise)",
     )
     g.add_argument(
         "--max-failed-fraction",
         type=float,
-        default=0.1,
+        default=_HS.max_failed_fraction,
         metavar="F",
         help="stop the run (exit 2, a resumable interrupted/ checkpoint) when more than F of the last "
         "--failed-fraction-window rows had no usable hidden states (invalid or failed; rows missing under "
@@ -110,12 +134,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--failed-fraction-window",
         type=int,
-        default=200,
+        default=_HS.failed_fraction_window,
         metavar="N",
         help="rows (training and validation, most recent) over which --max-failed-fraction is measured (default 200)",
     )
-    g.add_argument("--train-data-ratio", type=float, default=0.9, help="train fraction; the tail validates")
-    g.add_argument("--total-seq-len", type=int, default=8192, help="packed tokens per micro-batch per rank")
+    g.add_argument(
+        "--train-data-ratio", type=float, default=_DATA.train_data_ratio, help="train fraction; the tail validates"
+    )
+    g.add_argument(
+        "--total-seq-len", type=int, default=_DATA.total_seq_len, help="packed tokens per micro-batch per rank"
+    )
 
     g = parser.add_argument_group(
         "colocated hidden states",
@@ -125,7 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--vllm-endpoint) when the verifier needs its own GPUs (tensor parallel, a larger model) or already runs.",
     )
     g.add_argument("--colocated", action="store_true", help="compute hidden states in this process (no server)")
-    g.add_argument("--verifier-dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+    g.add_argument("--verifier-dtype", choices=("auto", "bfloat16", "float16", "float32"), default=_HS.verifier_dtype,
                    help="colocated verifier weights (auto: bf16 on GPU, the checkpoint's dtype on CPU)")  # fmt: skip
     g.add_argument(
         "--verifier-forward-tokens",
@@ -133,44 +161,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="tokens per colocated verifier forward (default 16384 on GPU, 2048 on CPU)",
     )
-    g.add_argument("--verifier-load-format", choices=("auto", "dummy"), default="auto",
+    g.add_argument("--verifier-load-format", choices=get_args(LoadFormat), default=_HS.verifier_load_format,
                    help="dummy: random verifier weights from config.json, for benchmarks only")  # fmt: skip
 
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--epochs", type=int, default=_TRAIN.epochs)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+    g.add_argument("--lr", type=float, default=_OPT.lr)
+    g.add_argument("--optimizer", choices=get_args(OptimizerName), default=_OPT.name,
                    help="adamw (fused), or muon: Muon for the 2-D weight matrices + AdamW for norms (speculators' default)")  # fmt: skip
     g.add_argument(
         "--muon-lr", type=float, default=None, help="Muon's lr (default --lr; its update RMS matches AdamW's)"
     )
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--scheduler", choices=("cosine", "linear", "constant"), default="cosine")
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--step-weight-beta", type=float, default=0.6, help="FastMTP alpha_k = beta^k / sum_j beta^j")
+    g.add_argument("--weight-decay", type=float, default=_OPT.weight_decay)
+    g.add_argument("--grad-clip", type=float, default=_OPT.grad_clip)
+    g.add_argument("--grad-accum", type=int, default=_OPT.grad_accum)
+    g.add_argument("--scheduler", choices=get_args(SchedulerKind), default=_OPT.scheduler)
+    g.add_argument("--warmup-steps", type=int, default=_OPT.warmup_steps)
+    g.add_argument(
+        "--step-weight-beta", type=float, default=_LOSS.step_weight_beta, help="FastMTP alpha_k = beta^k / sum_j beta^j"
+    )
     g.add_argument("--step-weights", default=None, help="explicit per-step weights, e.g. 1,0,0 (overrides beta)")
-    g.add_argument("--loss", choices=("ce", "kl", "tv", "ce+kl"), default="ce")
-    g.add_argument("--kl-weight", type=float, default=1.0, help="weight of kl in --loss ce+kl")
-    g.add_argument("--loss-chunk-rows", type=int, default=2048, help="rows per chunked lm_head + loss")
-    g.add_argument("--loss-kernel", choices=LOSS_KERNELS, default=DEFAULT_LOSS_KERNEL,
+    g.add_argument("--loss", choices=get_args(LossKind), default=_LOSS.kind)
+    g.add_argument("--kl-weight", type=float, default=_LOSS.kl_weight, help="weight of kl in --loss ce+kl")
+    g.add_argument("--loss-chunk-rows", type=int, default=_LOSS.chunk_rows, help="rows per chunked lm_head + loss")
+    g.add_argument("--loss-kernel", choices=LOSS_KERNELS, default=_LOSS.kernel,
                    help="LM head + cross-entropy of the training steps (--loss ce): ours (chunked, every loss kind), "
                         "liger (liger-kernel, measured 6 %% faster at the 9B shapes; needs CUDA)")  # fmt: skip
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+    g.add_argument("--seed", type=int, default=_TRAIN.seed)
+    g.add_argument("--device", default=_TRAIN.device, help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--dtype", choices=get_args(DtypeName), default=_TRAIN.dtype,
                    help="compute dtype (auto: bf16 autocast on GPU, fp32 on CPU); master weights stay fp32")  # fmt: skip
     g.add_argument("--fsdp-shard", action="store_true", help="FSDP2 instead of DDP under torchrun")
-    g.add_argument("--compile", choices=COMPILE_SCOPES, default="step",
+    g.add_argument("--compile", choices=get_args(CompileScope), default=_TRAIN.compile,
                    help="on CUDA: compile each MTP step of the head into fused kernels (step, the default), only its "
                         "RMSNorms (norms) or nothing (none); the CPU always runs eager")  # fmt: skip
     g.add_argument("--no-compile", dest="compile", action="store_const", const="none", help="same as --compile none")
 
     g = parser.add_argument_group("checkpoints and logging")
     g.add_argument("--save-path", default="./output/checkpoints")
-    g.add_argument("--checkpoint-freq", type=float, default=1.0, help="in epochs; < 1 adds mid-epoch step<N>/ saves")
+    g.add_argument(
+        "--checkpoint-freq",
+        type=float,
+        default=_CKPT.checkpoint_freq,
+        help="in epochs; < 1 adds mid-epoch step<N>/ saves",
+    )
     g.add_argument("--save-best", action="store_true", help="(always on) keep checkpoint_best -> best val tau_sim")
     g.add_argument("--no-resume", action="store_true", help="ignore checkpoints already under --save-path")
     g.add_argument(
@@ -190,8 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-every",
         "--log-freq",
         type=int,
-        default=10,
-        help="log training metrics every N steps (default 10). Metrics stay on the GPU in between (one device sync "
+        default=_LOG.log_every,
+        help=f"log training metrics every N steps (default {_LOG.log_every}). Metrics stay on the GPU in between (one device sync "
         "per logged step), and the verifier-reference metrics (acc_verifier, tau_sim) are computed on logged steps "
         "only; validation always computes them.",
     )
@@ -203,15 +238,6 @@ def build_config(args: argparse.Namespace):
     from mtptune.checkpoint.verifier import Verifier
     from mtptune.serving.contract import capture_spec
     from mtptune.training.build import pretrained_num_steps
-    from mtptune.training.config import (
-        CheckpointConfig,
-        DataConfig,
-        HiddenStatesConfig,
-        LoggingConfig,
-        LossConfig,
-        OptimConfig,
-        TrainConfig,
-    )
 
     if args.speculator_type != "mtp":
         raise ConfigError(
@@ -225,10 +251,12 @@ def build_config(args: argparse.Namespace):
         log.info("the server captures %s; the MTP head reads layer %d.", spec.describe(), spec.num_layers)
     steps = args.num_speculative_steps
     if steps is None:
-        steps = (pretrained_num_steps(args.from_pretrained) if args.from_pretrained else None) or 3
+        steps = (
+            pretrained_num_steps(args.from_pretrained) if args.from_pretrained else None
+        ) or _TRAIN.num_speculative_steps
     if args.num_workers is not None and args.concurrency is not None and args.num_workers != args.concurrency:
         raise ConfigError("--num-workers and --concurrency disagree; --num-workers is speculators' name for it.")
-    concurrency = args.concurrency or args.num_workers or 64
+    concurrency = args.concurrency or args.num_workers or _HS.concurrency
     if args.save_best:
         log.info("--save-best: checkpoint_best is always maintained (highest validation tau_sim).")
     if args.muon_lr is not None and args.optimizer != "muon":

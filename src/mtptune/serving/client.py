@@ -68,6 +68,11 @@ __all__ = ["ClientStats", "HiddenStatesClient", "ServerStorageFull", "ServerUnav
 log = logging.getLogger(__name__)
 
 
+# Requests kept in flight: an 8192-token step of GSM8K-length rows holds ~40 rows, and a server batches what is in
+# flight (the more, the larger and cheaper its forwards). The trainer's --concurrency default.
+DEFAULT_CONCURRENCY = 64
+
+
 @dataclass
 class ClientStats:
     requested: int = 0  # fetch() calls
@@ -106,7 +111,7 @@ class HiddenStatesClient:
         cache_dir: Path | None = None,
         request_timeout: float = 120.0,
         max_retries: int = 3,
-        concurrency: int = 32,
+        concurrency: int = DEFAULT_CONCURRENCY,
         api_key: str | None = None,
         server_wait_timeout: float = 0.0,
         backoff_base: float = 2.0,

@@ -1,6 +1,7 @@
 """The trainer's configuration: one typed, frozen dataclass tree (torchtitan style), built by `mtptune train`.
 
-Every field has the default the CLI shows; `TrainConfig.validate()` rejects conflicting settings with a
+Every field's default here is the one `mtptune train` uses (cli/train.py takes its defaults and allowed values from
+these classes; tests/training/test_cli_train.py checks that a bare command builds exactly the default tree); `TrainConfig.validate()` rejects conflicting settings with a
 `ConfigError` naming the flag. Library users build the tree directly and call `run_training(config)`.
 """
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from mtptune.errors import ConfigError
+from mtptune.serving.client import DEFAULT_CONCURRENCY
 from mtptune.training.loss_kernels import check_loss_kernel
 
 OnMissing = Literal["generate", "skip", "warn", "raise"]
@@ -18,11 +20,13 @@ OnGenerate = Literal["delete", "cache"]
 LossKind = Literal["ce", "kl", "tv", "ce+kl"]
 SchedulerKind = Literal["cosine", "linear", "constant"]
 DtypeName = Literal["auto", "float32", "bfloat16"]
-LOSS_KINDS: tuple[str, ...] = ("ce", "kl", "tv", "ce+kl")
+LOSS_KINDS: tuple[str, ...] = get_args(LossKind)
 LoadFormat = Literal["auto", "dummy"]
 CacheDevice = Literal["auto", "cpu", "cuda"]
 CompileScope = Literal["step", "norms", "none"]
 COMPILE_SCOPES: tuple[str, ...] = get_args(CompileScope)
+InputNormName = Literal["post_norm", "none"]
+OptimizerName = Literal["adamw", "muon"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,8 @@ class HiddenStatesConfig:
     on_generate: OnGenerate = "delete"
     request_timeout: float = 120.0
     max_retries: int = 3
-    concurrency: int = 64  # requests in flight (the CLI default): the server batches what is in flight
-    prefetch: int = 128  # rows fetched ahead of the step (2 x concurrency, as the CLI)
+    concurrency: int = DEFAULT_CONCURRENCY  # requests in flight: the server batches what is in flight
+    prefetch: int = 2 * DEFAULT_CONCURRENCY  # rows fetched ahead of the step
     dtype: str = "bfloat16"  # dtype the states are held in between fetch and step
     target_layer_ids: tuple[int, ...] | None = None  # what the server captures (N appended); the MTP input is N
     api_key: str | None = None
@@ -65,7 +69,7 @@ class HiddenStatesConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["adamw", "muon"] = "adamw"
+    name: OptimizerName = "adamw"
     lr: float = 1e-4
     muon_lr: float | None = None  # Muon's lr for 2-D weights; default lr (as speculators 0.9.0: RMS matched to AdamW)
     weight_decay: float = 0.0
@@ -102,7 +106,7 @@ class LoggingConfig:
     loggers: tuple[str, ...] = ()  # tensorboard, trackio, wandb (metrics.jsonl is always written)
     log_dir: str | None = None  # default <save-path>/logs
     run_name: str | None = None
-    log_every: int = 1
+    log_every: int = 10  # metrics stay on the device between logged steps (one sync per logged step)
     progress_bar: bool = True
 
 
@@ -117,7 +121,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     from_pretrained: str | None = None
     num_speculative_steps: int = 3
-    mtp_input_norm: Literal["post_norm", "none"] = "post_norm"
+    mtp_input_norm: InputNormName = "post_norm"
     epochs: int = 3
     max_steps: int | None = None  # optimizer steps in total; stops early
     seed: int = 0
