@@ -63,7 +63,7 @@ def offline_config(learnable: Learnable, save_path: Path, **overrides) -> TrainC
         checkpoint=CheckpointConfig(str(save_path)),
         hidden_states=HiddenStatesConfig(on_missing="raise", prefetch=8),
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
-        logging=LoggingConfig(progress_bar=False),
+        logging=LoggingConfig(log_every=1, progress_bar=False),  # tests compare per-step losses
         epochs=2,
     )
     fields.update(overrides)

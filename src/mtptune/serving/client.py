@@ -442,6 +442,9 @@ class HiddenStatesClient:
         exhausted = False
         while True:
             while not exhausted and len(pending) < max(1, window):
+                if self._closing.is_set():  # close() from another thread: submit nothing to a stopping loop
+                    exhausted = True
+                    break
                 try:
                     row_id, token_ids = next(iterator)
                 except StopIteration:
@@ -478,6 +481,8 @@ class HiddenStatesClient:
         if inflight:
             _, not_done = concurrent.futures.wait(inflight, timeout=CLOSE_WAIT_S)
             if not_done:
+                for future in not_done:  # their loop stops below; a reader waiting on one gets CancelledError
+                    future.cancel()
                 log.warning(
                     "%d hidden-state requests were still in flight after %.0f s; their files may stay in the "
                     "server's storage folder.",
