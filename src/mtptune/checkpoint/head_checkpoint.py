@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -86,17 +87,28 @@ def save_head_checkpoint(
     path = Path(path)
     dtype = getattr(torch, config.dtype)
     fp32 = FAMILIES[config.family].fp32_buffers if config.family in FAMILIES else ()
-    with atomic_folder(path, overwrite=overwrite, what="checkpoint") as tmp:
+
+    def write_weights(tmp: Path) -> None:
         # Buffers the family keeps fp32 (e.g. DeepSeek's router bias) are saved in their own dtype.
         tensors = {
             HEAD_PREFIX + k: v.detach().to("cpu", v.dtype if k.rsplit(".", 1)[-1] in fp32 else dtype).contiguous()
             for k, v in head_state.items()
         }
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "producer": "mtptune"})
-        for name, obj in (extra_files or {}).items():
-            if name.endswith(".json"):
-                (tmp / name).write_text(json_text(obj))
-            else:
-                torch.save(obj, tmp / name)
+
+    def write_extra(file: Path, obj: object) -> None:
+        if file.name.endswith(".json"):
+            file.write_text(json_text(obj))
+        else:
+            torch.save(obj, file)
+
+    with atomic_folder(path, overwrite=overwrite, what="checkpoint") as tmp:
+        # The files side by side: a training checkpoint's master weights and optimizer state are GBs, and their
+        # serialisation releases the GIL. Leaving the `with` waits for every write; the first error is raised.
+        with ThreadPoolExecutor(max_workers=1 + len(extra_files or {})) as pool:
+            writes = [pool.submit(write_weights, tmp)]
+            writes += [pool.submit(write_extra, tmp / name, obj) for name, obj in (extra_files or {}).items()]
+        for done in writes:
+            done.result()
         (tmp / "config.json").write_text(json_text(config.to_json()))  # last: its presence marks the folder complete
     return path

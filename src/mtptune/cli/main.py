@@ -10,6 +10,7 @@ import sys
 
 from mtptune import __version__
 from mtptune.errors import MtpTuneError
+from mtptune.modeling.compile_cache import use_persistent_compile_cache
 
 SUBCOMMANDS = ("convert", "prepare", "regenerate", "serve", "train", "stitch", "evaluate", "export", "demo")
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_persistent_compile_cache()  # before any subcommand imports Triton kernels (the autotuner reads it then)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
