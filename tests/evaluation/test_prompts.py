@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mtptune.errors import DataError
-from mtptune.evaluation.prompts import Prompt, encode_prompt, encode_turn, gsm8k_split, load_prompts, load_tokenizer
+from mtptune.evaluation.prompts import Prompt, encode_turn, gsm8k_split, load_prompts, load_tokenizer
 
 
 def test_builtin_prompt_sets() -> None:
@@ -28,10 +28,10 @@ def test_prompt_files(tmp_path: Path) -> None:
         '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]}\n'
     )
     ids, chat = load_prompts(str(jsonl))
-    assert encode_prompt(ids, tokenizer=None) == [1, 2, 3]
+    assert encode_turn(ids, [], tokenizer=None) == [1, 2, 3]
     assert chat.text == "hi"
     with pytest.raises(DataError, match="no tokenizer"):
-        encode_prompt(Prompt("x", text="hello"), tokenizer=None)
+        encode_turn(Prompt("x", text="hello"), [], tokenizer=None)
     with pytest.raises(DataError, match="neither a built-in set"):
         load_prompts(str(tmp_path / "nope.jsonl"))
 
@@ -56,7 +56,9 @@ def test_mt_bench_both_turns_and_the_rendered_second_turn() -> None:
     # The verifier's own answer sits between the two user turns, and a generation prompt follows the second.
     assert second.index(both[0].text) < second.index("ALOHA ANSWER") < second.index(both[0].followups[0])
     assert second.rstrip().endswith(("<|im_start|>assistant", "<think>"))
-    assert tokenizer.decode(encode_prompt(both[0], tokenizer)) == tokenizer.decode(encode_turn(first[0], [], tokenizer))
+    assert tokenizer.decode(encode_turn(both[0], [], tokenizer)) == tokenizer.decode(
+        encode_turn(first[0], [], tokenizer)
+    )
     with pytest.raises(DataError, match="has 2 turn"):
         encode_turn(both[0], ["a", "b"], tokenizer)
 

@@ -133,10 +133,6 @@ class SafetensorsCheckpoint:
             return cls(root=root, weight_map=dict.fromkeys(handle.keys(), SINGLE_NAME), _handles={SINGLE_NAME: handle})
         raise CheckpointError(f"no {SINGLE_NAME} or {INDEX_NAME} in {root}: not a safetensors model folder.")
 
-    @property
-    def sharded(self) -> bool:
-        return self.index is not None
-
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
@@ -170,6 +166,3 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"tensor {key!r} not found in {self.root}.")
         code = self._handle(shard).get_slice(key).get_dtype()
         return _DTYPE_NAMES.get(code, code.lower())
-
-    def shard_metadata(self, shard: str) -> dict[str, str] | None:
-        return self._handle(shard).metadata()

