@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 from mtptune.errors import ConfigError
 from mtptune.serving.client import DEFAULT_CONCURRENCY
-from mtptune.training.loss_kernels import check_loss_kernel
+from mtptune.training.loss_kernels import DEFAULT_LOSS_KERNEL, check_loss_kernel
 
 OnMissing = Literal["generate", "skip", "warn", "raise"]
 OnGenerate = Literal["delete", "cache"]
@@ -88,7 +88,7 @@ class LossConfig:
     step_weights: tuple[float, ...] | None = None  # explicit alpha_k; overrides beta
     chunk_rows: int = 2048  # rows per lm_head chunk; never more than chunk_rows x V logits alive
     kl_weight: float = 1.0  # weight of the distillation term in "ce+kl"
-    kernel: str = "ours"  # LM head + CE of the training steps: ours, liger (training/loss_kernels.py)
+    kernel: str = DEFAULT_LOSS_KERNEL  # LM head + CE of the training steps: ours, liger (training/loss_kernels.py)
 
 
 @dataclass(frozen=True)

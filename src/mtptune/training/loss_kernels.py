@@ -12,7 +12,7 @@ cut-cross-entropy (logits never written) was measured beside them and is not off
 KL / TV need the verifier's distribution at every row as well as the head's, which liger does not compute: every
 loss but `ce` takes `ours`. The LM head is frozen, so only the input gradient is computed (liger skips the weight
 gradient when the weight does not require grad). To make a library the default, change `DEFAULT_LOSS_KERNEL`
-(and the CLI default), and drop the CE fast path of `fused_linear_loss` (`_ce_grad`) if no step uses it any more.
+(the config and the CLI take it from here), and drop the CE fast path of `fused_linear_loss` (`_ce_grad`) if no step uses it any more.
 """
 
 from __future__ import annotations
