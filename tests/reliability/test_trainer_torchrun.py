@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,57 @@ def test_a_server_lost_on_one_rank_stops_every_rank_after_the_same_step(corpus, 
     steps = [r["step"] for r in records(save, "train")]
     assert steps[steps.index(step) + 1 :] == list(range(step + 1, steps[-1] + 1))  # resumed where all stopped
     assert records(save, "summary")[-1]["failed"] == 0
+
+
+def rank_pid(torchrun_pid: int, local_rank: int, timeout: float = 60.0) -> int:
+    """The pid of torchrun's worker with LOCAL_RANK `local_rank` (a child of its agent process)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int(re.search(r"^PPid:\s+(\d+)", (entry / "status").read_text(), re.M).group(1))
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except (OSError, AttributeError):
+                continue
+            if ppid == torchrun_pid and f"LOCAL_RANK={local_rank}".encode() in environ:
+                return int(entry.name)
+        time.sleep(0.1)
+    raise AssertionError(f"no torchrun worker with LOCAL_RANK={local_rank} under pid {torchrun_pid}")
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_ends_every_rank_and_the_same_command_resumes(corpus, tmp_path):
+    """A rank that dies (the OOM killer, a bug that exits) must not leave the others waiting in the next collective
+    until the process group's timeout (30 min): the job ends, no folder looks complete that is not, and the same
+    command resumes from the last complete checkpoint."""
+    save = tmp_path / "ckpt"
+    args = train_args(corpus, save, "--on-missing", "raise", "--epochs", "12", "--total-seq-len", str(SEQ_LEN))
+    log = tmp_path / "torchrun.log"
+    ranks = torchrun(args, log)
+    try:
+        deadline = time.monotonic() + 180
+        while not (save / "0" / "config.json").exists():  # epoch 0's checkpoint, then a kill in epoch 1
+            assert ranks.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+        os.kill(rank_pid(ranks.pid, 1), signal.SIGKILL)
+        code = ranks.wait(timeout=120)  # before: rank 0 could wait in gloo's all-reduce for the 30-minute timeout
+    finally:
+        if ranks.poll() is None:
+            ranks.kill()
+            ranks.wait()
+    assert code != 0, log.read_text()[-3000:]
+    stopped_at = max(r["step"] for r in records(save, "train"))
+    complete = [p for p in save.iterdir() if p.is_dir() and (p / "config.json").exists()]
+    assert complete, f"no complete checkpoint after {stopped_at} steps: {sorted(p.name for p in save.iterdir())}"
+    for folder in complete:  # every folder that looks complete is: its training state and weights read back
+        json.loads((folder / "training_state.json").read_text())
+        assert (folder / "model.safetensors").stat().st_size > 0
+
+    again = torchrun(args, tmp_path / "resume.log")
+    assert again.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    resumed = (tmp_path / "resume.log").read_text()
+    assert "resuming from" in resumed, resumed[-3000:]
+    assert (save / "checkpoint_best").exists()
+    assert max(r["step"] for r in records(save, "train")) > stopped_at

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import itertools
 import json
 import logging
@@ -83,6 +84,7 @@ class ClientStats:
     cache_hits: int = 0
     generated: int = 0  # server requests that returned a file
     cached: int = 0  # files moved into cache_dir
+    not_cached: int = 0  # --on-generate cache, but deleted instead: the cache folder was full
 
     def count_invalid(self, reason: str) -> None:
         self.invalid[reason] = self.invalid.get(reason, 0) + 1
@@ -130,6 +132,7 @@ class HiddenStatesClient:
         self.hidden_size = hidden_size
         self.on_generate = on_generate
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._cache_full = False  # set at the first ENOSPC moving a file into cache_dir: caching stops
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.request_timeout = request_timeout
@@ -405,22 +408,48 @@ class HiddenStatesClient:
         user may not remove stops the run (`SystematicFailure`): every file would stay and fill the server's disk."""
         target = self._cache_path(row_id) if self.on_generate == "cache" else None
         try:
+            if target is not None and self._cache_full:
+                self._count(not_cached=1)
+                target = None
             if target is None:
                 Path(path).unlink(missing_ok=True)
             else:
                 tmp = target.with_name(target.name + ".partial")
                 try:
                     shutil.move(path, tmp)  # a rename when on the same file system
-                except OSError:
+                except OSError as exc:
                     tmp.unlink(missing_ok=True)  # copied, but the original could not be removed
-                    raise
-                os.replace(tmp, target)
-                self._count(cached=1)
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    self._cache_is_full(row_id, exc)
+                    Path(path).unlink(missing_ok=True)  # the states are read: the server's file goes as with delete
+                else:
+                    os.replace(tmp, target)
+                    self._count(cached=1)
             lock_path_for(path).unlink(missing_ok=True)
         except PermissionError as exc:
             with self._stats_lock:
                 self.undeletable.append(f"{path} ({exc.strerror or exc})")
             raise SystematicFailure(undeletable_storage_message(path, exc)) from exc
+
+    def _cache_is_full(self, row_id: int, exc: OSError) -> None:
+        """The cache folder is full: the run goes on (the row's states are in hand; a row that is not cached is
+        asked of the server again when next needed), caching stops, and this is said once, loudly."""
+        with self._stats_lock:
+            first, self._cache_full = not self._cache_full, True
+            self.stats.not_cached += 1
+        if first:
+            free = shutil.disk_usage(self.cache_dir).free if self.cache_dir is not None else 0
+            log.warning(
+                "the hidden-state cache folder %s is full (%s; %d bytes free): row %d and the rows after it are not "
+                "cached (their server files are deleted as with --on-generate delete) and will be asked of the "
+                "server again when needed. Free space there, point --hidden-states-path at a larger disk, or pass "
+                "--on-generate delete.",
+                self.cache_dir,
+                exc.strerror or exc,
+                free,
+                row_id,
+            )
 
     # --- many samples from synchronous code (DataLoader workers, the trainer loop) -----------------------------
     def _background_loop(self) -> asyncio.AbstractEventLoop:
