@@ -192,7 +192,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=_TRAIN.device, help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", choices=get_args(DtypeName), default=_TRAIN.dtype,
                    help="compute dtype (auto: bf16 autocast on GPU, fp32 on CPU); master weights stay fp32")  # fmt: skip
-    g.add_argument("--fsdp-shard", action="store_true", help="FSDP2 instead of DDP under torchrun")
     g.add_argument("--compile", choices=get_args(CompileScope), default=_TRAIN.compile,
                    help="on CUDA: compile each MTP step of the head into fused kernels (step, the default), only its "
                         "RMSNorms (norms) or nothing (none); the CPU always runs eager")  # fmt: skip
@@ -321,7 +320,6 @@ def build_config(args: argparse.Namespace):
         dtype=args.dtype,
         val_every=args.val_every,
         validate_at_start=not args.no_initial_val,
-        fsdp_shard=args.fsdp_shard,
         compile=args.compile,
         command=tuple(sys.argv),
     ).validate()

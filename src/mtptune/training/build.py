@@ -43,7 +43,7 @@ class Parts:
     config: TrainConfig
     info: DistInfo
     head: MtpHead
-    model: torch.nn.Module  # the head, wrapped for DDP / FSDP when distributed
+    model: torch.nn.Module  # the head, wrapped for DDP when distributed
     head_config: HeadConfig
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -270,7 +270,7 @@ def _build_parts(
         config=config,
         info=info,
         head=head,
-        model=wrap_head(head, info, config.fsdp_shard),
+        model=wrap_head(head, info),
         head_config=head_config,
         optimizer=optimizer,
         scheduler=scheduler,

@@ -129,7 +129,6 @@ class TrainConfig:
     dtype: DtypeName = "auto"  # compute dtype: bf16 autocast on GPU; master weights are always fp32
     val_every: int | None = None  # extra validations every N optimizer steps (always at each epoch end)
     validate_at_start: bool = True  # the untrained head's val metrics, the "before" of before/after
-    fsdp_shard: bool = False
     # CUDA only (the CPU stays eager): "step" compiles each MTP step of the head (embedding, norms, fc, decoder layer
     # with its flex attention) into fused kernels; "norms" only its RMSNorms; "none" keeps it eager.
     compile: CompileScope = "step"

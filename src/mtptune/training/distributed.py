@@ -1,4 +1,4 @@
-"""Multi-process training under `torchrun`: DDP (FSDP2 optional), per-rank data shards, rank-0 checkpoints.
+"""Multi-process training under `torchrun`: DDP, per-rank data shards, rank-0 checkpoints.
 
 The head's embed / lm_head / verifier final norm are frozen non-persistent buffers (and the rotary tables are
 buffers too): every rank loads them itself, so DDP must never broadcast them (`broadcast_buffers=False`), which
@@ -9,7 +9,6 @@ so W ranks compute the same update as one rank over the same global batch.
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -19,8 +18,6 @@ import torch.distributed as dist
 from torch import nn
 
 from mtptune.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,16 +61,8 @@ def init_distributed(device_name: str) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def wrap_head(head: nn.Module, info: DistInfo, fsdp_shard: bool) -> nn.Module:
+def wrap_head(head: nn.Module, info: DistInfo) -> nn.Module:
     if not info.enabled:
-        if fsdp_shard:
-            log.warning("--fsdp-shard has no effect in a single process (run under torchrun with >1 ranks).")
-        return head
-    if fsdp_shard:
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(head.layers[0])
-        fully_shard(head)
         return head
     from torch.nn.parallel import DistributedDataParallel
 

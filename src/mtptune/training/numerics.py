@@ -19,12 +19,11 @@ class NonFiniteTraining(MtpTuneError):
 
 
 def non_finite_tensors(module: torch.nn.Module) -> list[str]:
-    """Names of the parameters of `module` that hold a NaN or an Inf (this rank's shard, under FSDP)."""
+    """Names of the parameters of `module` that hold a NaN or an Inf."""
     bad = []
     with torch.no_grad():
         for name, param in module.named_parameters():
-            local = param.to_local() if hasattr(param, "to_local") else param
-            if local.numel() and not bool(torch.isfinite(local).all()):
+            if param.numel() and not bool(torch.isfinite(param).all()):
                 bad.append(name)
     return bad
 

@@ -231,8 +231,6 @@ def train_step(p: Parts, micro: list[PackedBatch | None], with_reference: bool =
     grad_norm = torch.zeros(1, dtype=torch.float64, device=info.device)
     if supervised:
         norm = torch.nn.utils.clip_grad_norm_(p.head.parameters(), p.config.optim.grad_clip)
-        if hasattr(norm, "full_tensor"):  # FSDP2: the same total norm on every rank
-            norm = norm.full_tensor()
         grad_norm = norm.detach().to(torch.float64).reshape(1) / info.world_size  # summed back over the ranks
         p.optimizer.step()
         p.scheduler.step()
