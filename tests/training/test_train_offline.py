@@ -144,3 +144,22 @@ def test_max_steps_stops_exactly_even_at_an_epoch_boundary(learnable, tmp_path):
         config = offline_config(learnable, tmp_path / str(max_steps), data=data, max_steps=max_steps)
         result = run_training(replace(config, validate_at_start=False))
         assert result.global_step == len(result.train_losses) == max_steps
+
+
+def test_val_every_validates_each_step_once_and_the_epoch_end_once(learnable, tmp_path):
+    """--val-every 2 over epochs of an even number of steps: the epoch's last step is a multiple of 2, and the
+    epoch-end validation that follows it is the only one there (it used to run twice at that step)."""
+    from mtptune.data.rows import PreparedRows
+    from mtptune.training.batching import pack_rows, split_train_val
+
+    data = DataConfig(str(learnable.data), 128, 0.8, max_rows=48)
+    rows = PreparedRows(learnable.data, 128, 48)
+    train_ids, _ = split_train_val(len(rows), 0.8)
+    per_epoch = [len(pack_rows(train_ids, rows.lengths, 128, seed=0, epoch=e)) for e in (0, 1)]
+    assert per_epoch[0] % 2 == 0, f"the test needs an even first epoch, got {per_epoch}"
+    config = offline_config(learnable, tmp_path / "run", data=data, val_every=2, validate_at_start=False)
+    run_training(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val_steps = [r["step"] for r in records if r["split"] == "val"]
+    ends = [per_epoch[0], per_epoch[0] + per_epoch[1]]
+    assert val_steps == sorted(set(range(2, ends[1] + 1, 2)) | set(ends)), (val_steps, per_epoch)

@@ -154,7 +154,10 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
                 tokens = sum(b.num_tokens for b in micro if b is not None) * info.world_size
                 step_log.record(state.global_step, metrics, tokens, logged)
                 bar.update(1)
-                validate_now = config.val_every and state.global_step % config.val_every == 0 and p.val_ids
+                ends_the_loop = local + 1 == plan.num_steps or _max_steps_reached(config, state)
+                # --val-every; not on the loop's last step: the epoch's end validates right after it
+                validate_now = config.val_every and state.global_step % config.val_every == 0 and not ends_the_loop
+                validate_now = validate_now and bool(p.val_ids)
                 checkpoint_now = _mid_epoch_checkpoint_due(config, plan.num_steps, local + 1)
                 if logged or validate_now or checkpoint_now or _max_steps_reached(config, state):
                     step_log.flush()
