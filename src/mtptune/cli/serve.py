@@ -51,7 +51,12 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default 8000)")
     parser.add_argument("--hidden-states-path", default=None, help="storage dir shared with the trainer")
-    parser.add_argument("--hidden-states-backend", choices=("file", "mooncake"), default="file")
+    parser.add_argument(
+        "--hidden-states-backend",
+        choices=("file", "mooncake"),
+        default="file",
+        help="vllm: where the connector puts the states; `mtptune train` reads `file` (mooncake: other consumers)",
+    )
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1")
     parser.add_argument("--served-model-name", default=None, help="model id reported by /v1/models (default MODEL)")
     parser.add_argument("--max-model-len", type=positive_int, default=None)
@@ -267,6 +272,11 @@ def _run_vllm(args: argparse.Namespace, layer_ids: list[int], storage: str) -> i
         engine_args=list(args.engine_args),
     )
     argv = build_vllm_command(spec)
+    if args.hidden_states_backend == "mooncake":
+        log.warning(
+            "--hidden-states-backend mooncake: vLLM puts the hidden states into a Mooncake store for other consumers "
+            "(hs-connectors); `mtptune train` reads files and stops at the first row against this server."
+        )
     if args.dry_run:
         print(format_command(argv))
         return 0
@@ -316,6 +326,11 @@ def _run_builtin(args: argparse.Namespace, layer_ids: list[int], storage: str) -
 
     from mtptune.serving.server_config import LOAD_FORMATS, ServerConfig
 
+    if args.hidden_states_backend != "file":
+        raise ConfigError(
+            f"--hidden-states-backend {args.hidden_states_backend}: the built-in engine writes files (the default "
+            "`file`); a Mooncake store needs --engine vllm with hs-connectors installed."
+        )
     over = builtin_overrides(list(args.engine_args))
     if over.get("load_format", "auto") not in LOAD_FORMATS:
         raise ConfigError(

@@ -354,7 +354,15 @@ class HiddenStatesClient:
         try:
             path = payload["kv_transfer_params"]["hidden_states_path"]
         except (KeyError, TypeError) as exc:
-            raise ServerError(
+            # Every row would get the same answer: stop at the first.
+            params = payload.get("kv_transfer_params") if isinstance(payload, dict) else None
+            if isinstance(params, dict) and "handle" in params:
+                raise SystematicFailure(
+                    f"hidden-state server {base} keeps hidden states in a Mooncake store (its answer carries "
+                    f"kv_transfer_params.handle {params['handle']!r}, no file path); mtptune's trainer reads files. "
+                    "Start the server with `mtptune serve --engine vllm --hidden-states-backend file` (the default)."
+                ) from exc
+            raise SystematicFailure(
                 f"row {row_id}: {base} returned no kv_transfer_params.hidden_states_path; is it a hidden-state "
                 f"extraction server (mtptune serve / vllm with extract_hidden_states)? body: "
                 f"{json.dumps(payload)[:300]}"
