@@ -154,3 +154,10 @@ def test_cli_colocated_run_learns_and_writes_no_hidden_state_file(learnable, tmp
     # The flags that make no sense colocated are refused, naming the flag.
     assert main(shlex.split(command + " --on-generate cache")) == 2
     assert "--colocated" in capsys.readouterr().err
+    # A GPU cache for a trainer on the CPU would silently be a host cache: refused, naming the flag and the fix.
+    on_cpu = (
+        command.replace(str(save), str(tmp_path / "cpu")) + " --device cpu --hidden-states-memory-cache-device cuda"
+    )
+    assert main(shlex.split(on_cpu)) == 2
+    err = capsys.readouterr().err
+    assert "--hidden-states-memory-cache-device cuda" in err and "--device" in err, err

@@ -19,7 +19,7 @@ import torch
 
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.data.rows import Row
-from mtptune.errors import DataError
+from mtptune.errors import ConfigError, DataError
 from mtptune.serving.contract import CaptureSpec, capture_spec
 from mtptune.serving.failures import (
     ServerStorageFull,
@@ -146,6 +146,11 @@ def build_source(
         cache_device = config.memory_cache_device
         if cache_device == "auto":
             cache_device = device.type if config.colocated else "cpu"
+        elif cache_device == "cuda" and device.type != "cuda":
+            raise ConfigError(
+                f"--hidden-states-memory-cache-device cuda: the trainer runs on {device} (--device), so the cache "
+                "would not be on a GPU; pass --hidden-states-memory-cache-device cpu (or auto)."
+            )
         cache = HiddenStateCache(int(config.memory_cache_gib * 2**30), device if cache_device == "cuda" else "cpu")
         source = CachedSource(source, cache)
     return source
