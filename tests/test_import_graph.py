@@ -16,7 +16,7 @@ SRC = Path(mtptune.__file__).parent
 
 # Lowest first. A module may import its own layer or a lower one. Within a layer, cycles are the only limit.
 LAYERS: list[tuple[str, ...]] = [
-    ("mtptune", "mtptune.errors"),  # the version and the exception types every layer raises
+    ("mtptune", "mtptune.errors", "mtptune.devices"),  # the version, the exception types, flag devices
     ("mtptune.families",),  # per-architecture knowledge: names, layouts, configs; reads no file
     ("mtptune.checkpoint",),  # files: safetensors I/O, head checkpoint formats, verifier access, atomic writes
     ("mtptune.modeling", "mtptune.metrics"),  # the head module and its loading; acceptance maths

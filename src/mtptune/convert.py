@@ -16,6 +16,7 @@ import torch
 
 from mtptune.checkpoint.speculators_format import check_interchange_family
 from mtptune.checkpoint.verifier import Verifier
+from mtptune.devices import resolve_device
 from mtptune.errors import CheckpointError, ConfigError
 from mtptune.export import check_format, write_head
 from mtptune.modeling.fresh_head import fresh_head_state, resolve_init
@@ -114,6 +115,7 @@ def _convert_fresh(
 
 def _validate_forward(head, verifier: Verifier, device: str) -> None:
     """Run a short K=2 forward on `device`: proves the head builds, loads and computes finite outputs."""
+    device = resolve_device(device, "--validate-device")
     head = head.to(device)
     head.set_shared(shared_weights(verifier, device=device, dtype=head.fc.weight.dtype))
     ids = torch.randint(0, verifier.text_config.vocab_size, (1, 8), device=device)

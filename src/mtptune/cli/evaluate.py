@@ -168,7 +168,14 @@ def _finish(args: argparse.Namespace, result, baseline=None) -> int:
     return 0
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    from mtptune.devices import resolve_device
+
+    args.device = str(resolve_device(args.device))
+
+
 def run_offline(args: argparse.Namespace) -> int:
+    _check_device(args)
     from mtptune.data.rows import load_rows
     from mtptune.evaluation.offline import evaluate_offline
     from mtptune.evaluation.result import EvaluationResult
@@ -226,6 +233,7 @@ def _offline_source(args: argparse.Namespace, verifier, hidden_size: int):
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    _check_device(args)
     from mtptune.evaluation.generation_job import GenerationJob, decode_prompts, run_workers
     from mtptune.evaluation.prompts import load_prompts
     from mtptune.evaluation.result import EvaluationResult, GenerationStats

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mtptune.checkpoint.verifier import Verifier
+from mtptune.devices import resolve_device
 from mtptune.errors import CheckpointError
 
 # Verifiers with recurrent / linear-attention layers: a cropped cache would keep the rejected drafts in their state.
@@ -49,7 +50,7 @@ class VerifierForward:
         # (docs/contracts.md, "Verifier forwards"), which is what we want: evaluation is text-only. Families
         # transformers lacks (MiMo) supply their config.
         model = load_causal_lm(verifier.root, dtype=dtype)
-        device = torch.device(device)
+        device = resolve_device(str(device))
         return cls(model.to(device).eval(), verifier, device)
 
     @property

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, StoppingCriteriaList
 from mtptune.checkpoint.safetensors_io import resolve_model_dir
 from mtptune.checkpoint.verifier import build_random_causal_lm, load_causal_lm
 from mtptune.data.tokenizers import load_tokenizer
+from mtptune.devices import resolve_device
 from mtptune.errors import CheckpointError, ConfigError
 from mtptune.serving.contract import CaptureSpec
 from mtptune.serving.server_config import LOAD_FORMATS
@@ -40,15 +41,6 @@ class Capture:
 class Generation:
     token_ids: list[int]  # generated tokens (EOS included when it stopped there)
     finish_reason: str  # "stop" | "length"
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {device!r} is not a torch device: {exc}") from exc
 
 
 def resolve_dtype(dtype: str | None) -> torch.dtype | str:

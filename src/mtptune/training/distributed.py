@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mtptune.errors import ConfigError
+from mtptune.devices import resolve_device
 
 
 @dataclass(frozen=True)
@@ -36,24 +36,12 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no CUDA device is available (use --device cpu).")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
 def init_distributed(device_name: str) -> DistInfo:
     """Read torchrun's environment; start the process group when WORLD_SIZE > 1."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, "--device", local_rank)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
