@@ -343,9 +343,23 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("mtptune train: interrupted", file=sys.stderr)
         return 130
-    except Exception:
-        traceback.print_exc()
+    except Exception as exc:
+        rank = os.environ.get("RANK", "?")
+        if _peer_gone(exc):  # this rank is fine: another one died (its own output, and torchrun's summary, say why)
+            print(
+                f"mtptune train: rank {rank}: another rank stopped mid-step ({str(exc).splitlines()[0][:200]}). The "
+                "checkpoints already written are complete: fix what stopped it and rerun the same command to resume.",
+                file=sys.stderr,
+            )
+        else:
+            traceback.print_exc()
         return 1
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    """A collective failed because a peer process is gone (gloo says so; NCCL ranks are stopped by torchrun)."""
+    text = str(exc)
+    return "Connection closed by peer" in text or "Connection reset by peer" in text
 
 
 def _exit_now(code: int) -> None:
