@@ -8,18 +8,20 @@
 # skipped, with a {"part": ..., "skipped": true} line, when less than its minimum is left; so one slow part cannot eat
 # the call. Estimated from docs/benchmarks.md (H200: peer 95 s cold, mtptune 73 s cold; later runs hit the compile
 # caches):                                                                        estimate   cap
-#   1. loss-kernel A/B at the 8.1 shapes (benchmarks/loss_kernels.py: ours, liger, ours-ligerce, cce, cce-filter)
+#   1. (LOSS_KERNELS_AB=1 only: measured 2026-12-02) loss-kernel A/B at the 8.1 shapes (benchmarks/loss_kernels.py)
 #                                                                                  ~80 s    150 s
 #   2. GPU tests of the loss paths (tests/gpu/test_fused_loss.py)                  ~40 s     90 s
 #   3. peer (speculators 0.9.0) on the 8.1 rows, its defaults (Muon, log-freq 1)   ~95 s    150 s
 #   4. mtptune, same files, AdamW (default); kernel table of 5 steps after the window ~70 s 120 s
-#   5. mtptune, same files, Muon: the same-optimizer row beside 3                  ~45 s     90 s
-#   6. peer on GSM8K-length rows (mean ~202 tokens), defaults                      ~65 s    120 s
-#   7. mtptune on the same GSM8K-length files                                      ~45 s     90 s
-#   8. peer on the 8.1 rows with --log-freq 10 (its per-step device syncs off)     ~60 s    110 s
-#   9. while time is left: mtptune --loss-kernel $LIBRARY_KERNELS (default "liger") on the 8.1 rows, the A/B at
-#      the GSM8K shapes, the A/B's other variants (ours-c4096, liger-c1), the peer with --optimizer adamw --log-freq 10.
-# Expected: parts 1-8 ~540 s, so 8 may be cut short (its summary still comes back) and 9 mostly skipped.
+#   5. mtptune, same files, --loss-kernel $LIBRARY_KERNELS (default "liger"): the step-level A/B beside 4
+#                                                                                  ~45 s     90 s
+#   6. mtptune, same files, Muon: the same-optimizer row beside 3                  ~45 s     90 s
+#   7. peer on GSM8K-length rows (mean ~202 tokens), defaults                      ~65 s    120 s
+#   8. mtptune on the same GSM8K-length files                                      ~45 s     90 s
+#   9. peer on the 8.1 rows with --log-freq 10 (its per-step device syncs off)     ~60 s    110 s
+#  10. while time is left: the A/B at the GSM8K shapes, the A/B's other variants (ours-c4096, liger-c1), the peer
+#      with --optimizer adamw --log-freq 10.
+# Expected: parts 2-9 ~510 s, so 9 may be cut short (its summary still comes back) and 10 mostly skipped.
 # The fake verifier and both data sets are written on the CPU in the background while 1 and 2 run.
 # Every JSON line goes to $OUT/issue19.jsonl as soon as it is printed; all logs, the peer's step records and the
 # kernel table go into $OUT/issue19_logs.tar.gz at the end (a call brings back only ~8 files of $OUT).
@@ -82,8 +84,9 @@ fi
 ) > "$LOGS/data.log" 2>&1 &
 DATA_PID=$!
 
-part loss_kernels 60 150 python3 benchmarks/loss_kernels.py --mix long --variants ours,liger,ours-ligerce,cce,cce-filter \
-  ${LK_ARGS:-}
+# Measured on 2026-12-02 (benchmarks/results/loss_kernels_h200_20261202.jsonl): LOSS_KERNELS_AB=1 repeats it.
+[ "${LOSS_KERNELS_AB:-0}" = 1 ] && part loss_kernels 60 150 python3 benchmarks/loss_kernels.py --mix long \
+  --variants ours,liger,ours-ligerce,cce,cce-filter ${LK_ARGS:-}
 part gpu_tests 30 90 python3 -m pytest -m gpu tests/gpu/test_fused_loss.py -q -rA -s
 tail -3 "$LOGS/gpu_tests.log" > "$OUT/gpu_tests_tail.txt" 2>/dev/null
 echo "{\"part\": \"gpu_tests\", \"summary\": \"$(tail -1 "$LOGS/gpu_tests.log" 2>/dev/null | tr -d '"=')\"}" >> "$J"
@@ -104,16 +107,16 @@ if [ $DATA_RC = 0 ]; then
   part mtptune_long_adamw 60 120 "${TRAIN[@]}" "${LONG[@]}" --label adamw --peer "$LOGS/peer_long/summary.json" \
     --profile "$LOGS/train_profile.txt"
   cp "$LOGS/train_profile.txt" "$OUT/" 2>/dev/null
+  for K in ${LIBRARY_KERNELS:-liger}; do  # the step-level A/B of the library kernel, beside the row above
+    part "mtptune_long_$K" 40 90 "${TRAIN[@]}" "${LONG[@]}" --label "adamw_$K" --loss-kernel "$K" \
+      --peer "$LOGS/peer_long/summary.json"
+  done
   part mtptune_long_muon 40 90 "${TRAIN[@]}" "${LONG[@]}" --label muon --optimizer muon \
     --peer "$LOGS/peer_long/summary.json"
   [ $PEER_OK = 1 ] && part peer_gsm8k 60 120 "${PEER[@]}" peer_gsm8k $W/verifier $W/gsm8k $W/gsm8k_hs "$LOGS/peer_gsm8k" --
   part mtptune_gsm8k_adamw 40 90 "${TRAIN[@]}" "${SHORT[@]}" --label adamw --peer "$LOGS/peer_gsm8k/summary.json"
   [ $PEER_OK = 1 ] && part peer_long_logfreq10 60 110 "${PEER[@]}" peer_long_logfreq10 $W/verifier $W/long $W/long_hs \
     "$LOGS/peer_long_logfreq10" --real-tokens-from "$LOGS/peer_long/steps.jsonl" -- --log-freq 10
-  for K in ${LIBRARY_KERNELS:-liger}; do
-    part "mtptune_long_$K" 40 90 "${TRAIN[@]}" "${LONG[@]}" --label "adamw_$K" --loss-kernel "$K" \
-      --peer "$LOGS/peer_long/summary.json"
-  done
 fi
 part loss_kernels_gsm8k 30 60 python3 benchmarks/loss_kernels.py --mix gsm8k --variants ours,liger,cce,ours-ligerce \
   ${LK_ARGS:-}
