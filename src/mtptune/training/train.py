@@ -154,12 +154,12 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
                 tokens = sum(b.num_tokens for b in micro if b is not None) * info.world_size
                 step_log.record(state.global_step, metrics, tokens, logged)
                 bar.update(1)
-                ends_the_loop = local + 1 == plan.num_steps or _max_steps_reached(config, state)
+                last_step = _max_steps_reached(config, state)
                 # --val-every; not on the loop's last step: the epoch's end validates right after it
-                validate_now = config.val_every and state.global_step % config.val_every == 0 and not ends_the_loop
-                validate_now = validate_now and bool(p.val_ids)
+                due = bool(config.val_every and p.val_ids) and state.global_step % config.val_every == 0
+                validate_now = due and not (last_step or local + 1 == plan.num_steps)
                 checkpoint_now = _mid_epoch_checkpoint_due(config, plan.num_steps, local + 1)
-                if logged or validate_now or checkpoint_now or _max_steps_reached(config, state):
+                if logged or validate_now or checkpoint_now or last_step:
                     step_log.flush()
                 if validate_now:
                     with _stop_on_source_failure(p, state, result, step_log):
@@ -168,7 +168,7 @@ def train(p: Parts, stop: Callable[[int], bool]) -> TrainResult:
                 if checkpoint_now:
                     _save(p, save_path / f"step{state.global_step}", state, None)
                     step_log.start_interval(loader)
-                if _max_steps_reached(config, state):
+                if last_step:
                     break
         finally:
             loader.close()
