@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
@@ -21,6 +19,7 @@ from mtptune.evaluation.vllm_metrics import (
     server_root,
     vllm_serve_command,
 )
+from mtptune.testing.http_stub import QuietHandler, serving
 
 MODEL = "Qwen/Qwen3.5-9B"
 
@@ -103,24 +102,16 @@ def test_serve_command_for_a_folder_without_tokenizer(tiny_verifier, capsys) -> 
     assert '\'{"method":"mtp","num_speculative_tokens":2}\'' in printed
 
 
-class _VllmLike(BaseHTTPRequestHandler):
+class _VllmLike(QuietHandler):
     """The three endpoints the evaluator uses, answering as a speculating vLLM would (each request: 4 drafts)."""
 
     state: ClassVar[dict] = {"drafts": 40, "per_pos": [20, 10, 5]}
 
-    def _send(self, body: str, content_type: str = "application/json") -> None:
-        data = body.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_GET(self) -> None:
         if self.path == "/v1/models":
-            self._send(json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}))
+            self.send_body(json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}))
         elif self.path == "/metrics":
-            self._send(metrics_page(self.state["drafts"], self.state["per_pos"]), "text/plain; version=0.0.4")
+            self.send_body(metrics_page(self.state["drafts"], self.state["per_pos"]), "text/plain; version=0.0.4")
         else:
             self.send_error(404)
 
@@ -129,19 +120,13 @@ class _VllmLike(BaseHTTPRequestHandler):
         assert self.path == "/v1/completions" and body["model"] == MODEL
         self.state["drafts"] += 4
         self.state["per_pos"] = [a + b for a, b in zip(self.state["per_pos"], [3, 2, 1])]
-        self._send(json.dumps({"choices": [{"text": "x"}], "usage": {"completion_tokens": body["max_tokens"]}}))
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.send_body(json.dumps({"choices": [{"text": "x"}], "usage": {"completion_tokens": body["max_tokens"]}}))
 
 
 @pytest.fixture
 def endpoint() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _VllmLike)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with serving(_VllmLike) as base:
+        yield base
 
 
 def test_run_vllm_diffs_counters_around_the_prompt_set(endpoint: str) -> None:

@@ -8,18 +8,17 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from mtptune.cli.main import main
 from mtptune.serving.client import HiddenStatesClient, SystematicFailure
+from mtptune.testing.http_stub import QuietHandler, serving
 
 
-class _MooncakeAnswers(BaseHTTPRequestHandler):
+class _MooncakeAnswers(QuietHandler):
     """Answers as vLLM with the Mooncake hidden-states connector does: a handle, no file."""
 
     requests = 0
@@ -34,28 +33,14 @@ class _MooncakeAnswers(BaseHTTPRequestHandler):
             "choices": [{"index": 0, "text": "", "finish_reason": "length", "prompt_token_ids": body["prompt"]}],
             "kv_transfer_params": {"handle": "hs-cmpl-1"},
         }
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
+        self.send_body(json.dumps(answer))
 
 
 @pytest.fixture
 def mooncake_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _MooncakeAnswers)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     _MooncakeAnswers.requests = 0
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_MooncakeAnswers) as base:
+        yield base
 
 
 def test_a_mooncake_server_stops_the_trainer_at_the_first_row_with_the_fix(mooncake_server: str) -> None:
