@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +24,9 @@ from mtptune.openai_http import (
     with_retries,
 )
 from mtptune.serving.client import HiddenStatesClient
-from mtptune.serving.hidden_state_files import HiddenStates
+from mtptune.serving.hidden_state_files import HiddenStates, lock_path_for, write_hidden_states_file
 from mtptune.serving.server_config import free_port
+from mtptune.testing.http_stub import QuietHandler, serving
 from mtptune.testing.server_process import running_server
 
 ROWS = [(i, [10 + i, 20 + i, 30 + i, 40 + i, 50 + i]) for i in range(6)]
@@ -106,6 +111,46 @@ def test_all_dead_fails_loudly_and_counts(tmp_path: Path) -> None:
         [(_row, result)] = list(client.iter_fetch(ROWS[:1]))
     assert isinstance(result, ServerError) and "3 attempts" in str(result)
     assert client.stats.failed == 1 and client.stats.retried == 2
+
+
+def test_files_whose_answer_was_lost_are_found_and_deleted_on_close(tmp_path: Path) -> None:
+    """A server that dies after writing a file but before answering: the retry succeeds elsewhere, and close() finds
+    the orphan by its token ids and age, leaving other clients' files alone."""
+    storage = tmp_path / "hs"
+    storage.mkdir()
+    calls = itertools.count()
+
+    class DiesBeforeAnswering(QuietHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            ids = torch.tensor(body["prompt"])
+            path = storage / f"cmpl-{next(calls)}.safetensors"
+            lock_path_for(path).touch()
+            write_hidden_states_file(path, torch.randn(len(ids), 1, 8), ids)
+            if path.name == "cmpl-0.safetensors":
+                self.close_connection = True  # killed: the file is written, the answer naming it never sent
+                return
+            answer = {
+                "choices": [{"prompt_token_ids": body["prompt"]}],
+                "kv_transfer_params": {"hidden_states_path": str(path)},
+            }
+            self.send_body(json.dumps(answer))
+
+    (row, ids), (_, other_ids) = ROWS[:2]
+    foreign = storage / "another-client.safetensors"  # same folder, another row: not ours to delete
+    write_hidden_states_file(foreign, torch.randn(len(other_ids), 1, 8), torch.tensor(other_ids))
+    stale = storage / "yesterday.safetensors"  # the same row, written before this client asked: not its answer
+    write_hidden_states_file(stale, torch.randn(len(ids), 1, 8), torch.tensor(ids))
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    with (
+        serving(DiesBeforeAnswering) as base,
+        HiddenStatesClient([base], hidden_size=8, backoff_base=0.01, max_retries=2) as client,
+    ):
+        [(_row, states)] = list(client.iter_fetch([(row, ids)]))
+        assert isinstance(states, HiddenStates), states
+        assert (storage / "cmpl-0.safetensors").exists()  # the orphan, until close
+    assert client.stats.retried == 1 and client.stats.reclaimed == 1
+    assert files_in(storage) == [foreign, stale]
 
 
 def test_api_key_is_required_and_sent(tiny_verifier: Path, tmp_path: Path) -> None:

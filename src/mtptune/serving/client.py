@@ -61,6 +61,7 @@ from mtptune.serving.hidden_state_files import (
     HiddenStatesInvalid,
     lock_path_for,
     read_hidden_states_file,
+    read_token_ids,
     wait_for_writer,
 )
 
@@ -85,6 +86,7 @@ class ClientStats:
     generated: int = 0  # server requests that returned a file
     cached: int = 0  # files moved into cache_dir
     not_cached: int = 0  # --on-generate cache, but deleted instead: the cache folder was full
+    reclaimed: int = 0  # files of requests whose answer was lost (the server died), found and deleted on close
 
     def count_invalid(self, reason: str) -> None:
         self.invalid[reason] = self.invalid.get(reason, 0) + 1
@@ -96,6 +98,16 @@ class _InvalidFile(RetryableError):
 
 class _Closed(ServerError):
     """The client is closing: a fetch still in flight stops (its file, if any, is deleted)."""
+
+
+@dataclass(frozen=True)
+class _LostAnswer:
+    """A request the server received but never answered (it died, or the answer timed out): the server may still
+    have written its file, whose name only the lost answer held."""
+
+    endpoint: str
+    token_ids: tuple[int, ...]
+    sent_at: float  # wall clock (compared with file mtimes)
 
 
 # How long `close()` waits for the requests still in flight (their files are deleted once they are answered).
@@ -155,6 +167,8 @@ class HiddenStatesClient:
         self._closing = threading.Event()
         self._inflight: set[Future] = set()
         self.undeletable: list[str] = []  # server files this client could not delete (permission denied)
+        self._lost: list[_LostAnswer] = []
+        self._storage_dirs: dict[str, Path] = {}  # endpoint -> the folder its answers' files are in
 
     @property
     def headers(self) -> dict[str, str]:
@@ -344,8 +358,15 @@ class HiddenStatesClient:
         body = {"prompt": token_ids, "max_tokens": 1, "return_token_ids": True}
         if self.model_id is not None:
             body["model"] = self.model_id
+        sent_at = time.time()
         try:
             payload = await http.send("POST", base + "/completions", body)
+        except Unavailable as exc:
+            # A refused connection never reached the server; any other loss may leave a file behind.
+            if exc.status is None and not isinstance(exc.__cause__, httpx.ConnectError):
+                with self._stats_lock:
+                    self._lost.append(_LostAnswer(base, tuple(token_ids), sent_at))
+            raise
         except HttpStatusError as exc:
             # Every row would get the same answer (another vocabulary, a key, a length limit): stop, don't retry.
             raise SystematicFailure(
@@ -376,6 +397,7 @@ class HiddenStatesClient:
                 "token_mismatch", f"row {row_id}: {base} echoed different prompt_token_ids than were sent."
             )
         self._count(generated=1)
+        self._storage_dirs[base] = Path(path).parent
         return path
 
     async def _collect(self, row_id: int, path: str, token_ids: list[int]) -> HiddenStates:
@@ -526,6 +548,7 @@ class HiddenStatesClient:
                     len(not_done),
                     CLOSE_WAIT_S,
                 )
+        self._reclaim_lost_files()
         if self.undeletable:
             log.warning(
                 "%d hidden-state files could not be deleted (this user may not): %s; delete them as the server's user.",
@@ -545,6 +568,35 @@ class HiddenStatesClient:
             if not other_loop.is_closed() and not other_loop.is_running():
                 other_loop.run_until_complete(http.aclose())
         self._per_loop.clear()
+
+    def _reclaim_lost_files(self) -> None:
+        """Delete the files of requests whose answer was lost. They are found by what they hold: in the endpoint's
+        storage folder, written after the request was sent, with exactly the request's token ids (another client
+        sharing the folder is not asking for the same rows at the same time)."""
+        by_folder: dict[Path, list[_LostAnswer]] = {}
+        for lost in self._lost:
+            if (folder := self._storage_dirs.get(lost.endpoint)) is not None:
+                by_folder.setdefault(folder, []).append(lost)
+        unknown = len(self._lost) - sum(map(len, by_folder.values()))
+        for folder, losses in by_folder.items():
+            since = min(lost.sent_at for lost in losses) - 1.0  # 1 s of slack for coarse file-system clocks
+            wanted = {lost.token_ids for lost in losses}
+            for path in sorted(folder.glob("*.safetensors")):
+                try:
+                    if path.stat().st_mtime < since or read_token_ids(path) not in wanted:
+                        continue
+                except (OSError, HiddenStatesInvalid):
+                    continue
+                self._discard(path)
+                self._count(reclaimed=1)
+        if self.stats.reclaimed or unknown:
+            log.warning(
+                "%d hidden-state requests lost their answer (the server died or timed out); %d file(s) they left in "
+                "the server's storage folder were found and deleted%s.",
+                len(self._lost),
+                self.stats.reclaimed,
+                f"; {unknown} went to a server that never answered, whose folder is unknown" if unknown else "",
+            )
 
     def __enter__(self) -> HiddenStatesClient:
         return self

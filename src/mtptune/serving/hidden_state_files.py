@@ -242,6 +242,15 @@ def read_hidden_states_file(
     return HiddenStates(token_ids=ids.to(torch.int64), hidden_states=hidden, spec=declared or spec)
 
 
+def read_token_ids(path: str | os.PathLike) -> tuple[int, ...]:
+    """Only the file's `token_ids` (what request it answers), without loading its hidden states."""
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            return tuple(f.get_tensor("token_ids").tolist())
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise HiddenStatesInvalid("unreadable", f"{path}: cannot read token_ids: {exc}") from exc
+
+
 def validate_hidden_states(
     where: str,
     hidden: torch.Tensor,
