@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mtptune.data.prepare import prepare_dataset
-from mtptune.data.regenerate import ChatClient, ClientConfig, SamplingConfig, regenerate
+from mtptune.data.regenerate import ChatClient, regenerate
+from mtptune.data.regenerate_config import ClientConfig, SamplingConfig
 from mtptune.data.token_rows import Dropped
 from mtptune.errors import ServerError
 from mtptune.serving.server_config import free_port

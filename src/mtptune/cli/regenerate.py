@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from mtptune.data.regenerate_config import DEFAULT_SAMPLING as _S
+from mtptune.data.regenerate_config import ClientConfig
 from mtptune.errors import ConfigError
+
+_C = ClientConfig()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,21 +26,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data", required=True, action="append", help="repeatable: .jsonl/.json file, folder, preset")
     parser.add_argument("--output", required=True, help="output .jsonl (appended to; resumed)")
-    parser.add_argument("--endpoint", default="http://localhost:8000/v1", help="OpenAI base URL (default %(default)s)")
+    parser.add_argument("--endpoint", default=_C.endpoint, help="OpenAI base URL (default %(default)s)")
     parser.add_argument("--served-model", default=None, help="model id to request (default: first of GET /models)")
     parser.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--temperature", type=float, default=_S.temperature)
+    parser.add_argument("--top-p", type=float, default=_S.top_p)
     parser.add_argument(
-        "--max-tokens", type=int, default=2048, help="per assistant turn (a row's own max_tokens overrides it)"
+        "--max-tokens", type=int, default=_S.max_tokens, help="per assistant turn (a row's own max_tokens overrides it)"
     )
     parser.add_argument("--seed", type=int, default=None, help="sampling seed sent to the server")
     parser.add_argument(
         "--chat-template-kwargs", default=None, help="JSON passed to the server, e.g. '{\"enable_thinking\": false}'"
     )
-    parser.add_argument("--concurrency", type=int, default=64, help="conversations in flight (default 64)")
-    parser.add_argument("--max-retries", type=int, default=3, help="per request, with exponential backoff")
-    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument(
+        "--concurrency", type=int, default=_C.concurrency, help="conversations in flight (default %(default)s)"
+    )
+    parser.add_argument("--max-retries", type=int, default=_C.max_retries, help="per request, with exponential backoff")
+    parser.add_argument("--request-timeout", type=float, default=_C.timeout_s, help="seconds per request")
     parser.add_argument("--max-samples", type=int, default=None, help="first N rows of --data")
     parser.add_argument(
         "--max-turns",

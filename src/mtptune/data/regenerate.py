@@ -42,38 +42,15 @@ from mtptune.data.chat_render import OneRowPer
 from mtptune.data.presets import read_source
 from mtptune.data.prompt_turns import APIS, Api, PromptConversation, conversation_turns
 from mtptune.data.readers import SourceRow, decode_utf8
+from mtptune.data.regenerate_config import DEFAULT_SAMPLING, ClientConfig, SamplingConfig
 from mtptune.data.token_rows import Dropped
 from mtptune.errors import DataError, ServerError
-from mtptune.openai_http import GaveUp, HttpStatusError, OpenAIHttpClient, RetryPolicy, normalize_endpoint
+from mtptune.openai_http import GaveUp, HttpStatusError, OpenAIHttpClient, normalize_endpoint
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress bar
 # How vLLM and `mtptune serve` word a request longer than the model's context (HTTP 400).
 CONTEXT_LENGTH_WORDS = ("context length", "context window")
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_tokens: int = 2048
-    seed: int | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    endpoint: str  # OpenAI base URL, e.g. http://localhost:8000/v1
-    model: str | None = None  # served model id; None: the first of GET /models
-    api_key: str | None = None
-    concurrency: int = 64
-    max_retries: int = 3
-    timeout_s: float = 600.0
-    backoff_s: float = 0.5
-
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(max_retries=self.max_retries, backoff_base=self.backoff_s, jitter=True)
 
 
 @dataclass(frozen=True)
@@ -420,10 +397,10 @@ def regenerate(
     output: str | Path,
     endpoint: str,
     served_model: str | None = None,
-    sampling: SamplingConfig = SamplingConfig(),
-    concurrency: int = 64,
-    max_retries: int = 3,
-    timeout_s: float = 600.0,
+    sampling: SamplingConfig = DEFAULT_SAMPLING,
+    concurrency: int = ClientConfig.concurrency,
+    max_retries: int = ClientConfig.max_retries,
+    timeout_s: float = ClientConfig.timeout_s,
     api_key: str | None = None,
     max_samples: int | None = None,
     one_row_per: OneRowPer = "conversation",
