@@ -73,6 +73,9 @@ log = logging.getLogger(__name__)
 # Requests kept in flight: an 8192-token step of GSM8K-length rows holds ~40 rows, and a server batches what is in
 # flight (the more, the larger and cheaper its forwards). The trainer's --concurrency default.
 DEFAULT_CONCURRENCY = 64
+# A capture answers in well under a second; a batched server under load, or one still compiling, takes longer.
+DEFAULT_REQUEST_TIMEOUT = 120.0
+DEFAULT_MAX_RETRIES = 3
 
 
 @dataclass
@@ -123,8 +126,8 @@ class HiddenStatesClient:
         hidden_size: int | None = None,
         on_generate: Literal["delete", "cache"] = "delete",
         cache_dir: Path | None = None,
-        request_timeout: float = 120.0,
-        max_retries: int = 3,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
         concurrency: int = DEFAULT_CONCURRENCY,
         api_key: str | None = None,
         server_wait_timeout: float = 0.0,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from mtptune.errors import ConfigError
-from mtptune.serving.client import DEFAULT_CONCURRENCY
+from mtptune.serving.client import DEFAULT_CONCURRENCY, DEFAULT_MAX_RETRIES, DEFAULT_REQUEST_TIMEOUT
 from mtptune.training.loss_kernels import DEFAULT_LOSS_KERNEL, check_loss_kernel
 
 OnMissing = Literal["generate", "skip", "warn", "raise"]
@@ -43,8 +43,8 @@ class HiddenStatesConfig:
     hidden_states_path: str | None = None  # cache / offline folder; default <data-path>/hidden_states
     on_missing: OnMissing = "generate"
     on_generate: OnGenerate = "delete"
-    request_timeout: float = 120.0
-    max_retries: int = 3
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
     concurrency: int = DEFAULT_CONCURRENCY  # requests in flight: the server batches what is in flight
     prefetch: int = 2 * DEFAULT_CONCURRENCY  # rows fetched ahead of the step
     dtype: str = "bfloat16"  # dtype the states are held in between fetch and step
