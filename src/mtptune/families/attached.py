@@ -25,7 +25,6 @@ DEPTH_FIELD = "mtp_num_hidden_layers"
 
 class AttachedHeadFamily(QwenMtpFamily):
     attaches_head = True
-    vllm_architecture = ""  # vLLM has no MTP drafter for these architectures
     zero_embedding_at_position_0 = False  # Qwen-style: our own layout, nothing to match in a serving engine
 
     def num_mtp_layers(self, text_config: PretrainedConfig) -> int:

@@ -40,7 +40,6 @@ class MtpFamily(ABC):
     concat_order: ConcatOrder = "embedding_first"
     zero_centered_norms: bool = True  # Qwen norms store w and apply (1 + w)
     zero_embedding_at_position_0: bool = False  # DeepSeek / GLM / MiMo zero it; Qwen does not
-    vllm_architecture: str = ""  # vLLM's draft model class, for docs and the printed serve command
     # Head buffers that stay fp32 whatever the head dtype (transformers' `_keep_in_fp32_modules_strict`, e.g.
     # DeepSeek's router `e_score_correction_bias`, stored fp32 on disk): keeps the round trip bit-exact.
     fp32_buffers: tuple[str, ...] = ()

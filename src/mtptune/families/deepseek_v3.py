@@ -58,7 +58,6 @@ class DeepseekStyleFamily(DepthPrefixedFamily):
 class DeepseekV3Family(DeepseekStyleFamily):
     name = "deepseek_v3"
     model_types = ("deepseek_v3",)
-    vllm_architecture = "DeepSeekMTP"
 
     def build_decoder_layer(self, text_config: PretrainedConfig) -> nn.Module:
         return modeling_deepseek_v3.DeepseekV3DecoderLayer(text_config, self.full_attention_layer_index(text_config))
@@ -73,7 +72,6 @@ class DeepseekV3Family(DeepseekStyleFamily):
 class Glm4MoeFamily(DeepseekStyleFamily):
     name = "glm4_moe"
     model_types = ("glm4_moe",)
-    vllm_architecture = "Glm4MoeMTP"
 
     def build_decoder_layer(self, text_config: PretrainedConfig) -> nn.Module:
         return modeling_glm4_moe.Glm4MoeDecoderLayer(text_config, self.full_attention_layer_index(text_config))

@@ -30,7 +30,6 @@ _REMOTE_ONLY = ("model_type", "auto_map")
 class MiMoFamily(DepthPrefixedFamily):
     name = "mimo"
     model_types = ("mimo",)
-    vllm_architecture = "MiMoMTP"
     concat_order = "hidden_first"
     zero_centered_norms = False
     zero_embedding_at_position_0 = True

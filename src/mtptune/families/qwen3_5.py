@@ -12,7 +12,6 @@ from mtptune.families.qwen import QwenMtpFamily
 class Qwen3_5Family(QwenMtpFamily):
     name = "qwen3_5"
     model_types = ("qwen3_5", "qwen3_5_text")
-    vllm_architecture = "Qwen3_5MTP"
     decoder_layer_cls = modeling.Qwen3_5DecoderLayer
     rotary_cls = modeling.Qwen3_5TextRotaryEmbedding
     norm_cls = modeling.Qwen3_5RMSNorm

@@ -10,7 +10,6 @@ from mtptune.families.qwen3_5 import Qwen3_5Family
 class Qwen3_5MoeFamily(Qwen3_5Family):
     name = "qwen3_5_moe"
     model_types = ("qwen3_5_moe", "qwen3_5_moe_text")
-    vllm_architecture = "Qwen3_5MoeMTP"
     decoder_layer_cls = modeling.Qwen3_5MoeDecoderLayer
     rotary_cls = modeling.Qwen3_5MoeTextRotaryEmbedding
     norm_cls = modeling.Qwen3_5MoeRMSNorm

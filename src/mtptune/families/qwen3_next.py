@@ -12,7 +12,6 @@ from mtptune.families.qwen3_5 import Qwen3_5Family
 class Qwen3NextFamily(Qwen3_5Family):
     name = "qwen3_next"
     model_types = ("qwen3_next",)
-    vllm_architecture = "Qwen3NextMTP"
     decoder_layer_cls = modeling.Qwen3NextDecoderLayer
     rotary_cls = modeling.Qwen3NextRotaryEmbedding
     norm_cls = modeling.Qwen3NextRMSNorm
