@@ -400,7 +400,8 @@ class HiddenStatesClient:
                 "token_mismatch", f"row {row_id}: {base} echoed different prompt_token_ids than were sent."
             )
         self._count(generated=1)
-        self._storage_dirs[base] = Path(path).parent
+        with self._stats_lock:
+            self._storage_dirs[base] = Path(path).parent
         return path
 
     async def _collect(self, row_id: int, path: str, token_ids: list[int]) -> HiddenStates:
@@ -576,11 +577,13 @@ class HiddenStatesClient:
         """Delete the files of requests whose answer was lost. They are found by what they hold: in the endpoint's
         storage folder, written after the request was sent, with exactly the request's token ids (another client
         sharing the folder is not asking for the same rows at the same time)."""
+        with self._stats_lock:
+            all_lost, folders = list(self._lost), dict(self._storage_dirs)
         by_folder: dict[Path, list[_LostAnswer]] = {}
-        for lost in self._lost:
-            if (folder := self._storage_dirs.get(lost.endpoint)) is not None:
+        for lost in all_lost:
+            if (folder := folders.get(lost.endpoint)) is not None:
                 by_folder.setdefault(folder, []).append(lost)
-        unknown = len(self._lost) - sum(map(len, by_folder.values()))
+        unknown = len(all_lost) - sum(map(len, by_folder.values()))
         for folder, losses in by_folder.items():
             since = min(lost.sent_at for lost in losses) - 1.0  # 1 s of slack for coarse file-system clocks
             wanted = {lost.token_ids for lost in losses}
@@ -596,7 +599,7 @@ class HiddenStatesClient:
             log.warning(
                 "%d hidden-state requests lost their answer (the server died or timed out); %d file(s) they left in "
                 "the server's storage folder were found and deleted%s.",
-                len(self._lost),
+                len(all_lost),
                 self.stats.reclaimed,
                 f"; {unknown} went to a server that never answered, whose folder is unknown" if unknown else "",
             )
