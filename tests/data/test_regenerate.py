@@ -3,8 +3,15 @@ SmolLM2's real tokenizer and ChatML template."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +19,7 @@ import pytest
 import torch
 
 from mtptune.data.prepare import prepare_dataset
-from mtptune.data.regenerate import ChatClient, regenerate
+from mtptune.data.regenerate import ChatClient, regenerate, run_interruptible
 from mtptune.data.regenerate_config import ClientConfig, SamplingConfig
 from mtptune.data.token_rows import Dropped
 from mtptune.errors import ServerError
@@ -295,3 +302,45 @@ def test_sharegpt_preset_through_the_cli_accounts_for_every_turn(chat_server, tm
         for r in read_rows(out)
     )
     assert runs == report["turns_regenerated"] > 0
+
+
+def test_ctrl_c_ends_the_run_even_when_a_library_absorbs_the_cancellation():
+    """asyncio.run turns the first SIGINT into a cancellation of the main task; a coroutine that absorbs it returns
+    normally and the Ctrl-C is lost. run_interruptible raises KeyboardInterrupt all the same."""
+
+    async def absorbs_the_cancellation() -> str:
+        asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGINT)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+        return "ran to the end"
+
+    with pytest.raises(KeyboardInterrupt):
+        run_interruptible(absorbs_the_cancellation())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_mid_regeneration_exits_130_cleanly_and_the_rerun_resumes(chat_server, tmp_path):
+    url, _ = chat_server
+    data, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    rows = [{"id": f"r{i}", "prompt_token_ids": [1, 2, 3 + i % 50], "max_tokens": 24} for i in range(240)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, "-m", "mtptune.cli.main", "regenerate", "--data", str(data), "--output", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--endpoint", url, "--temperature", "0", "--concurrency", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out.exists() and len(out.read_text().splitlines()) >= 8):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, log[-3000:]
+    assert "mtptune regenerate: interrupted" in log and "Traceback" not in log and "never retrieved" not in log
+    done = read_rows(out)  # every line written is a whole row
+    assert 8 <= len(done) < len(rows)
+    report = regenerate([str(data)], out, url, sampling=SamplingConfig(temperature=0.0), concurrency=8)
+    assert report.skipped_existing == len(done) and report.regenerated == len(rows) - len(done)
+    assert sorted(r["id"] for r in read_rows(out)) == sorted(r["id"] for r in rows)

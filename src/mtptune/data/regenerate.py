@@ -29,11 +29,13 @@ import asyncio
 import itertools
 import json
 import logging
+import signal
+import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -329,6 +331,7 @@ async def _regenerate(
         "generated_tokens": 0,
     }
     http = OpenAIHttpClient(client_config.concurrency, client_config.timeout_s, client_config.api_key)
+    tasks: list[asyncio.Task] = []
     try:
         chat = ChatClient(client_config, sampling, http, tokenizer_factory)
         await chat.resolve_model()  # fail fast on a wrong endpoint
@@ -356,7 +359,7 @@ async def _regenerate(
                     return conv, exc
                 return conv, done
 
-        tasks = [asyncio.create_task(one(c)) for c in conversations]
+        tasks.extend(asyncio.create_task(one(c)) for c in conversations)
         with output.open("a", encoding="utf-8") as f, tqdm(total=len(tasks), desc="regenerate", unit="conv") as bar:
             for next_done in asyncio.as_completed(tasks):
                 conv, outcome = await next_done
@@ -388,8 +391,59 @@ async def _regenerate(
                     stats["prompt_tokens"] += len(res.prompt_ids)
                     stats["generated_tokens"] += len(res.generated_ids)
     finally:
+        # A stop (Ctrl-C, a failed write) ends the conversations still running before their client closes; else
+        # they meet the closed client and each prints a traceback.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await http.aclose()
     return stats
+
+
+_T = TypeVar("_T")
+
+
+async def _cancel_all(tasks: set[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run_interruptible(main: Coroutine[Any, Any, _T]) -> _T:
+    """`asyncio.run(main)` in which Ctrl-C always ends in KeyboardInterrupt. The first SIGINT cancels `main` (its
+    finally blocks stop the requests and close the connections); KeyboardInterrupt follows once it has ended, even if
+    the cancellation was absorbed on the way, where asyncio.run would return normally and the Ctrl-C be lost (seen
+    once: a demo that ran to its end after a Ctrl-C during regeneration). A second SIGINT raises at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return asyncio.run(main)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    task = loop.create_task(main)
+    interrupts = 0
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1 or task.done():
+            raise KeyboardInterrupt
+        loop.call_soon_threadsafe(task.cancel)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        if interrupts:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        loop.run_until_complete(_cancel_all(asyncio.all_tasks(loop)))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
+    if interrupts:
+        raise KeyboardInterrupt
+    return result
 
 
 def regenerate(
@@ -465,7 +519,7 @@ def regenerate(
     client_config = ClientConfig(
         normalize_endpoint(endpoint), served_model, api_key, concurrency, max_retries, timeout_s
     )
-    stats = asyncio.run(_regenerate(todo, output, client_config, sampling, one_row_per, tokenizer_factory))
+    stats = run_interruptible(_regenerate(todo, output, client_config, sampling, one_row_per, tokenizer_factory))
     if stats["local"]:
         log.warning(
             "%d turn(s) came back without token ids and were tokenized locally with %s; retokenized text may "
