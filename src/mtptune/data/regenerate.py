@@ -32,7 +32,7 @@ import logging
 import signal
 import threading
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -393,9 +393,7 @@ async def _regenerate(
     finally:
         # A stop (Ctrl-C, a failed write) ends the conversations still running before their client closes; else
         # they meet the closed client and each prints a traceback.
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel_all(tasks)
         await http.aclose()
     return stats
 
@@ -403,7 +401,8 @@ async def _regenerate(
 _T = TypeVar("_T")
 
 
-async def _cancel_all(tasks: set[asyncio.Task]) -> None:
+async def _cancel_all(tasks: Collection[asyncio.Task]) -> None:
+    """Cancel `tasks` and wait until each has ended (finished ones are left as they are)."""
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
