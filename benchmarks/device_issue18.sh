@@ -5,8 +5,9 @@
 #      (SKIP_FORWARD=0) the colocated verifier forward alone (benchmarks/colocated_forward.py);
 #   3. the headline job from process start to checkpoint_best: a 2-step colocated warm-up that fills the compile
 #      and autotuning caches (the README's recipe), then the timed colocated job. Server mode needs a call of its
-#      own (a cold server's kernel warm-up alone took 190-215 s): MODES=server-warmup,server SKIP_SNAPSHOT=1 starts a
-#      server once to fill the caches, then times the server job as on a machine that served before.
+#      own (a cold server's kernel warm-up alone took 170-215 s): MODES=server-warmup,server SKIP_SNAPSHOT=1 runs the
+#      same recipe against a server started with the trainer (filling the server's and the trainer's caches), then
+#      times the server job as on a machine that served and trained before.
 # Every JSON line lands in $OUT as soon as it exists; logs go into one archive at the end.
 # MODES (default "warmup,colocated"), FRACTION (default 1), BUDGET_S (the pipeline's, default 510).
 set -u

@@ -488,9 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="online,hybrid",
         help="comma list, run in this order: colocated / server (the whole job timed from process start: the "
         "verifier in the trainer's process, or a server started together with the trainer), warmup (a colocated "
-        "run of 2 steps on 600 rows that fills the compile caches), server-warmup (a server started and stopped "
-        "once healthy: its kernel warm-up fills the Triton caches for `server`), online / hybrid (the trainer against a server "
-        "already up and probed)",
+        "run of 2 steps on 600 rows that fills the compile caches), server-warmup (the same with a server started "
+        "together with the trainer: it also fills the server's caches for `server`), online / hybrid (the trainer "
+        "against a server already up and probed)",
     )
     p.add_argument(
         "--fraction",
@@ -847,8 +847,7 @@ class Pipeline:
             if remaining < 30:
                 self.result["modes"][key] = {"skipped": f"time budget: {remaining:.0f} s left"}
                 continue
-            job = self.warm_server if mode == "server-warmup" else self.run_job
-            run = self.result["modes"][key] = job(mode, n, key)
+            run = self.result["modes"][key] = self.run_job(mode, n, key)
             line = {"benchmark": "online_pipeline_job", "mode": key, "date": self.result["date"],
                     "gpus": self.result["gpus"], "num_samples": self.N, "measured_samples": n,
                     "epochs": self.epochs, "total_seq_len": self.seq, "verifier": self.result["verifier"], **run}  # fmt: skip
@@ -864,48 +863,35 @@ class Pipeline:
                "--num-speculative-steps", "3", "--target-layer-ids", str(self.layers), "--step-weight-beta", "0.6",
                "--lr", "1e-4", "--total-seq-len", str(self.seq), "--epochs", str(self.epochs),
                "--device", "cpu" if self.tiny else "cuda", "--no-progress", "--log-every", str(self.log_every)]  # fmt: skip
+        if mode.endswith("warmup"):  # the README's recipe: compile once on a few rows, then time the real job
+            cmd += ["--max-steps", "2", "--max-rows", "600"]
         if mode in ("colocated", "warmup"):
             cmd += ["--colocated"] + (["--verifier-load-format", "dummy"] if self.fake else [])
-            if mode == "warmup":  # the README's recipe: compile once on a few rows, then time the real job
-                cmd += ["--max-steps", "2", "--max-rows", "600"]
         else:
             cmd += ["--vllm-endpoint", f"{self.base}/v1", "--on-missing", "generate", "--on-generate", "delete"]
             if self.args.concurrency:
                 cmd += ["--concurrency", str(self.args.concurrency)]
         return cmd + shlex.split(self.args.trainer_args)
 
-    def warm_server(self, mode: str, rows: int, key: str) -> dict:
-        """A server started, and stopped once healthy: its kernel warm-up (one forward per row count) leaves the
-        compiled kernels and, with TRITON_CACHE_AUTOTUNING, the tuning on disk, so the `server` job after it starts
-        as it would on a machine that served before."""
-        t0 = time.time()
-        try:
-            self.start_server(wait=True)
-        except RuntimeError as exc:
-            return {"completed": False, "error": str(exc)[-2500:]}
-        run = {"completed": True, "server_cmd": self.result["server"]["cmd"], "startup_s": _r(time.time() - t0)}
-        run["stopped"] = self.children.stop(self.server, 30)
-        say(f"{mode}: server healthy after {run['startup_s']} s, stopped")
-        return run
-
     def run_job(self, mode: str, rows: int, key: str) -> dict:
         """One whole job: `mtptune train` (and for `server` a server started at the same moment, as a user starting
         both would) from process start until `checkpoint_best` is written and the trainer exits."""
         save = self.work / f"ckpt_{key}"
         shutil.rmtree(save, ignore_errors=True)
+        server = mode.startswith("server")
         log = self.work / f"train_{key}.log"
         run: dict = {"rows": rows}
         smi = GpuSampler(self.work / f"smi_{key}.csv", not self.tiny, self.children)
         with smi:
             t_start = time.time()
-            if mode == "server":
+            if server:
                 self.start_server(wait=False)
                 run["server_cmd"] = self.result["server"]["cmd"]
             cmd = self.job_cmd(mode, save)
             run["cmd"] = _show(cmd)
             say(f"{mode}: {run['cmd']}")
             proc = self.children.start(cmd, log, self.trainer_env)
-            poller = MetricsPoller(self.base) if mode == "server" else contextlib.nullcontext()
+            poller = MetricsPoller(self.base) if server else contextlib.nullcontext()
             with poller:
                 timed_out = False
                 while proc.poll() is None:
@@ -914,14 +900,14 @@ class Pipeline:
                         say(f"{mode}: time budget reached; stopping the trainer")
                         self.children.stop(proc, 15)
                         break
-                    if mode == "server" and "health_s" not in run and http_get(self.base + "/health", 1.0)[0] == 200:
+                    if server and "health_s" not in run and http_get(self.base + "/health", 1.0)[0] == 200:
                         run["server_healthy_s"] = _r(time.time() - t_start)
                         run["health_s"] = True
                     time.sleep(0.2)
             t_end = time.time()
             if proc in self.children.procs:
                 self.children.procs.remove(proc)
-            if mode == "server":
+            if server:
                 after = parse_metrics(http_get(self.base + "/metrics")[1])
                 run["server"] = server_delta({}, after, None)
                 run["server"]["stopped"] = self.children.stop(self.server, 30)
@@ -934,7 +920,7 @@ class Pipeline:
                 with contextlib.suppress(json.JSONDecodeError):
                     records.append(json.loads(line))
         ready = next((r for r in records if r.get("split") == "phase" and r.get("phase") == "ready"), None)
-        first = poller.first_capture_time() if mode == "server" else (ready or {}).get("time")
+        first = poller.first_capture_time() if server else (ready or {}).get("time")
         n_train = next((r.get("train_rows") for r in records if r.get("split") == "summary"), None)
         epoch_tokens = (
             sum(min(p + a + TRAILING_TOKENS, self.seq) for p, a in self.lengths[:n_train]) if n_train else None

@@ -32,6 +32,13 @@ def test_cudnn_is_off_by_default_and_can_be_turned_on(tiny_verifier, tmp_path, c
     assert "cudnn=True," in capsys.readouterr().out
 
 
+def test_kernel_warmup_mode_reaches_the_server(tiny_verifier, tmp_path, capsys) -> None:
+    base = dry_run(tiny_verifier, tmp_path)
+    for flags, mode in (([], "auto"), (["--no-kernel-warmup"], "never"), (["--kernel-warmup", "always"], "always")):
+        assert main([*base, *flags]) == 0
+        assert f"kernel_warmup={mode}," in capsys.readouterr().out
+
+
 def test_cpu_threads_reach_the_server(tiny_verifier, tmp_path, capsys) -> None:
     base = dry_run(tiny_verifier, tmp_path)
     assert main(base) == 0

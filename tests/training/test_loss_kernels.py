@@ -16,7 +16,13 @@ from mtptune.modeling.load import load_head
 from mtptune.training import loss_kernels
 from mtptune.training.config import CheckpointConfig, DataConfig, HiddenStatesConfig, LossConfig, TrainConfig
 from mtptune.training.loss import mtp_loss
-from mtptune.training.loss_kernels import LibraryKernel, check_loss_kernel, library_ce, uses_library
+from mtptune.training.loss_kernels import (
+    LibraryKernel,
+    check_loss_kernel,
+    library_ce,
+    resolve_loss_kernel,
+    uses_library,
+)
 from mtptune.training.loss_plan import LossPlan
 
 from .test_loss import hand_batch
@@ -109,8 +115,9 @@ def test_validation_rows_without_grad_take_ours(head, stand_in):
 
 
 def test_config_errors_name_the_flag():
-    with pytest.raises(ConfigError, match="--loss-kernel must be one of ours, liger"):
+    with pytest.raises(ConfigError, match="--loss-kernel must be one of auto, ours, liger"):
         check_loss_kernel("cce", "ce")
+    check_loss_kernel("auto", "tv")  # auto never fails: it falls back to ours
     for kind in ("kl", "tv", "ce+kl"):
         with pytest.raises(ConfigError, match=re.escape(f"--loss {kind} needs the verifier's distribution")):
             check_loss_kernel("liger", kind)
@@ -129,6 +136,19 @@ def test_config_errors_name_the_flag():
         config.validate()
     with pytest.raises(ValueError, match="cross-entropy only"):
         mtp_loss([], None, torch.zeros(1, 1, 1), torch.zeros(1, 1), [], [], kind="kl", kernel="liger")
+
+
+def test_auto_takes_liger_only_where_it_can_run(monkeypatch):
+    have_liger = {"liger_kernel": True}
+    monkeypatch.setattr(
+        loss_kernels.importlib.util, "find_spec", lambda name: object() if have_liger.get(name) else None
+    )
+    assert resolve_loss_kernel("auto", "ce", "cuda") == "liger"
+    assert resolve_loss_kernel("auto", "kl", "cuda") == "ours"  # liger computes CE only
+    assert resolve_loss_kernel("auto", "ce", "cpu") == "ours"  # Triton kernels
+    assert resolve_loss_kernel("ours", "ce", "cuda") == "ours"  # an explicit choice stays
+    have_liger.clear()
+    assert resolve_loss_kernel("auto", "ce", "cuda") == "ours"  # not installed
 
 
 def test_library_kernels_need_cuda():

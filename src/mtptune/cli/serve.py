@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from mtptune.cli.arg_types import non_negative_float, non_negative_int, positive_float, positive_int
 from mtptune.errors import ConfigError
+from mtptune.serving.warmup_record import WARMUP_MODES
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +114,16 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         help="builtin: requests per capture forward (default 64 on a GPU, unbounded on CPU)",
     )
     parser.add_argument(
-        "--no-kernel-warmup",
-        dest="kernel_warmup",
-        action="store_false",
-        help="builtin, GPU: skip the start-up forward per batch size 1..--max-batch-rows (flash-linear-attention "
-        "autotunes per batch size; without the warm-up live requests pay ~1 s per new size)",
+        "--kernel-warmup",
+        choices=WARMUP_MODES,
+        default="auto",
+        help="builtin, GPU: run one start-up forward per batch size 1..--max-batch-rows and per 2k-token block "
+        "(flash-linear-attention autotunes per batch size; without the warm-up live requests pay ~1 s per new "
+        "size). auto (default): unless it already ran on this machine with the same verifier architecture and "
+        "kernels, whose compiled kernels and tunings Triton's cache then holds",
+    )
+    parser.add_argument(
+        "--no-kernel-warmup", dest="kernel_warmup", action="store_const", const="never", help="= --kernel-warmup never"
     )
     parser.add_argument(
         "--cudnn",

@@ -52,7 +52,15 @@ from mtptune.serving.save_path import custom_save_path
 from mtptune.serving.server_config import ServerConfig
 from mtptune.serving.server_metrics import ServerMetrics
 from mtptune.serving.storage_space import FULL_ERRNOS, StorageSpace, storage_full
-from mtptune.serving.verifier_runtime import Capture, Generation, VerifierRuntime, sample_token
+from mtptune.serving.verifier_runtime import (
+    NORM_TUNING_TOKENS,
+    WARMUP_WIDTHS,
+    Capture,
+    Generation,
+    VerifierRuntime,
+    sample_token,
+)
+from mtptune.serving.warmup_record import record_path, should_warm_up, warmup_fingerprint, write_record
 
 log = logging.getLogger(__name__)
 
@@ -508,10 +516,8 @@ def serve(config: ServerConfig) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
         log.info("cuDNN off for the verifier's attention and convolutions (--cudnn turns it on)")
     max_rows = config.batch_rows_for(runtime.device.type)
-    if config.kernel_warmup and runtime.device.type == "cuda" and max_rows is not None:
-        log.info("warming up the capture kernels for 1..%d requests per forward (--no-kernel-warmup skips)", max_rows)
-        seconds = runtime.warm_up_batch_sizes(max_rows, max_tokens=config.batch_tokens_for(runtime.device.type))
-        log.info("kernel warm-up took %.1f s", seconds)
+    if runtime.device.type == "cuda" and max_rows is not None:
+        _warm_up_kernels(runtime, config.kernel_warmup, max_rows, config.batch_tokens_for(runtime.device.type))
     server = HiddenStatesServer(config, runtime)
     if config.gc_freeze:
         # As vLLM: everything alive now (the model, its modules, imported libraries) lives as long as the server;
@@ -524,6 +530,26 @@ def serve(config: ServerConfig) -> None:
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the verifier", config.host)
     uvicorn.run(server.build_app(), host=config.host, port=config.port, log_level="warning", access_log=False)
+
+
+def _warm_up_kernels(runtime: VerifierRuntime, mode: str, max_rows: int, max_tokens: int) -> None:
+    """One capture forward per row count and token block (`VerifierRuntime.warm_up_batch_sizes`), unless a record
+    says it already ran with this configuration and Triton's caches keep what it produced (`warmup_record`)."""
+    fingerprint = warmup_fingerprint(
+        runtime.model.config.to_dict(), str(runtime.dtype), torch.cuda.get_device_name(runtime.device),
+        max_rows=max_rows, max_tokens=max_tokens, widths=list(WARMUP_WIDTHS), token_block=NORM_TUNING_TOKENS,
+    )  # fmt: skip
+    record = record_path(fingerprint)
+    if not should_warm_up(mode, record):
+        if mode == "auto":
+            log.info("kernel warm-up skipped: it ran on this machine with this verifier architecture and these kernels "
+                     "(%s); the compiled kernels and tunings come from Triton's cache (--kernel-warmup always runs "
+                     "it)", record)  # fmt: skip
+        return
+    log.info("warming up the capture kernels for 1..%d requests per forward (--kernel-warmup never skips)", max_rows)
+    seconds = runtime.warm_up_batch_sizes(max_rows, max_tokens=max_tokens)
+    log.info("kernel warm-up took %.1f s", seconds)
+    write_record(record, fingerprint, seconds)
 
 
 def _response(kind: str, request_id: str, model: str, ids: list[int], out: list[int], choice: dict, kv) -> dict:

@@ -41,7 +41,7 @@ class ServerConfig:
     max_batch_tokens: int | None = None  # padded token slots per capture forward; None: by device (below)
     batch_overhead_tokens: int | None = None  # cost of one more forward, in padded tokens (None: batching's default)
     max_batch_rows: int | None = None  # requests per capture forward; None: by device (below)
-    kernel_warmup: bool = True  # GPU: run every batch size once at start (kernel autotuning), see VerifierRuntime
+    kernel_warmup: str = "auto"  # GPU: a forward per batch size at start; auto: once per machine (warmup_record)
     cudnn: bool = False  # GPU: cuDNN for the verifier's convolutions and SDPA (off: no per-shape plan building)
     gc_freeze: bool = True  # move the objects alive after start-up out of Python's garbage collector (as vLLM)
     cpu_threads: int | None = None  # torch intra-op threads; None: 1 on GPU (unless OMP_NUM_THREADS is set), all on CPU

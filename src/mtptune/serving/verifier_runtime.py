@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # flash-linear-attention 0.6's gated RMS norm re-tunes its kernel per this many tokens of a forward (see
 # VerifierRuntime.warm_up_batch_sizes).
 NORM_TUNING_TOKENS = 2048
+# The warm-up's widths: two 64-token chunks (a multiple of 16) and three (not one), the kinds of lengths real prompts
+# have (see VerifierRuntime.warm_up_batch_sizes).
+WARMUP_WIDTHS = (128, 129)
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,7 @@ class VerifierRuntime:
     def warm_up_batch_sizes(
         self,
         max_rows: int,
-        widths: Sequence[int] = (128, 129),
+        widths: Sequence[int] = WARMUP_WIDTHS,
         max_tokens: int = 0,
         token_block: int = NORM_TUNING_TOKENS,
     ) -> float:

@@ -28,6 +28,7 @@ from mtptune.training.config import TrainConfig
 from mtptune.training.distributed import DistInfo, broadcast_object, wrap_head
 from mtptune.training.hidden_source import FailedRows, SourceStats, build_source
 from mtptune.training.loggers import MetricsLogger
+from mtptune.training.loss_kernels import resolve_loss_kernel
 from mtptune.training.numerics import NonFiniteTraining, describe_tensors, non_finite_tensors
 from mtptune.training.optim import MuonWithAdamW
 from mtptune.training.resume_check import check_fresh_start, check_resume, run_record
@@ -192,6 +193,11 @@ def build_parts(config: TrainConfig, info: DistInfo) -> Parts:
     verifier, the largest start-up cost) is built in a background thread while the head and the data load."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    kernel = resolve_loss_kernel(config.loss.kernel, config.loss.kind, info.device.type)
+    if kernel != config.loss.kernel:
+        config = replace(config, loss=replace(config.loss, kernel=kernel))
+        if info.is_main:
+            log.info("--loss-kernel auto: %s (liger on CUDA for --loss ce when liger-kernel is installed)", kernel)
     use_persistent_compile_cache()
     verifier = Verifier.open(config.verifier)
     save_path = Path(config.checkpoint.save_path)

@@ -88,7 +88,7 @@ class LossConfig:
     step_weights: tuple[float, ...] | None = None  # explicit alpha_k; overrides beta
     chunk_rows: int = 2048  # rows per lm_head chunk; never more than chunk_rows x V logits alive
     kl_weight: float = 1.0  # weight of the distillation term in "ce+kl"
-    kernel: str = DEFAULT_LOSS_KERNEL  # LM head + CE of the training steps: ours, liger (training/loss_kernels.py)
+    kernel: str = DEFAULT_LOSS_KERNEL  # LM head + CE of the training steps: auto, ours, liger (loss_kernels.py)
 
 
 @dataclass(frozen=True)
