@@ -12,8 +12,9 @@
 #                                                                                  ~80 s    150 s
 #   2. GPU tests of the loss paths (tests/gpu/test_fused_loss.py)                  ~40 s     90 s
 #   3. peer (speculators 0.9.0) on the 8.1 rows, its defaults (Muon, log-freq 1)   ~95 s    150 s
-#   4. mtptune, same files, AdamW (default); kernel table of 5 steps after the window ~70 s 120 s
-#   5. mtptune, same files, --loss-kernel $LIBRARY_KERNELS (default "liger"): the step-level A/B beside 4
+#   4. mtptune, same files, AdamW and --loss-kernel auto (the defaults: liger where installed); kernel table of 5
+#      steps after the window                                                      ~70 s    120 s
+#   5. mtptune, same files, --loss-kernel $LIBRARY_KERNELS (default "ours"): the step-level A/B beside 4
 #                                                                                  ~45 s     90 s
 #   6. mtptune, same files, Muon: the same-optimizer row beside 3                  ~45 s     90 s
 #   7. peer on GSM8K-length rows (mean ~202 tokens), defaults                      ~65 s    120 s
@@ -25,6 +26,7 @@
 # The fake verifier and both data sets are written on the CPU in the background while 1 and 2 run.
 # Every JSON line goes to $OUT/issue19.jsonl as soon as it is printed; all logs, the peer's step records and the
 # kernel table go into $OUT/issue19_logs.tar.gz at the end (a call brings back only ~8 files of $OUT).
+# SKIP="name ..." skips parts by name (e.g. SKIP="gpu_tests mtptune_long_muon" for rows measured before).
 # Knobs for a smoke run of this script on a CPU box (tiny shapes; the peer is skipped where speculators is missing):
 # DATA_ARGS="--tiny", ROWS_LONG, ROWS_GSM8K, TRAIN_ARGS="--steps 4 --log-every 2 ...", LK_ARGS="--hidden 64 ...".
 set -u
@@ -44,6 +46,11 @@ note() { echo "$*" | tee -a "$LOGS/timeline.txt"; }
 part() {
   local name=$1 min=$2 cap=$3
   shift 3
+  case " ${SKIP:-} " in *" $name "*)
+    note "SKIP $name: in \$SKIP"
+    echo "{\"part\": \"$name\", \"skipped\": \"SKIP\"}" >> "$J"
+    return 1;;
+  esac
   local t=$(( BUDGET - $(elapsed) - RESERVE ))
   [ $t -gt "$cap" ] && t=$cap
   if [ $t -lt "$min" ]; then
@@ -107,7 +114,7 @@ if [ $DATA_RC = 0 ]; then
   part mtptune_long_adamw 60 120 "${TRAIN[@]}" "${LONG[@]}" --label adamw --peer "$LOGS/peer_long/summary.json" \
     --profile "$LOGS/train_profile.txt"
   cp "$LOGS/train_profile.txt" "$OUT/" 2>/dev/null
-  for K in ${LIBRARY_KERNELS:-liger}; do  # the step-level A/B of the library kernel, beside the row above
+  for K in ${LIBRARY_KERNELS:-ours}; do  # the step-level A/B of the library kernel, beside the row above
     part "mtptune_long_$K" 40 90 "${TRAIN[@]}" "${LONG[@]}" --label "adamw_$K" --loss-kernel "$K" \
       --peer "$LOGS/peer_long/summary.json"
   done

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from serve_gpu import counter, mean_of, start_server, stop_server  # noqa: E402  (this folder)
 
 from mtptune.serving.client import HiddenStatesClient  # noqa: E402
+from mtptune.serving.contract import CaptureSpec  # noqa: E402
 from mtptune.serving.server_config import ServerConfig, free_port  # noqa: E402
 from mtptune.serving.verifier_runtime import Capture  # noqa: E402
 
@@ -50,6 +51,7 @@ class EmulatedRuntime:
     eos_token_ids = (0,)
     tokenizer = None
     layer_ids = (32,)  # one captured layer (the server sizes each capture file from these three)
+    spec = CaptureSpec(layer_ids, 32)  # layer 32 of 32: the pre-final-norm residual
     dtype = torch.bfloat16
 
     def __init__(self, hidden_size: int, launch_s: float, s_per_token: float) -> None:
@@ -75,7 +77,9 @@ def serve(args: argparse.Namespace) -> None:
     from mtptune.serving.server import HiddenStatesServer
 
     torch.set_num_threads(1)
-    config = ServerConfig("emulated", (32,), Path(args.storage), port=args.port, device="cuda")
+    config = ServerConfig(
+        "emulated", (32,), Path(args.storage), port=args.port, device="cuda", batch_overhead_tokens=args.overhead_tokens
+    )
     runtime = EmulatedRuntime(args.hidden_size, args.launch_ms / 1e3, args.us_per_token / 1e6)
     uvicorn.run(HiddenStatesServer(config, runtime).build_app(), port=args.port, log_level="warning")  # type: ignore[arg-type]
 
@@ -89,6 +93,8 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=4096)
     parser.add_argument("--launch-ms", type=float, default=125.0, help="host time to launch one forward")
     parser.add_argument("--us-per-token", type=float, default=25.0, help="GPU time per padded token")
+    parser.add_argument("--prefetch", type=int, default=None, help="rows submitted ahead (default 2 x concurrency)")
+    parser.add_argument("--overhead-tokens", type=int, default=None, help="the server's --batch-overhead-tokens")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server subprocess
     parser.add_argument("--storage", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -102,6 +108,8 @@ def main() -> None:
     cmd = [sys.executable, __file__, "--serve", "--storage", str(storage), "--port", str(free_port()),
            "--hidden-size", str(args.hidden_size), "--launch-ms", str(args.launch_ms),
            "--us-per-token", str(args.us_per_token)]  # fmt: skip
+    if args.overhead_tokens is not None:
+        cmd += ["--overhead-tokens", str(args.overhead_tokens)]
     server, base, _ = start_server(cmd, storage / "server.log", timeout=120)
     try:
         rng = random.Random(0)
@@ -109,7 +117,7 @@ def main() -> None:
             [rng.randint(1, VOCAB - 1) for _ in range(rng.randint(args.min_len, args.max_len))]
             for _ in range(64 + args.requests)
         ]
-        window = 2 * args.concurrency
+        window = args.prefetch or 2 * args.concurrency
         with HiddenStatesClient(
             [base], model_id="emulated", num_layers=1, hidden_size=args.hidden_size, concurrency=args.concurrency
         ) as client:

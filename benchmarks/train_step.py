@@ -41,7 +41,7 @@ from mtptune.training.config import (
     OptimConfig,
     TrainConfig,
 )
-from mtptune.training.loss_kernels import LOSS_KERNELS
+from mtptune.training.loss_kernels import DEFAULT_LOSS_KERNEL, LOSS_KERNELS, resolve_loss_kernel
 from mtptune.training.train import run_training
 
 
@@ -180,7 +180,9 @@ def main() -> None:
     parser.add_argument("--label", default="mtptune")
     parser.add_argument("--compile", choices=COMPILE_SCOPES, default="step", help="the trainer's --compile")
     parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw", help="the trainer's --optimizer")
-    parser.add_argument("--loss-kernel", choices=LOSS_KERNELS, default="ours", help="the trainer's --loss-kernel")
+    parser.add_argument(
+        "--loss-kernel", choices=LOSS_KERNELS, default=DEFAULT_LOSS_KERNEL, help="the trainer's --loss-kernel"
+    )
     parser.add_argument("--mix", default="long", help="label: the row-length mix of --data (length_models.py)")
     parser.add_argument(
         "--profile",
@@ -239,7 +241,7 @@ def main() -> None:
         "mix": args.mix,
         "compile": args.compile,
         "optimizer": args.optimizer,
-        "loss_kernel": args.loss_kernel,
+        "loss_kernel": resolve_loss_kernel(args.loss_kernel, "ce", device),
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "steps_measured": len(steady) * args.log_every,
