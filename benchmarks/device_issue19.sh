@@ -26,6 +26,8 @@
 # The fake verifier and both data sets are written on the CPU in the background while 1 and 2 run.
 # Every JSON line goes to $OUT/issue19.jsonl as soon as it is printed; all logs, the peer's step records and the
 # kernel table go into $OUT/issue19_logs.tar.gz at the end (a call brings back only ~8 files of $OUT).
+# PEER_STEPS=FILE: the log-freq-1 peer run's steps.jsonl whose real-token counts the log-freq-10 rows use (default
+# this call's peer_long; the same seeded data makes another call's file valid). ROWS_GSM8K=0 skips that data set.
 # SKIP="name ..." skips parts by name (e.g. SKIP="gpu_tests mtptune_long_muon" for rows measured before).
 # Knobs for a smoke run of this script on a CPU box (tiny shapes; the peer is skipped where speculators is missing):
 # DATA_ARGS="--tiny", ROWS_LONG, ROWS_GSM8K, TRAIN_ARGS="--steps 4 --log-every 2 ...", LK_ARGS="--hidden 64 ...".
@@ -86,8 +88,8 @@ fi
   python3 benchmarks/peer/make_fake_verifier.py $W/verifier --device cpu ${DATA_ARGS:-}
   python3 benchmarks/peer/make_offline_data.py $W/long $W/long_hs --num-samples ${ROWS_LONG:-400} --device cpu \
     ${DATA_ARGS:-}
-  python3 benchmarks/peer/make_offline_data.py $W/gsm8k $W/gsm8k_hs --num-samples ${ROWS_GSM8K:-1500} --lengths gsm8k \
-    --device cpu ${DATA_ARGS:-}
+  [ "${ROWS_GSM8K:-1500}" = 0 ] || python3 benchmarks/peer/make_offline_data.py $W/gsm8k $W/gsm8k_hs \
+    --num-samples ${ROWS_GSM8K:-1500} --lengths gsm8k --device cpu ${DATA_ARGS:-}
 ) > "$LOGS/data.log" 2>&1 &
 DATA_PID=$!
 
@@ -122,15 +124,16 @@ if [ $DATA_RC = 0 ]; then
     --peer "$LOGS/peer_long/summary.json"
   [ $PEER_OK = 1 ] && part peer_gsm8k 60 120 "${PEER[@]}" peer_gsm8k $W/verifier $W/gsm8k $W/gsm8k_hs "$LOGS/peer_gsm8k" --
   part mtptune_gsm8k_adamw 40 90 "${TRAIN[@]}" "${SHORT[@]}" --label adamw --peer "$LOGS/peer_gsm8k/summary.json"
-  [ $PEER_OK = 1 ] && part peer_long_logfreq10 60 110 "${PEER[@]}" peer_long_logfreq10 $W/verifier $W/long $W/long_hs \
-    "$LOGS/peer_long_logfreq10" --real-tokens-from "$LOGS/peer_long/steps.jsonl" -- --log-freq 10
+  [ $PEER_OK = 1 ] && part peer_long_logfreq10 60 150 "${PEER[@]}" peer_long_logfreq10 $W/verifier $W/long $W/long_hs \
+    "$LOGS/peer_long_logfreq10" --real-tokens-from "${PEER_STEPS:-$LOGS/peer_long/steps.jsonl}" -- --log-freq 10
 fi
 part loss_kernels_gsm8k 30 60 python3 benchmarks/loss_kernels.py --mix gsm8k --variants ours,liger,cce,ours-ligerce \
   ${LK_ARGS:-}
 part loss_kernels_more 30 60 python3 benchmarks/loss_kernels.py --mix long --variants ours,ours-c4096,liger-c1 ${LK_ARGS:-}
 if [ $DATA_RC = 0 ] && [ $PEER_OK = 1 ]; then
-  part peer_long_adamw_logfreq10 60 110 "${PEER[@]}" peer_long_adamw_logfreq10 $W/verifier $W/long $W/long_hs \
-    "$LOGS/peer_long_adamw_logfreq10" --real-tokens-from "$LOGS/peer_long/steps.jsonl" -- --log-freq 10 --optimizer adamw
+  part peer_long_adamw_logfreq10 60 150 "${PEER[@]}" peer_long_adamw_logfreq10 $W/verifier $W/long $W/long_hs \
+    "$LOGS/peer_long_adamw_logfreq10" --real-tokens-from "${PEER_STEPS:-$LOGS/peer_long/steps.jsonl}" -- --log-freq 10 \
+    --optimizer adamw
 fi
 
 note "done at $(elapsed)s"
