@@ -89,6 +89,10 @@ def test_peer_throughput_the_three_ways_at_log_freq_1_and_10():
     assert with_other["timed_steps"] == 30 and with_other["median_interval_tokens_per_s"] == pytest.approx(
         70000 / 3.01, rel=1e-6
     )
+    # The log-freq-1 run stopped logging at step 36: the steps it lacks count its mean, not 0.
+    shorter = summarize_run.throughput(ten, 5, set(), 8192, {g: v for g, v in other.items() if g <= 36})
+    assert shorter["steps_at_other_runs_mean"] == 4
+    assert shorter["wall_tokens_per_s"] == pytest.approx(with_other["wall_tokens_per_s"])
     alone = summarize_run.throughput(ten, 5, set(), 8192)
     assert alone["real_tokens_source"] == "estimated" and alone["wall_tokens_per_s"] == pytest.approx(
         with_other["wall_tokens_per_s"]
