@@ -56,6 +56,35 @@ def test_delete_policy_leaves_no_files(server) -> None:
     assert client.stats.succeeded == len(ROWS) and client.stats.failed == 0
 
 
+class _InFlightTokens(HiddenStatesClient):
+    """The real client, counting the tokens of the requests it has open at once."""
+
+    open_tokens = peak_tokens = 0
+
+    async def fetch(self, row_id, token_ids):
+        self.open_tokens += len(token_ids)
+        self.peak_tokens = max(self.peak_tokens, self.open_tokens)
+        try:
+            return await super().fetch(row_id, token_ids)
+        finally:
+            self.open_tokens -= len(token_ids)
+
+
+def test_tokens_ahead_are_bounded_as_well_as_rows(server) -> None:
+    """Long rows would otherwise hold prefetch x their length in memory; a row longer than the bound still goes."""
+    base, _ = server
+    rows = [(i, [10 + (i + j) % 50 for j in range(n)]) for i, n in enumerate([30, 30, 30, 30, 80, 30, 30, 30])]
+    with _InFlightTokens([base + "/v1"], model_id="tiny/verifier", hidden_size=64, concurrency=8) as client:
+        results = list(client.iter_fetch(rows, prefetch=8, max_tokens=64))
+    assert [row for row, _ in results] == [row for row, _ in rows]
+    assert all(isinstance(states, HiddenStates) for _, states in results)
+    assert client.peak_tokens <= 80  # two 30-token rows at most, or the 80-token row alone
+    with _InFlightTokens([base + "/v1"], model_id="tiny/verifier", hidden_size=64, concurrency=8) as client:
+        for _ in client.iter_fetch(rows, prefetch=8):  # rows only: all 8 may be open at once
+            time.sleep(0.2)  # a slow consumer, as a training step is
+    assert client.peak_tokens > 80
+
+
 def test_cache_policy_keeps_one_file_per_row_and_reuses_it(server, tmp_path: Path) -> None:
     base, storage = server
     cache = tmp_path / "cache"

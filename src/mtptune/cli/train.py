@@ -19,6 +19,7 @@ import sys
 import traceback
 from typing import get_args
 
+from mtptune.cli.arg_types import positive_int
 from mtptune.errors import ConfigError, MtpTuneError
 from mtptune.training.config import (
     CacheDevice,
@@ -95,6 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=None, help="speculators' spelling of --concurrency")
     g.add_argument(
         "--prefetch", type=int, default=None, help="rows fetched ahead of the step (default 2 x concurrency)"
+    )
+    g.add_argument(
+        "--prefetch-tokens",
+        type=positive_int,
+        default=_HS.prefetch_tokens,
+        help=f"and at most this many of their tokens (default {_HS.prefetch_tokens:,}: bounds the hidden states "
+        "held ahead, ~8 KiB per token of a 4096-wide verifier; long rows would otherwise hold GiBs)",
     )
     g.add_argument("--hidden-states-dtype", choices=("bfloat16", "float16", "float32"), default=_HS.dtype)
     g.add_argument(
@@ -284,6 +292,7 @@ def build_config(args: argparse.Namespace):
             max_retries=args.max_retries,
             concurrency=concurrency,
             prefetch=args.prefetch or 2 * concurrency,
+            prefetch_tokens=args.prefetch_tokens,
             dtype=args.hidden_states_dtype,
             target_layer_ids=target_layer_ids,
             api_key=args.api_key,

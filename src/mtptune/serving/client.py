@@ -495,32 +495,43 @@ class HiddenStatesClient:
         return self._loop
 
     def iter_fetch(
-        self, items: Iterable[tuple[int, Sequence[int]]], prefetch: int | None = None
+        self, items: Iterable[tuple[int, Sequence[int]]], prefetch: int | None = None, max_tokens: int | None = None
     ) -> Iterator[tuple[int, HiddenStates | Exception]]:
-        """Yield `(row_id, states or the exception)` in input order, keeping up to `prefetch` requests in flight."""
+        """Yield `(row_id, states or the exception)` in input order, keeping up to `prefetch` rows and `max_tokens`
+        of their tokens submitted and not yet yielded (a longer row alone still goes: the memory held ahead is
+        bounded by both)."""
         loop = self._background_loop()
         window = prefetch if prefetch is not None else 2 * self.concurrency
-        pending: deque[tuple[int, Future]] = deque()
+        pending: deque[tuple[int, Future, int]] = deque()
+        pending_tokens = 0
         iterator = iter(items)
+        waiting: tuple[int, Sequence[int]] | None = None  # taken from `items`, not yet submitted: no room for it
         exhausted = False
         while True:
             while not exhausted and len(pending) < max(1, window):
                 if self._closing.is_set():  # close() from another thread: submit nothing to a stopping loop
                     exhausted = True
                     break
-                try:
-                    row_id, token_ids = next(iterator)
-                except StopIteration:
-                    exhausted = True
+                if waiting is None:
+                    try:
+                        waiting = next(iterator)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                row_id, token_ids = waiting
+                if pending and max_tokens is not None and pending_tokens + len(token_ids) > max_tokens:
                     break
+                waiting = None
                 future = asyncio.run_coroutine_threadsafe(self.fetch(row_id, token_ids), loop)
                 with self._stats_lock:
                     self._inflight.add(future)
                 future.add_done_callback(self._done)
-                pending.append((row_id, future))
+                pending.append((row_id, future, len(token_ids)))
+                pending_tokens += len(token_ids)
             if not pending:
                 return
-            row_id, future = pending.popleft()
+            row_id, future, n_tokens = pending.popleft()
+            pending_tokens -= n_tokens
             result: HiddenStates | Exception
             try:
                 result = future.result()

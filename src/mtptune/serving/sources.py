@@ -108,10 +108,13 @@ class FolderSource:
 class ServerSource:
     """Online / hybrid: the hidden-state client (async, `concurrency` requests in flight, order preserved)."""
 
-    def __init__(self, client, spec: CaptureSpec | None, prefetch: int, dtype: torch.dtype):
+    def __init__(
+        self, client, spec: CaptureSpec | None, prefetch: int, dtype: torch.dtype, prefetch_tokens: int | None = None
+    ):
         self.client = client
         self.spec = spec
         self.prefetch = prefetch
+        self.prefetch_tokens = prefetch_tokens
         self.dtype = dtype
 
     def stream(self, rows: Iterable[Row]) -> Iterator[tuple[Row, Result]]:
@@ -122,7 +125,7 @@ class ServerSource:
                 sent.append(row)
                 yield row.row_id, row.input_ids.tolist()
 
-        for row_id, result in self.client.iter_fetch(items(), prefetch=self.prefetch):
+        for row_id, result in self.client.iter_fetch(items(), prefetch=self.prefetch, max_tokens=self.prefetch_tokens):
             row = sent.popleft()
             if row_id != row.row_id:
                 raise RuntimeError(f"hidden states arrived out of order: expected row {row.row_id}, got {row_id}")

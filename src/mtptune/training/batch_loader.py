@@ -27,6 +27,7 @@ class BatchLoader:
         micro_batches: Iterable[list[int]],
         *,
         prefetch_rows: int,
+        prefetch_tokens: int | None = None,
         stats: SourceStats,
         on_missing: str,
         warn: Callable[[str], None],
@@ -37,7 +38,7 @@ class BatchLoader:
         depth: int = 2,
     ) -> None:
         micro = list(micro_batches)
-        self._prefetcher = prefetch(source, (rows[i] for ids in micro for i in ids), prefetch_rows)
+        self._prefetcher = prefetch(source, (rows[i] for ids in micro for i in ids), prefetch_rows, prefetch_tokens)
 
         def assemble(ids: list[int]) -> PackedBatch | None:
             kept, hidden = take_rows(self._prefetcher, len(ids), stats, on_missing, warn)

@@ -29,6 +29,15 @@ InputNormName = Literal["post_norm", "none"]
 OptimizerName = Literal["adamw", "muon"]
 
 
+# Tokens of rows whose hidden states are held ahead of the step, per stage (the fetch window and the prefetch queue),
+# whichever of this and --prefetch rows binds first: 64 steps of 8,192 tokens, ~4 GiB of a 4,096-wide verifier's
+# bf16 states (8 KiB per token). Rows of reasoning traces run to thousands of tokens, where a bound in rows alone would
+# hold tens of GiB (128 rows of 8k tokens: 8 GiB per stage), and a colocated source on a GPU would hold them in GPU
+# memory. Two colocated windows of GSM8K-length rows (2 x 16 forwards of 16,384 tokens) fit, so the verifier can run
+# one window ahead of the trainer.
+DEFAULT_PREFETCH_TOKENS = 524_288
+
+
 @dataclass(frozen=True)
 class DataConfig:
     data_path: str
@@ -47,6 +56,7 @@ class HiddenStatesConfig:
     max_retries: int = DEFAULT_MAX_RETRIES
     concurrency: int = DEFAULT_CONCURRENCY  # requests in flight: the server batches what is in flight
     prefetch: int = 2 * DEFAULT_CONCURRENCY  # rows fetched ahead of the step
+    prefetch_tokens: int = DEFAULT_PREFETCH_TOKENS  # and at most this many of their tokens (memory held ahead)
     dtype: str = "bfloat16"  # dtype the states are held in between fetch and step
     target_layer_ids: tuple[int, ...] | None = None  # what the server captures (N appended); the MTP input is N
     api_key: str | None = None

@@ -133,7 +133,7 @@ def build_source(
             server_wait_timeout=config.server_wait_timeout,
         )
         client.check_model()
-        source = ServerSource(client, spec, config.prefetch, dtype)
+        source = ServerSource(client, spec, config.prefetch, dtype, config.prefetch_tokens)
     else:
         if config.endpoints:
             log.warning(
@@ -181,10 +181,12 @@ def prefetch_depth(config: HiddenStatesConfig) -> int:
     return max(config.prefetch, COLOCATED_PREFETCH_ROWS) if config.colocated else config.prefetch
 
 
-def prefetch(source: HiddenSource, rows: Iterable[Row], depth: int) -> Background:
-    """`source.stream(rows)` in a background thread, at most `depth` rows ahead of the consumer; yields each
-    `(row, hidden states or exception)`, so that the consumer never builds a row again."""
-    return Background(source.stream(rows), depth, "mtptune-prefetch")
+def prefetch(source: HiddenSource, rows: Iterable[Row], depth: int, max_tokens: int | None = None) -> Background:
+    """`source.stream(rows)` in a background thread, at most `depth` rows and `max_tokens` of their tokens ahead of
+    the consumer; yields each `(row, hidden states or exception)`, so that the consumer never builds a row again."""
+    return Background(
+        source.stream(rows), depth, "mtptune-prefetch", cost=lambda item: len(item[0]), max_cost=max_tokens
+    )
 
 
 def take_rows(

@@ -565,6 +565,7 @@ def _loader(p: Parts, micro_batches) -> BatchLoader:
         p.rows,
         micro_batches,
         prefetch_rows=prefetch_depth(p.config.hidden_states),
+        prefetch_tokens=p.config.hidden_states.prefetch_tokens,
         stats=p.stats,
         on_missing=p.config.hidden_states.on_missing,
         warn=_warn,
