@@ -58,7 +58,8 @@ sys.path.insert(0, str(SRC))  # this checkout's mtptune, as in the subprocesses 
 
 from length_models import GSM8K_QUANTILES, TRAILING_TOKENS, sample_gsm8k_lengths  # noqa: E402  (the script's folder)
 
-from mtptune.serving.server_config import free_port  # noqa: E402  (after the path insert)
+from mtptune.serving.client import DEFAULT_CONCURRENCY  # noqa: E402  (after the path insert)
+from mtptune.serving.server_config import free_port  # noqa: E402
 
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 QWEN35_9B_HIDDEN = 4096
@@ -507,7 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
         "server --load-format dummy)",
     )
     p.add_argument("--total-seq-len", type=int, default=None, help="default 8192 (tiny 1024)")
-    p.add_argument("--concurrency", type=int, default=None, help="trainer --concurrency (default: the trainer's, 64)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help=f"trainer --concurrency (default: the trainer's, {DEFAULT_CONCURRENCY})",
+    )
     p.add_argument(
         "--log-every",
         type=int,
@@ -536,7 +542,7 @@ class Pipeline:
         self.N = args.num_samples or (96 if self.tiny else 5000)
         self.epochs = args.epochs or (2 if self.tiny else 3)
         self.seq = args.total_seq_len or (1024 if self.tiny else 8192)
-        self.concurrency = args.concurrency or 64  # the trainer CLI's default
+        self.concurrency = args.concurrency or DEFAULT_CONCURRENCY  # the trainer CLI's default
         self.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         if not self.modes or any(m not in (*JOB_MODES, "online", "hybrid") for m in self.modes):
             raise SystemExit(

@@ -71,8 +71,11 @@ log = logging.getLogger(__name__)
 
 
 # Requests kept in flight: an 8192-token step of GSM8K-length rows holds ~40 rows, and a server batches what is in
-# flight (the more, the larger and cheaper its forwards). The trainer's --concurrency default.
-DEFAULT_CONCURRENCY = 64
+# flight (the more, the larger and better filled its forwards: the built-in server's length planner groups similar
+# lengths out of what waits). 128 rather than 64: emulated, 20 -> 34 rows per forward and 26.5 -> 19.1 % padding on
+# GSM8K-length rows (docs/benchmarks.md, issue 18). Long rows are bounded by --prefetch-tokens instead. The trainer's
+# --concurrency default.
+DEFAULT_CONCURRENCY = 128
 # A capture answers in well under a second; a batched server under load, or one still compiling, takes longer.
 DEFAULT_REQUEST_TIMEOUT = 120.0
 DEFAULT_MAX_RETRIES = 3
