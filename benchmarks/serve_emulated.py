@@ -93,7 +93,9 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=4096)
     parser.add_argument("--launch-ms", type=float, default=125.0, help="host time to launch one forward")
     parser.add_argument("--us-per-token", type=float, default=25.0, help="GPU time per padded token")
-    parser.add_argument("--prefetch", type=int, default=None, help="rows submitted ahead (default 2 x concurrency)")
+    parser.add_argument(
+        "--prefetch", type=int, default=None, help="rows submitted ahead (default: the client's, 2 x concurrency)"
+    )
     parser.add_argument("--overhead-tokens", type=int, default=None, help="the server's --batch-overhead-tokens")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server subprocess
     parser.add_argument("--storage", default=None, help=argparse.SUPPRESS)
@@ -117,14 +119,13 @@ def main() -> None:
             [rng.randint(1, VOCAB - 1) for _ in range(rng.randint(args.min_len, args.max_len))]
             for _ in range(64 + args.requests)
         ]
-        window = args.prefetch or 2 * args.concurrency
         with HiddenStatesClient(
             [base], model_id="emulated", num_layers=1, hidden_size=args.hidden_size, concurrency=args.concurrency
         ) as client:
-            list(client.iter_fetch(enumerate(prompts[:64]), prefetch=window))
+            list(client.iter_fetch(enumerate(prompts[:64]), prefetch=args.prefetch))
             before = httpx.get(base + "/metrics").text
             start = time.perf_counter()
-            results = list(client.iter_fetch(enumerate(prompts[64:]), prefetch=window))
+            results = list(client.iter_fetch(enumerate(prompts[64:]), prefetch=args.prefetch))
             wall = time.perf_counter() - start
             after = httpx.get(base + "/metrics").text
     finally:

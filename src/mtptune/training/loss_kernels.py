@@ -57,7 +57,7 @@ def check_loss_kernel(kernel: str, loss_kind: str) -> None:
             f"--loss-kernel {kernel} computes cross-entropy only; --loss {loss_kind} needs the verifier's distribution "
             "at every row too, which only --loss-kernel ours computes."
         )
-    if kernel in _MODULES and importlib.util.find_spec(_MODULES[kernel]) is None:
+    if not _installed(kernel):
         raise ConfigError(
             f"--loss-kernel {kernel} needs the {_PACKAGES[kernel]} package: pip install {_PACKAGES[kernel]}"
         )
@@ -68,8 +68,12 @@ def resolve_loss_kernel(kernel: str, loss_kind: str, device_type: str) -> str:
     `ours` otherwise; an explicit choice stays (check_loss_kernel has vetted it)."""
     if kernel != "auto":
         return kernel
-    usable = device_type == "cuda" and loss_kind == "ce" and importlib.util.find_spec(_MODULES["liger"]) is not None
+    usable = loss_kind == "ce" and _installed("liger") and (device_type == "cuda" or not KERNELS["liger"].needs_cuda)
     return "liger" if usable else "ours"
+
+
+def _installed(kernel: str) -> bool:
+    return kernel not in _MODULES or importlib.util.find_spec(_MODULES[kernel]) is not None
 
 
 def _liger(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
