@@ -559,6 +559,7 @@ def evaluate(
                     generate += ["--tie-tolerance", str(args.eval_tie_tolerance)]
                 if args.eval_workers > 1:
                     generate += ["--workers", str(args.eval_workers)]
+                generate += ["--batch-size", str(args.eval_batch_size)]
                 jobs.append((figure_name(set_name, temperature), key, generate, n))
     tag = out.parent.name if out.name == "eval" else out.name
 
@@ -767,6 +768,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seed", type=int, default=0, help="sampling seed of the T > 0 evaluations")
     p.add_argument("--eval-workers", type=int, default=1,
                    help="processes per speculative-decoding evaluation (evaluate generate --workers)")  # fmt: skip
+    p.add_argument("--eval-batch-size", type=int, default=16,
+                   help="prompts decoded together per worker (evaluate generate --batch-size)")  # fmt: skip
     p.add_argument("--eval-num-steps", type=int, nargs="*", default=[], help="also offline tau_sim at these K")
     p.add_argument("--no-generate-eval", dest="generate_eval", action="store_false", help="offline tau_sim only")
     p.add_argument("--skip-untrained-eval", action="store_true",

@@ -69,6 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "launch-bound: N processes share the device); results are merged, sampling is seeded per prompt",
     )
     generate.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=16,
+        help="decode N prompts together, one verifier forward per round for all of them (full-attention verifiers: "
+        "Llama, Qwen2, DeepSeek; others decode one prompt at a time); with --workers, per worker",
+    )
+    generate.add_argument(
         "--no-greedy-baseline",
         dest="greedy_baseline",
         action="store_false",
@@ -237,7 +244,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from mtptune.evaluation.generation_job import GenerationJob, decode_prompts, run_workers
     from mtptune.evaluation.prompts import load_prompts
     from mtptune.evaluation.result import EvaluationResult, GenerationStats
-    from mtptune.evaluation.verifier_forward import VerifierForward
+    from mtptune.evaluation.verifier_forward import VerifierForward, kv_rollback_supported
     from mtptune.metrics.acceptance import AcceptanceCounts
 
     if not args.greedy_baseline and args.temperature <= 0:
@@ -260,6 +267,7 @@ def run_generate(args: argparse.Namespace) -> int:
             tokenizer=args.tokenizer,
             greedy_baseline=args.greedy_baseline,
             max_seconds=args.max_seconds,
+            batch_size=args.batch_size,
         )
         turns = sum(p.num_turns for p in prompts)
         log.info("generate: %s, K=%d, %d prompts (%d turns), temperature %g", source, k, len(prompts), turns, args.temperature)  # fmt: skip
@@ -284,6 +292,7 @@ def run_generate(args: argparse.Namespace) -> int:
             greedy_baseline=args.greedy_baseline,
             seed=args.seed if args.temperature > 0 else None,
             max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size if kv_rollback_supported(verifier.text_config) else 1,
         )
         counts = AcceptanceCounts.from_accept_lengths(k, run.accept_lengths)
         by_turn = [AcceptanceCounts.from_accept_lengths(k, a) for a in run.turn_accept_lengths]

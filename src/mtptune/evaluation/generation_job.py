@@ -43,6 +43,7 @@ class GenerationJob:
     greedy_baseline: bool = True
     max_seconds: float | None = None
     threads: int | None = None  # torch intra-op threads in a worker (default: CPU cores / workers)
+    batch_size: int = 1  # prompts decoded together (full-attention verifiers; speculative.run_generation)
 
 
 def dialogues(prompts: list[tuple[int, Prompt]], tokenizer: Any | None) -> list[Dialogue]:
@@ -85,6 +86,7 @@ def decode_prompts(job: GenerationJob, prompts: list[tuple[int, Prompt]], forwar
         log=log.info,
         max_seconds=job.max_seconds,
         greedy_baseline=job.greedy_baseline,
+        batch_size=job.batch_size,
     )
 
 

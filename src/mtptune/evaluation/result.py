@@ -32,6 +32,7 @@ class GenerationStats:
     greedy_baseline: bool = True  # False: sampled run without the greedy decoding (no baseline tokens/s)
     seed: int | None = None  # sampling seed (temperature > 0)
     max_new_tokens: int | None = None
+    batch_size: int = 1  # prompts decoded together per verifier forward (1: one at a time)
 
     @property
     def tokens_per_s(self) -> float:

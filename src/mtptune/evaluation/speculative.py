@@ -96,6 +96,12 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def greedy_accept(drafts: list[int], targets: list[int]) -> tuple[int, int]:
+    """verify_drafts at temperature 0 given the verifier's argmax at each of the K+1 positions."""
+    accepted = next((i for i, (d, t) in enumerate(zip(drafts, targets)) if d != t), len(drafts))
+    return accepted, targets[accepted]
+
+
 def verify_drafts(
     drafts: list[int], logits: torch.Tensor, temperature: float, generator: torch.Generator | None
 ) -> tuple[int, int]:
@@ -103,12 +109,9 @@ def verify_drafts(
     round emits drafts[:accepted] + [next token]. The rule (module docstring): greedy match at temperature 0; at
     T > 0 accept draft x with probability p(x) (q = point mass at the argmax draft, min(1, p/q) = p(x)), else draw
     the next token from p with p(x) zeroed and renormalized."""
+    if temperature <= 0:  # one device sync for every position
+        return greedy_accept(drafts, logits[: len(drafts) + 1].argmax(dim=-1).tolist())
     for i, draft in enumerate(drafts):
-        if temperature <= 0:
-            target = int(logits[i].argmax())
-            if draft != target:
-                return i, target
-            continue
         p = torch.softmax(logits[i].float().cpu() / temperature, dim=-1)
         u = torch.rand((), generator=generator)
         if u < p[draft]:  # min(1, p(x) / q(x)) with q one-hot at x
@@ -310,55 +313,94 @@ def run_generation(
     log: Callable[[str], None] | None = None,
     max_seconds: float | None = None,
     greedy_baseline: bool = True,
+    batch_size: int = 1,
 ) -> GenerationRun:
     """Speculative decoding of every prompt (every turn of a `Dialogue`), plus plain greedy decoding of the same
     prompts; at temperature 0 the two outputs must be identical (LosslessError otherwise). `greedy_baseline=False`
-    (temperature > 0 only) skips the greedy decoding: no tokens/s comparison. With `max_seconds`, no new prompt
-    (dialogue) starts once that much time has passed (at least one always runs); `prompts` / `conversations` in the
+    (temperature > 0 only) skips the greedy decoding: no tokens/s comparison.
+
+    `batch_size` > 1 decodes that many dialogues together (turn by turn) when the verifier is full attention
+    (`batched_decoding`); otherwise one at a time with the reference path. With `max_seconds`, no new batch of
+    dialogues starts once that much time has passed (at least one always runs); `prompts` / `conversations` in the
     result say how many ran."""
     if not greedy_baseline and temperature <= 0:
         raise MtpTuneError("at temperature 0 the greedy baseline is the lossless check; it cannot be skipped.")
     started = time.perf_counter()
     stop = verifier.eos_token_ids if stop_tokens is None else stop_tokens
     dialogues = [p if isinstance(p, Dialogue) else single_turn(p[0], p[1], i) for i, p in enumerate(prompts)]
+    batch_size = batch_size if verifier.supports_kv_rollback else 1
     accept_lengths: list[int] = []
     by_turn: list[list[int]] = [[] for _ in range(max((d.num_turns for d in dialogues), default=0))]
     tokens = base_tokens = steps = base_steps = ties = 0
     seconds = base_seconds = 0.0
     done = conversations = 0
-    for i, dialogue in enumerate(dialogues, start=1):
+    for first in range(0, len(dialogues), batch_size):
         if conversations and max_seconds is not None and time.perf_counter() - started >= max_seconds:
             if log is not None:
                 log(f"stopping after {conversations} of {len(dialogues)} prompts: the time budget of {max_seconds:g} s is spent")  # fmt: skip
             break
-        generator = torch.Generator().manual_seed(prompt_seed(seed, dialogue.index))
-        answers: list[list[int]] = []
-        for turn in range(dialogue.num_turns):
-            ids = dialogue.render(answers)
-            prompt_id = dialogue.prompt_id if dialogue.num_turns == 1 else f"{dialogue.prompt_id}#turn{turn + 1}"
-            spec = speculative_decode(
-                verifier, head, ids, max_new_tokens, num_steps, temperature, generator, stop, verify_hook
-            )
-            if greedy_baseline:
-                greedy, margins = greedy_decode(verifier, ids, max_new_tokens, stop)
-                if temperature <= 0 and not check_lossless(prompt_id, spec, greedy, margins, tie_tolerance):
-                    ties += 1
-                base_tokens += len(greedy.tokens)
-                base_steps += greedy.verifier_steps
-                base_seconds += greedy.seconds
-            answers.append(spec.tokens)
-            accept_lengths += spec.accept_lengths
-            by_turn[turn] += spec.accept_lengths
-            tokens += len(spec.tokens)
-            steps += spec.verifier_steps
-            seconds += spec.seconds
-            done += 1
-            if log is not None:
-                drafts = max(1, len(spec.accept_lengths))
-                log(
-                    f"[{i}/{len(dialogues)}] {prompt_id}: {len(spec.tokens)} tokens in {spec.verifier_steps} verifier "
-                    f"steps (AL {1 + sum(spec.accept_lengths) / drafts:.2f})"
-                )
-        conversations += 1
+        chunk = dialogues[first : first + batch_size]
+        generators = {d.index: torch.Generator().manual_seed(prompt_seed(seed, d.index)) for d in chunk}
+        answers: dict[int, list[list[int]]] = {d.index: [] for d in chunk}
+        for turn in range(max(d.num_turns for d in chunk)):
+            live = [d for d in chunk if d.num_turns > turn]
+            ids = [d.render(answers[d.index]) for d in live]
+            gens = [generators[d.index] for d in live]
+            specs = _decode(verifier, head, ids, max_new_tokens, num_steps, temperature, gens, stop, verify_hook)
+            greedies = _decode(verifier, None, ids, max_new_tokens, 0, 0.0, None, stop) if greedy_baseline else None
+            for n, (dialogue, spec) in enumerate(zip(live, specs)):
+                prompt_id = dialogue.prompt_id if dialogue.num_turns == 1 else f"{dialogue.prompt_id}#turn{turn + 1}"
+                if greedies is not None:
+                    greedy, margins = greedies[n]
+                    if temperature <= 0 and not check_lossless(prompt_id, spec, greedy, margins, tie_tolerance):
+                        ties += 1
+                    base_tokens += len(greedy.tokens)
+                    base_steps += greedy.verifier_steps
+                    base_seconds += greedy.seconds
+                answers[dialogue.index].append(spec.tokens)
+                accept_lengths += spec.accept_lengths
+                by_turn[turn] += spec.accept_lengths
+                tokens += len(spec.tokens)
+                steps += spec.verifier_steps
+                seconds += spec.seconds
+                done += 1
+                if log is not None:
+                    drafts = max(1, len(spec.accept_lengths))
+                    log(
+                        f"[{first + chunk.index(dialogue) + 1}/{len(dialogues)}] {prompt_id}: {len(spec.tokens)} "
+                        f"tokens in {spec.verifier_steps} verifier steps (AL {1 + sum(spec.accept_lengths) / drafts:.2f})"
+                    )
+        conversations += len(chunk)
     run = GenerationRun(accept_lengths, tokens, base_tokens, steps, base_steps, seconds, base_seconds, ties)
     return replace(run, prompts=done, conversations=conversations, turn_accept_lengths=by_turn)
+
+
+def _decode(
+    verifier: VerifierForward,
+    head: MtpHead | None,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    num_steps: int,
+    temperature: float,
+    generators: list[torch.Generator] | None,
+    stop_tokens: set[int],
+    verify_hook: VerifyHook | None = None,
+):
+    """Speculative (head given: a list of Decoded) or plain greedy decoding (head None: a list of (Decoded, margins))
+    of `prompts`: one at a time with the reference path, or all together (`batched_decoding`) when there are
+    several."""
+    if len(prompts) > 1:
+        from mtptune.evaluation.batched_decoding import decode_batch
+
+        outs, margins = decode_batch(
+            verifier, head, prompts, max_new_tokens, num_steps, temperature, generators, stop_tokens, verify_hook
+        )
+        return list(zip(outs, margins)) if head is None else outs
+    if head is None:
+        return [greedy_decode(verifier, prompts[0], max_new_tokens, stop_tokens)]
+    generator = generators[0] if generators else None
+    return [
+        speculative_decode(
+            verifier, head, prompts[0], max_new_tokens, num_steps, temperature, generator, stop_tokens, verify_hook
+        )
+    ]

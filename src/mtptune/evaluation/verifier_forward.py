@@ -32,6 +32,17 @@ def greedy_tokens(hidden: torch.Tensor, logits_fn: Callable[[torch.Tensor], torc
     return torch.cat(parts, dim=-1)
 
 
+def kv_rollback_supported(text_config) -> bool:
+    """Every layer is full attention: a KV cache cut back (or masked) to a prefix equals that prefix's forward, so
+    speculative decoding can extend one cache (and batch several prompts) instead of recomputing."""
+    if getattr(text_config, "model_type", "") in RECURRENT_MODEL_TYPES:
+        return False
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        return False
+    return not getattr(text_config, "sliding_window", None) or not getattr(text_config, "use_sliding_window", True)
+
+
 @dataclass
 class VerifierForward:
     """A transformers model of the verifier (text part only) used for direct forwards."""
@@ -74,13 +85,7 @@ class VerifierForward:
     @property
     def supports_kv_rollback(self) -> bool:
         """True when every layer is full attention, so a DynamicCache cropped to a prefix equals that prefix's forward."""
-        text_config = self.model.config.get_text_config()
-        if getattr(text_config, "model_type", "") in RECURRENT_MODEL_TYPES:
-            return False
-        layer_types = getattr(text_config, "layer_types", None)
-        if layer_types is not None and any(t != "full_attention" for t in layer_types):
-            return False
-        return not getattr(text_config, "sliding_window", None) or not getattr(text_config, "use_sliding_window", True)
+        return kv_rollback_supported(self.model.config.get_text_config())
 
     def new_cache(self) -> KvCache:
         return KvCache(self)
@@ -125,5 +130,5 @@ class KvCache:
     def crop(self, length: int) -> None:
         """Keep the first `length` tokens' keys and values."""
         if length < self.length:
-            self.cache.crop(length)
+            self.cache.crop(length - self.length)  # negative: tokens to remove (a positive length is deprecated)
             self.length = length
