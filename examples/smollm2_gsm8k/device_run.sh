@@ -40,10 +40,10 @@
 #
 # Measured on one H200 (2026-11-28, session 4, docs/results.md; ANSWERS=4 EPOCHS=6, evaluation then on 14 + 10
 # prompts): server 38, greedy regeneration 64 (1,319 answers, 1,024 rows per decode), sampled 90 (3,357 answers),
-# prepare 18, train 197 (4,476 rows x 6 epochs), stitch 11 s. Not measured yet (estimates, issue 21): STAGES=eval
-# with 200 GSM8K prompts + 80 MT-Bench conversations x 2 turns at T=0 and T=0.7 and EVAL_WORKERS=12, trained head
-# ~4-5 min, the fresh head (once per machine) as much again: if the budget cuts a job, the result says how many
-# prompts ran and the same command again redoes only that job.
+# prepare 18, train 197 (4,476 rows x 6 epochs), stitch 11 s. Measured 2026-12-03 (chat + math mix, docs/results.md):
+# with one prompt at a time in each of 12 workers a decoding job of ~100 prompts took ~96 s; batched decoding
+# (EVAL_BATCH) is not measured on a GPU yet. If the budget cuts a job, the result says how many prompts ran and
+# the same command again redoes only that job.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:-run}
