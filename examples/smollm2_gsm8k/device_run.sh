@@ -29,8 +29,9 @@
 #   training; evaluation is always at K=3) SEQ_LEN=8192 TRAIN_ARGS="--warmup-steps 30" TRAIN_SAMPLES=0 (all 1,119)
 #   MAX_ROWS= (train on the first N rows only) CHAT_SAMPLES=0 CHAT_TURNS=2 (ShareGPT conversations in the mix, turns
 #   each) TEST_SAMPLES=200 GEN_SAMPLES=200 (held-out GSM8K prompts decoded) MTB_SAMPLES=80 MTB_TURNS=2
-#   EVAL_TEMPS="0 0.7" EVAL_SEED=0 EVAL_WORKERS=4 (processes per decoding job) EVAL_BATCH=32 (prompts decoded
-#   together in each; 1 = one at a time, the path of the 2026-12-03 figures) EVAL_STARTUP_S=30 (their spawn +
+#   EVAL_TEMPS="0 0.7" EVAL_SEED=0 EVAL_WORKERS=1 (processes per decoding job; 1: the jobs run side by side, one
+#   process each) EVAL_BATCH=50 (prompts decoded together in each; the budget is checked between batches; 1 = one
+#   at a time: the 2026-12-03 figures ran EVAL_WORKERS=12 EVAL_BATCH=1) EVAL_STARTUP_S=30 (their spawn +
 #   load, kept out of each job's --max-seconds) EVAL_MAX_TOKENS=128 SKIP_FRESH=0
 #   BUDGET_S=540 RESERVE_TRAIN_S=180 RESERVE_EVAL_S=135 SERVER_ROWS=1024 CONCURRENCY=4096 (requests in flight in
 #   all, shared by the regenerations that run together: 2048 each for GSM8K's two greedy ones) NAME= EXTRA_ARGS=
@@ -163,8 +164,8 @@ TEMPS=(${EVAL_TEMPS:-0 0.7})
 ARGS=(--work-dir "$WORK" --device "$DEVICE" --gguf "$GGUF" --inputs "$SMOL/a/inputs" --publish "$OUT" --stages "$STAGES"
       --train-samples "${TRAIN_SAMPLES:-0}" --test-samples "${TEST_SAMPLES:-200}"
       --generate-samples "${GEN_SAMPLES:-200}" --mtbench-samples "${MTB_SAMPLES:-80}" --mtbench-turns "${MTB_TURNS:-2}"
-      --eval-temperatures "${TEMPS[@]}" --eval-seed "${EVAL_SEED:-0}" --eval-workers "${EVAL_WORKERS:-4}"
-      --eval-batch-size "${EVAL_BATCH:-32}"
+      --eval-temperatures "${TEMPS[@]}" --eval-seed "${EVAL_SEED:-0}" --eval-workers "${EVAL_WORKERS:-1}"
+      --eval-batch-size "${EVAL_BATCH:-50}"
       --eval-startup-s "${EVAL_STARTUP_S:-30}"
       --max-tokens "${MAX_TOKENS:-256}" --answers-per-question "${ANSWERS:-4}"
       --sample-temperature "${TEMP:-0.8}" --sample-top-p "${TOP_P:-0.95}"
