@@ -119,3 +119,21 @@ def test_run_generation_in_batches_equals_one_at_a_time(llama) -> None:
     assert (batched.generated_tokens, batched.baseline_generated_tokens) == (one.generated_tokens, one.baseline_generated_tokens)  # fmt: skip
     assert (batched.prompts, batched.conversations) == (one.prompts, one.conversations) == (6, 4)
     assert batched.numerical_ties == one.numerical_ties == 0
+
+
+def test_masked_slots_are_invisible_to_later_tokens(llama) -> None:
+    """Rows of different lengths; row 0 rejects 2 of 4 appended tokens, row 1 keeps all: the next tokens' states
+    equal a fresh forward over each row's kept tokens only."""
+    forward, _, prompts = llama
+    rows = [prompts[0], prompts[3]]
+    cache = batched_decoding.BatchKvCache(forward, rows)
+    for row, hidden in zip(rows, cache.prefill_hidden):
+        torch.testing.assert_close(hidden, forward.hidden_states(torch.tensor(row)), atol=1e-5, rtol=1e-5)
+    appended = torch.tensor([[11, 12, 13, 14], [21, 22, 23, 24]])
+    cache.extend(appended, torch.tensor([[len(r) + i for i in range(4)] for r in rows]))
+    cache.reject(0, 2)
+    kept = [rows[0] + [11, 12], rows[1] + [21, 22, 23, 24]]
+    tail = cache.extend(torch.tensor([[31, 32], [41, 42]]), torch.tensor([[len(k), len(k) + 1] for k in kept]))
+    for i, (k, new) in enumerate(zip(kept, ([31, 32], [41, 42]))):
+        fresh = forward.hidden_states(torch.tensor(k + new))[-2:]
+        torch.testing.assert_close(tail[i], fresh, atol=1e-5, rtol=1e-5)

@@ -18,7 +18,7 @@ from mtptune.evaluation.speculative import run_generation, speculative_decode
 from mtptune.evaluation.verifier_forward import VerifierForward
 from mtptune.modeling.load import load_head
 
-from ..evaluation.test_batched_decoding import K, LENGTHS, VOCAB, oracle
+from ..evaluation.test_batched_decoding import LENGTHS, VOCAB, K, oracle
 from .conftest import needs_device
 
 pytestmark = [pytest.mark.gpu, needs_device]

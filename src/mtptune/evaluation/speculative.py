@@ -20,12 +20,14 @@ Acceptance rule (`verify_drafts`), the one vLLM applies to MTP / EAGLE drafts:
   (tests/evaluation/test_sampling_distribution.py checks this with a chi-square test and shows that wrong rules
   fail it). Not modelled: vLLM's top-k / top-p / penalties on the target probabilities (plain temperature here).
 
-Verifier: when every verifier layer is full attention (Llama, Qwen2, DeepSeek) it keeps a KV cache, runs only
-[newest token + drafts] per round and crops the rejected drafts off the cache (`DynamicCache.crop`); verifiers with
-linear-attention / recurrent state (Qwen3.5, Qwen3-Next) recompute the whole sequence every round, so no such state
-ever has to be rolled back. The greedy baseline uses the same path (cache or recompute), so the tokens/s ratio
-measures the verifier steps saved. Head: the first pass runs over every slot; steps k >= 1 run on the last slot
-only (it attends to the prefix's step-0 keys plus its own chain, exactly as the full-width computation does).
+Two paths decode: this module's `speculative_decode` / `greedy_decode` recompute the verifier's whole sequence every
+round (one prompt; always correct, whatever the verifier's layers: Gated DeltaNet / linear-attention state never has
+to be rolled back) and are the reference; full-attention verifiers (Llama, Qwen2, DeepSeek) decode through
+`batched_decoding`, one KV cache for a batch of prompts with rejected drafts masked out, equal to the reference up
+to rounding (tests/evaluation/test_batched_decoding.py). The greedy baseline always takes the same path as the
+speculative run, so the tokens/s ratio measures the verifier steps saved. Head: the first pass runs over every
+slot; steps k >= 1 run on the last slot only (it attends to the prefix's step-0 keys plus its own chain, exactly as
+the full-width computation does).
 
 Multi-turn prompts (`Dialogue`): turn k's prompt is rendered from the speculative output of turns 0..k-1 (the
 verifier's own answers: at temperature 0 identical to its greedy answers, near-ties aside); each turn is one
@@ -139,19 +141,15 @@ def speculative_decode(
     stop_tokens = stop_tokens or set()
     start = time.perf_counter()
     sequence = torch.tensor(prompt, device=verifier.device)
-    cache = verifier.new_cache() if verifier.supports_kv_rollback else None
     # prefill: the first token comes from the verifier alone
-    hidden = cache.extend(sequence) if cache is not None else verifier.hidden_states(sequence)
+    hidden = verifier.hidden_states(sequence)
     first = _pick(verifier.logits(hidden[-1]), temperature, generator)
     out = Decoded(tokens=[first], verifier_steps=1)
     sequence = torch.cat([sequence, sequence.new_tensor([first])])
     while len(out.tokens) < max_new_tokens and out.tokens[-1] not in stop_tokens:
         drafts = propose_drafts(head, sequence, hidden, num_steps)
         L = sequence.shape[0]
-        if cache is not None:  # the cache holds tokens 0..L-2; run [x_{L-1}, drafts] at positions L-1..L+K-1
-            hidden_new = cache.extend(torch.cat([sequence[-1:], sequence.new_tensor(drafts)]))
-        else:
-            hidden_new = verifier.hidden_states(torch.cat([sequence, sequence.new_tensor(drafts)]))[L - 1 :]
+        hidden_new = verifier.hidden_states(torch.cat([sequence, sequence.new_tensor(drafts)]))[L - 1 :]
         out.verifier_steps += 1
         logits = verifier.logits(hidden_new)  # predicts drafts 0..K-1 and the bonus
         if verify_hook is not None:
@@ -169,8 +167,6 @@ def speculative_decode(
         sequence = torch.cat([sequence, sequence.new_tensor(new)])
         # States of the accepted prefix are exact (causal); the bonus token's state comes next round.
         hidden = torch.cat([hidden, hidden_new[: accepted + 1]])[: sequence.shape[0] - 1]
-        if cache is not None:
-            cache.crop(sequence.shape[0] - 1)  # drop the rejected drafts' keys and values
     out.tokens = out.tokens[:max_new_tokens]
     out.seconds = time.perf_counter() - start
     return out
@@ -199,13 +195,8 @@ def greedy_decode(
     sequence = list(prompt)
     out = Decoded(tokens=[])
     margins: list[GreedyMargin] = []
-    cache = verifier.new_cache() if verifier.supports_kv_rollback else None
-    pending = torch.tensor(sequence, device=verifier.device)
     while len(out.tokens) < max_new_tokens and not (out.tokens and out.tokens[-1] in stop_tokens):
-        if cache is not None:
-            hidden = cache.extend(pending)
-        else:
-            hidden = verifier.hidden_states(torch.tensor(sequence, device=verifier.device))
+        hidden = verifier.hidden_states(torch.tensor(sequence, device=verifier.device))
         raw = verifier.logits(hidden[-1])
         logits = raw.float()
         top = logits.topk(2).values
@@ -215,7 +206,6 @@ def greedy_decode(
         out.tokens.append(token)
         out.verifier_steps += 1
         sequence.append(token)
-        pending = torch.tensor([token], device=verifier.device)
     out.seconds = time.perf_counter() - start
     return out, margins
 
@@ -319,8 +309,8 @@ def run_generation(
     prompts; at temperature 0 the two outputs must be identical (LosslessError otherwise). `greedy_baseline=False`
     (temperature > 0 only) skips the greedy decoding: no tokens/s comparison.
 
-    `batch_size` > 1 decodes that many dialogues together (turn by turn) when the verifier is full attention
-    (`batched_decoding`); otherwise one at a time with the reference path. With `max_seconds`, no new batch of
+    Full-attention verifiers decode `batch_size` dialogues together, turn by turn (`batched_decoding`); others one
+    at a time with this module's recompute path. With `max_seconds`, no new batch of
     dialogues starts once that much time has passed (at least one always runs); `prompts` / `conversations` in the
     result say how many ran."""
     if not greedy_baseline and temperature <= 0:
@@ -387,9 +377,9 @@ def _decode(
     verify_hook: VerifyHook | None = None,
 ):
     """Speculative (head given: a list of Decoded) or plain greedy decoding (head None: a list of (Decoded, margins))
-    of `prompts`: one at a time with the reference path, or all together (`batched_decoding`) when there are
-    several."""
-    if len(prompts) > 1:
+    of `prompts`: all together with one KV cache (`batched_decoding`) for a full-attention verifier, else the one
+    prompt `run_generation` passes with the recompute path."""
+    if verifier.supports_kv_rollback:
         from mtptune.evaluation.batched_decoding import decode_batch
 
         outs, margins = decode_batch(

@@ -1,9 +1,9 @@
 """The verifier run with transformers: post-norm hidden states h_t and its own greedy tokens.
 
 `hidden_states` recomputes the whole forward (always correct). When every decoder layer is full attention (Llama,
-Qwen2, DeepSeek) `supports_kv_rollback` is true and speculative decoding instead extends a KV cache (`extend`) and
-crops it back after a rejected draft; hybrid verifiers (Qwen3.5 / Qwen3-Next: Gated DeltaNet / linear-attention
-state that cannot be rolled back by cropping) keep the recompute path.
+Qwen2, DeepSeek) `supports_kv_rollback` is true and speculative decoding keeps a KV cache instead, masking out the
+rejected drafts' slots (`batched_decoding.BatchKvCache`); hybrid verifiers (Qwen3.5 / Qwen3-Next: Gated DeltaNet /
+linear-attention state that cannot be rolled back) keep the recompute path.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.devices import resolve_device
-from mtptune.errors import CheckpointError
 
 # Verifiers with recurrent / linear-attention layers: a cropped cache would keep the rejected drafts in their state.
 RECURRENT_MODEL_TYPES = frozenset(
@@ -84,11 +83,8 @@ class VerifierForward:
 
     @property
     def supports_kv_rollback(self) -> bool:
-        """True when every layer is full attention, so a DynamicCache cropped to a prefix equals that prefix's forward."""
+        """True when every layer is full attention, so a KV cache masked to a prefix equals that prefix's forward."""
         return kv_rollback_supported(self.model.config.get_text_config())
-
-    def new_cache(self) -> KvCache:
-        return KvCache(self)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -97,38 +93,3 @@ class VerifierForward:
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """The verifier's greedy next token after each position: argmax W_lm h_t."""
         return greedy_tokens(hidden, self.logits)
-
-
-class KvCache:
-    """A verifier KV cache over a growing token sequence that can be cut back (rejected drafts): only for verifiers
-    whose `supports_kv_rollback` is true."""
-
-    def __init__(self, forward: VerifierForward) -> None:
-        from transformers import DynamicCache
-
-        if not forward.supports_kv_rollback:
-            raise CheckpointError("this verifier has recurrent / linear-attention layers: its cache cannot roll back.")
-        self.forward = forward
-        self.cache = DynamicCache(config=forward.model.config)
-        self.length = 0
-
-    @torch.no_grad()
-    def extend(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Append tokens [T] at positions length..length+T-1; returns their post-norm hidden states [T, H]."""
-        ids = input_ids.to(self.forward.device)[None]
-        positions = torch.arange(self.length, self.length + ids.shape[1], device=self.forward.device)
-        out = self.forward.model.model(
-            input_ids=ids,
-            past_key_values=self.cache,
-            use_cache=True,
-            cache_position=positions,
-            position_ids=positions[None],
-        )
-        self.length += ids.shape[1]
-        return out.last_hidden_state[0]
-
-    def crop(self, length: int) -> None:
-        """Keep the first `length` tokens' keys and values."""
-        if length < self.length:
-            self.cache.crop(length - self.length)  # negative: tokens to remove (a positive length is deprecated)
-            self.length = length
