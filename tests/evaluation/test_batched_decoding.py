@@ -27,21 +27,32 @@ K = 3
 LENGTHS = (5, 11, 8, 16)
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory):
+def write_llama_and_head(root: Path, lm_head_scale: float = 1.0) -> tuple[Path, Path]:
+    """A tiny random Llama verifier (logits scaled by `lm_head_scale`) and a fresh random head for it."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, eos_token_id=VOCAB - 1,
     )  # fmt: skip
-    root = Path(tmp_path_factory.mktemp("batched"))
-    LlamaForCausalLM(config).save_pretrained(root / "llama")
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(lm_head_scale)
+    model.save_pretrained(root / "llama")
     head_dir = convert_model(root / "llama", output_path=root / "head", init="random", num_speculative_steps=K)
-    forward = VerifierForward.load(Verifier.open(str(root / "llama")), dtype=torch.float32)
-    head, _, _ = load_head(head_dir, str(root / "llama"), dtype=torch.float32)
+    return root / "llama", head_dir
+
+
+def random_prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, VOCAB - 1, (n,), generator=g).tolist() for n in LENGTHS]
-    return forward, head.eval(), prompts
+    return [torch.randint(0, VOCAB - 1, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory):
+    verifier_dir, head_dir = write_llama_and_head(Path(tmp_path_factory.mktemp("batched")))
+    forward = VerifierForward.load(Verifier.open(str(verifier_dir)), dtype=torch.float32)
+    head, _, _ = load_head(head_dir, str(verifier_dir), dtype=torch.float32)
+    return forward, head.eval(), random_prompts()
 
 
 def oracle(forward: VerifierForward):
