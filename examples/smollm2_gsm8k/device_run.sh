@@ -21,6 +21,7 @@
 #   one stopped. The work dir /tmp/smol_gsm8k survives on a warm machine: a call with other levers (LOSS, EPOCHS, LR,
 #   TRAIN_K, ANSWERS, CHAT_SAMPLES, ...) reuses the verifier, the regenerated answers and the hidden-state cache.
 #   $OUT gets results.json, results.png, results_rows.jsonl (one row per experiment; results_table.py),
+#   head_<experiment>.tar.gz (each head this call trained: checkpoint_best's config.json + model.safetensors),
 #   logs.tar.gz and device_run.log after every step, and regenerated_{math,chat}.tar.gz (the answers, for the next
 #   session: put them in .smol/cache/ and carry .smol/cache once; they are unpacked into an empty work dir).
 #
@@ -189,6 +190,7 @@ fi
 # shellcheck disable=SC2206
 ARGS+=(${EXTRA_ARGS:-})
 say "run.py ${ARGS[*]}"
+CALL_START=$(mktemp) # heads trained after this are returned below
 # A safety net under the device's 10-minute kill: SIGTERM makes run.py stop its steps and publish what it has.
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} timeout -k 20 "${HARD_TIMEOUT_S:-572}" "$PY" examples/smollm2_gsm8k/run.py "${ARGS[@]}"
 RC=$?
@@ -201,5 +203,12 @@ if [ -d "$WORK" ]; then
   [ ${#CHAT[@]} -gt 0 ] && tar czf "$OUT/regenerated_chat.tar.gz" -C "$WORK" "${CHAT[@]}"
   say "regenerated answers: $(cd "$OUT" && du -h regenerated_*.tar.gz 2>/dev/null | tr '\t\n' '  ')"
 fi
+# The heads this call trained (bf16 head + config, ~8 MB each; the optimizer state stays): for analysis here
+# (e.g. `evaluate generate --dtype float32` on the CPU) and as the starting point of a later run.
+for best in "$WORK"/exp/*/checkpoints/checkpoint_best; do  # a symlink to the best epoch's folder
+  [ -f "$best/model.safetensors" ] && [ "$best/model.safetensors" -nt "$CALL_START" ] || continue
+  exp=$(basename "$(dirname "$(dirname "$best")")")
+  tar czf "$OUT/head_$exp.tar.gz" -C "$best" config.json model.safetensors && say "returned head_$exp.tar.gz"
+done
 say "run.py exit $RC ($(($(date +%s) - T0)) s); $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit $RC
