@@ -18,7 +18,8 @@ from mtptune.checkpoint.verifier import Verifier
 from mtptune.convert import convert_model
 from mtptune.evaluation import batched_decoding, speculative
 from mtptune.evaluation.batched_decoding import decode_batch, propose_drafts_batch
-from mtptune.evaluation.speculative import Dialogue, greedy_decode, propose_drafts, run_generation, speculative_decode
+from mtptune.evaluation.generation_run import Dialogue, run_generation
+from mtptune.evaluation.speculative import greedy_decode, propose_drafts, speculative_decode
 from mtptune.evaluation.verifier_forward import VerifierForward
 from mtptune.modeling.load import load_head
 

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from mtptune.cli.main import main
+from mtptune.evaluation.generation_run import Dialogue, run_generation
 from mtptune.evaluation.result import EvaluationResult
-from mtptune.evaluation.speculative import Dialogue, greedy_decode, run_generation
+from mtptune.evaluation.speculative import greedy_decode
 from mtptune.modeling.load import load_head
 
 from .trained_tiny import NUM_STEPS, TinySetup

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mtptune.checkpoint.verifier import Verifier
+from mtptune.evaluation.generation_run import run_generation
 from mtptune.evaluation.offline import evaluate_offline, slot_hits
 from mtptune.evaluation.speculative import (
     Decoded,
@@ -14,7 +15,6 @@ from mtptune.evaluation.speculative import (
     LosslessError,
     check_lossless,
     propose_drafts,
-    run_generation,
     speculative_decode,
 )
 from mtptune.evaluation.verifier_forward import VerifierForward

@@ -12,7 +12,8 @@ import torch
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.evaluation import batched_decoding, speculative
 from mtptune.evaluation.batched_decoding import decode_batch
-from mtptune.evaluation.speculative import run_generation, speculative_decode
+from mtptune.evaluation.generation_run import run_generation
+from mtptune.evaluation.speculative import speculative_decode
 from mtptune.evaluation.verifier_forward import VerifierForward
 from mtptune.modeling.load import load_head
 

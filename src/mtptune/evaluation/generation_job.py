@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from mtptune.errors import ConfigError
+from mtptune.evaluation.generation_run import Dialogue, GenerationRun, run_generation
 from mtptune.evaluation.prompts import Prompt, encode_turn, load_tokenizer
-from mtptune.evaluation.speculative import Dialogue, GenerationRun, run_generation
 
 log = logging.getLogger("mtptune.evaluate")
 
@@ -43,7 +43,7 @@ class GenerationJob:
     greedy_baseline: bool = True
     max_seconds: float | None = None
     threads: int | None = None  # torch intra-op threads in a worker (default: CPU cores / workers)
-    batch_size: int = 1  # prompts decoded together (full-attention verifiers; speculative.run_generation)
+    batch_size: int = 1  # prompts decoded together (full-attention verifiers; generation_run.run_generation)
 
 
 def dialogues(prompts: list[tuple[int, Prompt]], tokenizer: Any | None) -> list[Dialogue]:
