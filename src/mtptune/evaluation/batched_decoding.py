@@ -194,7 +194,8 @@ def decode_batch(
             out.tokens.extend(new)
             sequences[b].extend(new)
             cache.reject(i, num_steps - accepted)
-            hiddens[b] = torch.cat([hiddens[b], hidden_new[i, : accepted + 1]])[: len(sequences[b]) - 1]
+            if not greedy:  # the head's input next round: states of the accepted prefix (the bonus comes next)
+                hiddens[b] = torch.cat([hiddens[b], hidden_new[i, : accepted + 1]])[: len(sequences[b]) - 1]
         still = [i for i, b in enumerate(active) if _open(outs[b], max_new_tokens, stop_tokens)]
         if len(still) < len(active):
             cache.keep(still)
