@@ -10,9 +10,9 @@ position (passed per row), so the holes change nothing but the reduction order o
 the per-prompt path's up to rounding (tests/evaluation/test_batched_decoding.py). Each prompt is prefilled alone,
 exactly as the reference does, and its keys and values are then left-padded into the batch (the padding is masked).
 
-The head's first pass runs over every row's slots at once (right-padded: the causal pattern keeps padding out of the
-real slots), then K-1 steps on each row's last slot, as `speculative.propose_drafts` does for one row. Acceptance
-follows `speculative.verify_drafts` row by row, with each prompt's own random generator.
+The drafts come from `speculative.propose_drafts_batch` (the head's first pass over every row's slots at once, then
+K-1 steps on each row's last slot). Acceptance follows `speculative.verify_drafts` row by row, with each prompt's own
+random generator.
 """
 
 from __future__ import annotations
@@ -21,9 +21,18 @@ import time
 
 import torch
 
-from mtptune.evaluation.speculative import Decoded, GreedyMargin, VerifyHook, greedy_accept, verify_drafts
+from mtptune.evaluation.speculative import (
+    Decoded,
+    GreedyMargin,
+    VerifyHook,
+    emitted,
+    greedy_accept,
+    greedy_margins,
+    pick_token,
+    propose_drafts_batch,
+    verify_drafts,
+)
 from mtptune.evaluation.verifier_forward import VerifierForward
-from mtptune.modeling.chain_attention import ChainAttentionState, document_ids
 from mtptune.modeling.head import MtpHead
 
 
@@ -94,37 +103,6 @@ def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def propose_drafts_batch(
-    head: MtpHead, sequences: list[list[int]], hiddens: list[torch.Tensor], num_steps: int
-) -> list[list[int]]:
-    """K argmax drafts per row: `speculative.propose_drafts` for B rows at once. Row b: tokens `sequences[b]` [L_b],
-    post-norm states `hiddens[b]` [L_b - 1, H] of its first L_b - 1 tokens."""
-    device, dtype = head.fc.weight.device, head.fc.weight.dtype
-    lengths = [h.shape[0] for h in hiddens]  # slots with a hidden state; slot t reads token t + 1
-    B, T = len(hiddens), max(lengths)
-    tokens = torch.zeros(B, T, dtype=torch.long, device=device)
-    hidden = torch.zeros(B, T, hiddens[0].shape[-1], dtype=dtype, device=device)
-    for b, (sequence, states) in enumerate(zip(sequences, hiddens)):
-        tokens[b, : lengths[b]] = torch.tensor(sequence[1 : lengths[b] + 1], device=device)
-        hidden[b, : lengths[b]] = states.to(dtype)
-    positions = torch.arange(T, device=device).expand(B, T)  # padding continues the row: causally invisible
-    chain = ChainAttentionState(doc_ids=document_ids(positions), backend="dense")
-    g = head.step(tokens, hidden, positions, chain)
-    rows = torch.arange(B, device=device)
-    last = torch.tensor(lengths, device=device) - 1
-    g = g[rows, last][:, None]
-    # Later steps: one query per row (its last slot) against the step-0 keys of its slots plus its own chain.
-    chain._mask_cache[0] = chain.prefix_mask()[rows, :, last][:, :, None]
-    draft = head.logits(g[:, -1]).argmax(dim=-1)
-    drafts = [draft]
-    for k in range(1, num_steps):
-        g = head.step(draft[:, None], g, (last + k)[:, None], chain)
-        draft = head.logits(g[:, -1]).argmax(dim=-1)
-        drafts.append(draft)
-    return torch.stack(drafts, dim=1).tolist()
-
-
-@torch.no_grad()
 def decode_batch(
     verifier: VerifierForward,
     head: MtpHead | None,
@@ -169,7 +147,7 @@ def decode_batch(
         hidden_new = cache.extend(ids, base[:, None] + torch.arange(num_steps + 1, device=device))
         logits = verifier.logits(hidden_new)  # [B, K+1, V]: predicts drafts 0..K-1 and the bonus
         if greedy:
-            margins_now = _margins(logits[:, 0])
+            margins_now = greedy_margins(logits[:, 0])
         if verify_hook is not None:
             logits = torch.stack([verify_hook(row) for row in logits])
         # One device sync per round: the argmaxes at temperature 0, else the logits themselves (sampled on the CPU).
@@ -186,11 +164,7 @@ def decode_batch(
             else:
                 out.accept_lengths.append(accepted)
                 out.draft_slots.append(len(sequences[b]) - 2)
-            new = [*drafts[i][:accepted], bonus]
-            for j, token in enumerate(new):  # tokens after a stop token are never produced by serving either
-                if token in stop_tokens:
-                    new = new[: j + 1]
-                    break
+            new = emitted(drafts[i], accepted, bonus, stop_tokens)
             out.tokens.extend(new)
             sequences[b].extend(new)
             cache.reject(i, num_steps - accepted)
@@ -212,24 +186,16 @@ def _open(out: Decoded, max_new_tokens: int, stop_tokens: set[int]) -> bool:
     return len(out.tokens) < max_new_tokens and out.tokens[-1] not in stop_tokens
 
 
-def _margins(logits: torch.Tensor) -> list[GreedyMargin]:
-    """Per row of [B, V] logits: the top-2 margin and 2 ulps of the logits' dtype at the top (greedy_decode's)."""
-    top = logits.float().topk(2, dim=-1).values.tolist()
-    eps = torch.finfo(logits.dtype).eps
-    return [GreedyMargin(a - b, 2 * eps * abs(a)) for a, b in top]
-
-
 def _first_tokens(
     logits: torch.Tensor,
     temperature: float,
     generators: list[torch.Generator | None],
     margins: list[list[GreedyMargin]] | None,
 ) -> list[int]:
-    """The prefill's token per row [B, V] (the verifier alone picks it), as the reference's `_pick`."""
+    """The prefill's token per row [B, V] (the verifier alone picks it), as the reference's `pick_token`."""
     if margins is not None:
-        for row, margin in zip(margins, _margins(logits)):
+        for row, margin in zip(margins, greedy_margins(logits)):
             row.append(margin)
     if temperature <= 0:
         return logits.argmax(dim=-1).tolist()
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    return [int(torch.multinomial(p, 1, generator=g)) for p, g in zip(probs, generators)]
+    return [pick_token(row, temperature, g) for row, g in zip(logits, generators)]

@@ -64,28 +64,45 @@ VerifyHook = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def propose_drafts(head: MtpHead, sequence: torch.Tensor, hidden: torch.Tensor, num_steps: int) -> list[int]:
-    """K argmax drafts after `sequence` [L] given the verifier's post-norm states `hidden` [L-1, H] of its first
-    L-1 tokens. Mirrors MtpHead.forward, but step k's input token is the head's own draft k-1; steps k >= 1 are
-    computed for the last slot only (the other rows of those steps never feed the draft)."""
-    T = hidden.shape[0]  # slots with a hidden state; the last one reads the newest token x_{L-1}
-    positions = torch.arange(T, device=hidden.device)[None]
+def propose_drafts_batch(
+    head: MtpHead, sequences: list[list[int]], hiddens: list[torch.Tensor], num_steps: int
+) -> list[list[int]]:
+    """K argmax drafts per row. Row b: tokens `sequences[b]` [L_b], the verifier's post-norm states `hiddens[b]`
+    [L_b - 1, H] of its first L_b - 1 tokens. Mirrors MtpHead.forward, but step k's input token is the head's own
+    draft k-1; steps k >= 1 are computed for each row's last slot only (the other slots of those steps never feed a
+    draft). Rows are right-padded: the causal pattern keeps the padding out of the real slots."""
+    device, dtype = head.fc.weight.device, head.fc.weight.dtype
+    lengths = [h.shape[0] for h in hiddens]  # slots with a hidden state; slot t reads token t + 1
+    B, T = len(hiddens), max(lengths)
+    tokens = torch.zeros(B, T, dtype=torch.long, device=device)
+    hidden = torch.zeros(B, T, hiddens[0].shape[-1], dtype=dtype, device=device)
+    for b, (sequence, states) in enumerate(zip(sequences, hiddens)):
+        tokens[b, : lengths[b]] = torch.tensor(sequence[1 : lengths[b] + 1], device=device)
+        hidden[b, : lengths[b]] = states.to(dtype)
+    positions = torch.arange(T, device=device).expand(B, T)  # padding continues the row: causally invisible
     chain = ChainAttentionState(doc_ids=document_ids(positions), backend="dense")
-    g = head.step(sequence[1 : T + 1][None], hidden.to(head.fc.weight.dtype)[None], positions, chain)
-    g = g[:, -1:]
-    # Later steps: one query row (slot T-1) against the step-0 keys of every slot plus its own chain.
-    chain._mask_cache[0] = chain.prefix_mask()[:, :, -1:, :]
-    last = positions[:, -1:]
-    draft = int(head.logits(g[0, -1]).argmax())
+    g = head.step(tokens, hidden, positions, chain)
+    rows = torch.arange(B, device=device)
+    last = torch.tensor(lengths, device=device) - 1
+    g = g[rows, last][:, None]
+    # Later steps: one query per row (its last slot) against the step-0 keys of its slots plus its own chain.
+    chain._mask_cache[0] = chain.prefix_mask()[rows, :, last][:, :, None]
+    draft = head.logits(g[:, -1]).argmax(dim=-1)
     drafts = [draft]
     for k in range(1, num_steps):
-        g = head.step(sequence.new_tensor([[draft]]), g, last + k, chain)
-        draft = int(head.logits(g[0, -1]).argmax())
+        g = head.step(draft[:, None], g, (last + k)[:, None], chain)
+        draft = head.logits(g[:, -1]).argmax(dim=-1)
         drafts.append(draft)
-    return drafts
+    return torch.stack(drafts, dim=1).tolist()
 
 
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+def propose_drafts(head: MtpHead, sequence: torch.Tensor, hidden: torch.Tensor, num_steps: int) -> list[int]:
+    """K argmax drafts after `sequence` [L] given the verifier's post-norm states `hidden` [L-1, H] of its first
+    L-1 tokens: `propose_drafts_batch` for one row."""
+    return propose_drafts_batch(head, [sequence.tolist()], [hidden], num_steps)[0]
+
+
+def pick_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # the generator lives on the CPU
@@ -96,6 +113,14 @@ def greedy_accept(drafts: list[int], targets: list[int]) -> tuple[int, int]:
     """verify_drafts at temperature 0 given the verifier's argmax at each of the K+1 positions."""
     accepted = next((i for i, (d, t) in enumerate(zip(drafts, targets)) if d != t), len(drafts))
     return accepted, targets[accepted]
+
+
+def emitted(drafts: list[int], accepted: int, bonus: int, stop_tokens: set[int]) -> list[int]:
+    """The tokens a round emits: the accepted drafts and the bonus, cut after a stop token (serving never produces
+    tokens after one either)."""
+    new = [*drafts[:accepted], bonus]
+    stop = next((i for i, token in enumerate(new) if token in stop_tokens), len(new) - 1)
+    return new[: stop + 1]
 
 
 def verify_drafts(
@@ -117,7 +142,7 @@ def verify_drafts(
         if residual.sum() <= 0:
             return i, draft
         return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
-    return len(drafts), _pick(logits[len(drafts)], temperature, generator)
+    return len(drafts), pick_token(logits[len(drafts)], temperature, generator)
 
 
 @torch.no_grad()
@@ -137,7 +162,7 @@ def speculative_decode(
     sequence = torch.tensor(prompt, device=verifier.device)
     # prefill: the first token comes from the verifier alone
     hidden = verifier.hidden_states(sequence)
-    first = _pick(verifier.logits(hidden[-1]), temperature, generator)
+    first = pick_token(verifier.logits(hidden[-1]), temperature, generator)
     out = Decoded(tokens=[first], verifier_steps=1)
     sequence = torch.cat([sequence, sequence.new_tensor([first])])
     while len(out.tokens) < max_new_tokens and out.tokens[-1] not in stop_tokens:
@@ -151,12 +176,7 @@ def speculative_decode(
         accepted, bonus = verify_drafts(drafts, logits, temperature, generator)
         out.accept_lengths.append(accepted)
         out.draft_slots.append(L - 2)
-        new = [*drafts[:accepted], bonus]
-        # Tokens after a stop token are never produced by serving either.
-        for i, token in enumerate(new):
-            if token in stop_tokens:
-                new = new[: i + 1]
-                break
+        new = emitted(drafts, accepted, bonus, stop_tokens)
         out.tokens.extend(new)
         sequence = torch.cat([sequence, sequence.new_tensor(new)])
         # States of the accepted prefix are exact (causal); the bonus token's state comes next round.
@@ -178,6 +198,13 @@ class GreedyMargin:
         return self.margin <= max(tolerance, self.rounding)
 
 
+def greedy_margins(logits: torch.Tensor) -> list[GreedyMargin]:
+    """Per row of [B, V] logits: the top-1 minus top-2 logit (in fp32) and 2 ulps of the logits' dtype at the top."""
+    top = logits.float().topk(2, dim=-1).values
+    eps = torch.finfo(logits.dtype).eps
+    return [GreedyMargin(d, 2 * eps * abs(t)) for d, t in zip((top[:, 0] - top[:, 1]).tolist(), top[:, 0].tolist())]
+
+
 @torch.no_grad()
 def greedy_decode(
     verifier: VerifierForward, prompt: list[int], max_new_tokens: int, stop_tokens: set[int] | None = None
@@ -192,11 +219,8 @@ def greedy_decode(
     while len(out.tokens) < max_new_tokens and not (out.tokens and out.tokens[-1] in stop_tokens):
         hidden = verifier.hidden_states(torch.tensor(sequence, device=verifier.device))
         raw = verifier.logits(hidden[-1])
-        logits = raw.float()
-        top = logits.topk(2).values
-        eps = torch.finfo(raw.dtype).eps
-        margins.append(GreedyMargin(float(top[0] - top[1]), 2 * eps * float(top[0].abs())))
-        token = int(logits.argmax())
+        margins += greedy_margins(raw[None])
+        token = int(raw.float().argmax())
         out.tokens.append(token)
         out.verifier_steps += 1
         sequence.append(token)

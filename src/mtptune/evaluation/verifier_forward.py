@@ -16,7 +16,7 @@ import torch
 from mtptune.checkpoint.verifier import Verifier
 from mtptune.devices import resolve_device
 
-# Verifiers with recurrent / linear-attention layers: a cropped cache would keep the rejected drafts in their state.
+# Verifiers with recurrent / linear-attention layers: a masked cache would keep the rejected drafts in their state.
 RECURRENT_MODEL_TYPES = frozenset(
     {"qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "mamba", "mamba2", "jamba"}
 )
