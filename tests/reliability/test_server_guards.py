@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mtptune.serving.hidden_state_files import LOCK_SUFFIX, wait_for_writer
 from mtptune.testing.server_process import server_process
 from mtptune.testing.word_tokenizer import write_word_tokenizer
 
@@ -57,6 +58,10 @@ def server(corpus, tmp_path_factory):
 
 
 def files(storage: Path) -> set[str]:
+    """The storage listing once every write in flight has finished: the server answers a capture before its file is
+    complete (vLLM's protocol: the reader waits on the `.lock`), so an earlier request's file may still appear."""
+    for lock in storage.glob("*" + LOCK_SUFFIX):
+        wait_for_writer(lock.with_suffix(""), lock_timeout=30)
     return {p.name for p in storage.iterdir()}
 
 
