@@ -23,7 +23,17 @@ def result(accepted: list[int], method: str = "offline", **kwargs) -> Evaluation
 
 
 def test_report_files_round_trip(tmp_path: Path) -> None:
-    generation = GenerationStats(5, 200, 200, 80, 200, 2.0, 4.0, 0.0, True)
+    generation = GenerationStats(
+        prompts=5,
+        generated_tokens=200,
+        baseline_generated_tokens=200,
+        verifier_steps=80,
+        baseline_verifier_steps=200,
+        seconds=2.0,
+        baseline_seconds=4.0,
+        temperature=0.0,
+        lossless_checked=True,
+    )
     after = result([80, 60, 40], "generate", generation=generation)
     before = result([30, 10, 5], label_accuracy=[0.3, 0.1, 0.05])
     metrics = tmp_path / "run" / "metrics.jsonl"

@@ -243,8 +243,8 @@ def run_generate(args: argparse.Namespace) -> int:
     _check_device(args)
     from mtptune.evaluation.generation_job import GenerationJob, decode_prompts, run_workers
     from mtptune.evaluation.prompts import load_prompts
-    from mtptune.evaluation.result import EvaluationResult, GenerationStats
-    from mtptune.evaluation.verifier_forward import VerifierForward, kv_rollback_supported
+    from mtptune.evaluation.result import EvaluationResult
+    from mtptune.evaluation.verifier_forward import VerifierForward
     from mtptune.metrics.acceptance import AcceptanceCounts
 
     if not args.greedy_baseline and args.temperature <= 0:
@@ -277,23 +277,7 @@ def run_generate(args: argparse.Namespace) -> int:
         else:
             forward = forward or VerifierForward.load(verifier, DTYPES[args.dtype], args.device)
             run = decode_prompts(job, list(enumerate(prompts)), forward=forward, head=head)
-        stats = GenerationStats(
-            prompts=run.prompts,
-            generated_tokens=run.generated_tokens,
-            baseline_generated_tokens=run.baseline_generated_tokens,
-            verifier_steps=run.verifier_steps,
-            baseline_verifier_steps=run.baseline_verifier_steps,
-            seconds=run.seconds,
-            baseline_seconds=run.baseline_seconds,
-            temperature=args.temperature,
-            lossless_checked=args.temperature <= 0,
-            numerical_ties=run.numerical_ties,
-            conversations=run.conversations,
-            greedy_baseline=args.greedy_baseline,
-            seed=args.seed if args.temperature > 0 else None,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size if kv_rollback_supported(verifier.text_config) else 1,
-        )
+        stats = run.stats(args.temperature, args.greedy_baseline, args.seed, args.max_new_tokens)
         counts = AcceptanceCounts.from_accept_lengths(k, run.accept_lengths)
         by_turn = [AcceptanceCounts.from_accept_lengths(k, a) for a in run.turn_accept_lengths]
         results.append(

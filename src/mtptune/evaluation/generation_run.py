@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from mtptune.errors import MtpTuneError
 from mtptune.evaluation.batched_decoding import decode_batch
+from mtptune.evaluation.result import DecodingTotals, GenerationStats
 from mtptune.evaluation.speculative import VerifyHook, check_lossless, greedy_decode, speculative_decode
 from mtptune.evaluation.verifier_forward import VerifierForward
 from mtptune.modeling.head import MtpHead
@@ -44,39 +45,37 @@ def prompt_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
-@dataclass(frozen=True)
-class GenerationRun:
-    accept_lengths: list[int]
-    generated_tokens: int
-    baseline_generated_tokens: int
-    verifier_steps: int
-    baseline_verifier_steps: int
-    seconds: float
-    baseline_seconds: float
-    numerical_ties: int
-    prompts: int = 0  # prompts (turns) decoded (fewer than given when max_seconds ran out)
-    conversations: int = 0  # dialogues decoded (= prompts for single-turn prompts)
-    turn_accept_lengths: list[list[int]] = field(default_factory=list)  # [turn k] -> accept lengths of that turn
+@dataclass(frozen=True, kw_only=True)
+class GenerationRun(DecodingTotals):
+    """The totals of one decoding run plus its accept lengths (all, and per turn: [turn k] -> that turn's)."""
+
+    accept_lengths: list[int] = field(default_factory=list)
+    turn_accept_lengths: list[list[int]] = field(default_factory=list)
 
     @staticmethod
     def merge(runs: Sequence[GenerationRun]) -> GenerationRun:
         """Runs over disjoint prompt sets (worker processes) as one."""
+        totals = {name: sum(r.totals()[name] for r in runs) for name in DecodingTotals().totals()}
+        totals["batch_size"] = max((r.batch_size for r in runs), default=1)
         turns = max((len(r.turn_accept_lengths) for r in runs), default=0)
         return GenerationRun(
+            **totals,
             accept_lengths=[a for r in runs for a in r.accept_lengths],
-            generated_tokens=sum(r.generated_tokens for r in runs),
-            baseline_generated_tokens=sum(r.baseline_generated_tokens for r in runs),
-            verifier_steps=sum(r.verifier_steps for r in runs),
-            baseline_verifier_steps=sum(r.baseline_verifier_steps for r in runs),
-            seconds=sum(r.seconds for r in runs),
-            baseline_seconds=sum(r.baseline_seconds for r in runs),
-            numerical_ties=sum(r.numerical_ties for r in runs),
-            prompts=sum(r.prompts for r in runs),
-            conversations=sum(r.conversations for r in runs),
             turn_accept_lengths=[
                 [a for r in runs if k < len(r.turn_accept_lengths) for a in r.turn_accept_lengths[k]]
                 for k in range(turns)
             ],
+        )
+
+    def stats(self, temperature: float, greedy_baseline: bool, seed: int, max_new_tokens: int) -> GenerationStats:
+        """The run as a result's `generation` record (the seed only where it sampled)."""
+        return GenerationStats(
+            **self.totals(),
+            temperature=temperature,
+            lossless_checked=temperature <= 0,
+            greedy_baseline=greedy_baseline,
+            seed=seed if temperature > 0 else None,
+            max_new_tokens=max_new_tokens,
         )
 
 
@@ -152,8 +151,20 @@ def run_generation(
                         f"tokens in {spec.verifier_steps} verifier steps (AL {1 + sum(spec.accept_lengths) / drafts:.2f})"
                     )
         conversations += len(chunk)
-    run = GenerationRun(accept_lengths, tokens, base_tokens, steps, base_steps, seconds, base_seconds, ties)
-    return replace(run, prompts=done, conversations=conversations, turn_accept_lengths=by_turn)
+    return GenerationRun(
+        prompts=done,
+        conversations=conversations,
+        generated_tokens=tokens,
+        baseline_generated_tokens=base_tokens,
+        verifier_steps=steps,
+        baseline_verifier_steps=base_steps,
+        seconds=seconds,
+        baseline_seconds=base_seconds,
+        numerical_ties=ties,
+        batch_size=batch_size,
+        accept_lengths=accept_lengths,
+        turn_accept_lengths=by_turn,
+    )
 
 
 def _decode(

@@ -14,25 +14,36 @@ from mtptune.metrics.acceptance import AcceptanceCounts
 Method = Literal["offline", "generate", "vllm"]
 
 
-@dataclass(frozen=True)
-class GenerationStats:
-    """Real speculative decoding against plain greedy decoding of the same prompts, in the same run."""
+@dataclass(frozen=True, kw_only=True)
+class DecodingTotals:
+    """What real speculative decoding of a prompt set adds up, beside plain greedy decoding of the same prompts."""
 
-    prompts: int
-    generated_tokens: int
-    baseline_generated_tokens: int
-    verifier_steps: int
-    baseline_verifier_steps: int
-    seconds: float
-    baseline_seconds: float
+    prompts: int = 0  # prompts (turns) decoded (fewer than given when a time budget ran out)
+    conversations: int = 0  # multi-turn prompts decoded (each of their turns counts in `prompts`); 0: not recorded
+    generated_tokens: int = 0
+    baseline_generated_tokens: int = 0
+    verifier_steps: int = 0
+    baseline_verifier_steps: int = 0
+    seconds: float = 0.0
+    baseline_seconds: float = 0.0
+    numerical_ties: int = 0  # prompts whose comparison stopped at a greedy near-tie (see --tie-tolerance)
+    batch_size: int = 1  # prompts decoded together per verifier forward (1: one at a time)
+
+    def totals(self) -> dict:
+        """Just these fields (not a subclass's), e.g. to build a `GenerationStats` from a run."""
+        return {f.name: getattr(self, f.name) for f in fields(DecodingTotals)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationStats(DecodingTotals):
+    """Real speculative decoding against plain greedy decoding of the same prompts, in the same run: the totals and
+    the settings they were measured with."""
+
     temperature: float
     lossless_checked: bool  # token-for-token equality with greedy decoding was asserted (temperature 0)
-    numerical_ties: int = 0  # prompts whose comparison stopped at a greedy near-tie (see --tie-tolerance)
-    conversations: int = 0  # multi-turn prompts decoded (each of their turns counts in `prompts`); 0: not recorded
     greedy_baseline: bool = True  # False: sampled run without the greedy decoding (no baseline tokens/s)
     seed: int | None = None  # sampling seed (temperature > 0)
     max_new_tokens: int | None = None
-    batch_size: int = 1  # prompts decoded together per verifier forward (1: one at a time)
 
     @property
     def tokens_per_s(self) -> float:

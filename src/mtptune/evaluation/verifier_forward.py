@@ -31,17 +31,6 @@ def greedy_tokens(hidden: torch.Tensor, logits_fn: Callable[[torch.Tensor], torc
     return torch.cat(parts, dim=-1)
 
 
-def kv_rollback_supported(text_config) -> bool:
-    """Every layer is full attention: a KV cache cut back (or masked) to a prefix equals that prefix's forward, so
-    speculative decoding can extend one cache (and batch several prompts) instead of recomputing."""
-    if getattr(text_config, "model_type", "") in RECURRENT_MODEL_TYPES:
-        return False
-    layer_types = getattr(text_config, "layer_types", None)
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        return False
-    return not getattr(text_config, "sliding_window", None) or not getattr(text_config, "use_sliding_window", True)
-
-
 @dataclass
 class VerifierForward:
     """A transformers model of the verifier (text part only) used for direct forwards."""
@@ -83,8 +72,15 @@ class VerifierForward:
 
     @property
     def supports_kv_rollback(self) -> bool:
-        """True when every layer is full attention, so a KV cache masked to a prefix equals that prefix's forward."""
-        return kv_rollback_supported(self.model.config.get_text_config())
+        """Every layer is full attention: a KV cache cut back (or masked) to a prefix equals that prefix's forward, so
+        speculative decoding can extend one cache (and batch several prompts) instead of recomputing."""
+        config = self.model.config.get_text_config()
+        if getattr(config, "model_type", "") in RECURRENT_MODEL_TYPES:
+            return False
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None and any(t != "full_attention" for t in layer_types):
+            return False
+        return not getattr(config, "sliding_window", None) or not getattr(config, "use_sliding_window", True)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
