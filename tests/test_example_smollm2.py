@@ -116,7 +116,9 @@ def test_stages_levers_and_names(run, tmp_path):
     assert run.parse_args(["--no-regenerate"]).stages == ["train", "eval"]
     assert run.parse_args([]).train_num_steps == 3 and run.parse_args([]).eval_temperatures == [0.0]
     name = run.experiment_name(args, "abcdef123")
-    assert "-K2-" in name and "-chat5x2-" in name and name.endswith("-dabcdef")
+    assert "-K2-" in name and "-chat5x2-" in name and name.endswith("-dabcdef-fp32")  # the CPU default: float32
+    gpu = run.parse_args(["--device", "cuda"])
+    assert gpu.dtype == "bfloat16" and run.experiment_name(gpu, "abcdef123").endswith("-dabcdef")  # serving dtype
     with pytest.raises(SystemExit):
         run.parse_args(["--stages", "regen,bake"])
     questions = tmp_path / "q.jsonl"

@@ -292,10 +292,17 @@ def mtbench_prompts(work: Path, rows: list[dict], n: int, turns: int) -> Path:
 # ---- server -----------------------------------------------------------------------------------------------------
 class Server:
     def __init__(
-        self, port: int, device: str, log: Path, layer: int, extra: list[str] | None = None, model: str = "smollm2"
+        self,
+        port: int,
+        device: str,
+        log: Path,
+        layer: int,
+        extra: list[str] | None = None,
+        model: str = "smollm2",
+        dtype: str = "bfloat16",
     ):
         self.url = f"http://127.0.0.1:{port}"
-        args = ["serve", model, "--engine", "builtin", "--port", str(port), "--device", device]
+        args = ["serve", model, "--engine", "builtin", "--port", str(port), "--device", device, "--dtype", dtype]
         args += ["--target-layer-ids", str(layer), "--hidden-states-path", str(log.parent / "server_hidden_states")]
         args += extra or []
         print("+ mtptune " + " ".join(args) + " &", flush=True)
@@ -356,7 +363,9 @@ class LazyServer:
                 if a.endpoint:
                     self.server = ExistingServer(a.endpoint)
                 else:
-                    self.server = Server(a.port, a.device, self.logs / "server.log", NUM_LAYERS, server_extra_args(a))
+                    self.server = Server(
+                        a.port, a.device, self.logs / "server.log", NUM_LAYERS, server_extra_args(a), dtype=a.dtype
+                    )
         return self.server.url + "/v1"
 
     def stop(self) -> None:
@@ -532,7 +541,7 @@ def evaluate(
     results = report.results.setdefault(label, {})
     # A stitched folder is its own verifier (SmolLM2 + the attached mtp.* shard); a bare head names smollm2.
     verifier = head if (Path(head) / "mtp.safetensors").is_file() else "smollm2"
-    base = ["--head", head, "--verifier", verifier, "--device", args.device]
+    base = ["--head", head, "--verifier", verifier, "--device", args.device, "--dtype", args.dtype]
     k_max = max([args.num_steps, *(extra_steps or [])])
     data_dir, data_key = data
     rows = f"_r{args.test_samples}" if args.test_samples else ""
@@ -785,6 +794,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train-args", default="", help="extra `mtptune train` flags, one string (e.g. '--warmup-steps 50')"
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="verifier (server and evaluations) and head dtype; auto: bfloat16 (what vLLM serves) on a GPU, "
+                   "float32 on the CPU, where bf16 matmuls have no fast kernel (~50x slower on a 2-core EPYC)")  # fmt: skip
     p.add_argument("--port", type=int, default=8731)
     p.add_argument("--endpoint", default=None, help="use this running server (…/v1) instead of starting one")
     p.add_argument("--server-max-rows", type=int, default=None, help="built-in server: rows per batched decode")
@@ -819,7 +831,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.regenerate:
         args.stages = [x for x in stages if x != "regen"]
     args.train_num_steps = args.train_num_steps or args.num_steps
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     return args
+
+
+def dtype_suffix(args: argparse.Namespace) -> str:
+    """'' for the serving dtype (bf16: the names every earlier run used), else `-fp32`: hidden states and heads made
+    at another precision never share a cache or an experiment with bf16 ones."""
+    return "" if args.dtype == "bfloat16" else "-fp32"
 
 
 def experiment_name(args: argparse.Namespace, data_key: str) -> str:
@@ -827,7 +847,7 @@ def experiment_name(args: argparse.Namespace, data_key: str) -> str:
     name += f"-chat{args.chat_samples}x{args.chat_max_turns}" if args.chat_samples else ""
     name += f"-rows{args.max_rows}" if args.max_rows else ""
     name += f"-t{args.max_tokens}-n{args.answers_per_question}-e{args.epochs}-lr{args.lr:g}-s{args.total_seq_len}"
-    return name + f"-d{data_key[:6]}"
+    return name + f"-d{data_key[:6]}" + dtype_suffix(args)
 
 
 def regenerate_stage(
@@ -864,9 +884,11 @@ def train_command(args: argparse.Namespace, head: Path, data: Path, key: str, wo
     train += ["--epochs", str(args.epochs), "--lr", str(args.lr), "--loss", args.loss]
     train += ["--mtp-input-norm", args.mtp_input_norm, "--total-seq-len", str(args.total_seq_len)]
     train += ["--device", args.device, "--save-best", "--no-progress"]
+    if args.dtype == "float32":  # held as the server made them, not rounded to bf16 between fetch and step
+        train += ["--hidden-states-dtype", "float32"]
     # One hidden-state cache per training set: the verifier runs once per training row.
     train += ["--on-missing", "generate", "--on-generate", "cache"]
-    train += ["--hidden-states-path", str(work / "hidden_states_cache" / key)]
+    train += ["--hidden-states-path", str(work / "hidden_states_cache" / (key + dtype_suffix(args)))]
     if args.max_rows:
         train += ["--max-rows", str(args.max_rows)]
     if args.skip_untrained_eval:
