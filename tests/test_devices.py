@@ -1,14 +1,16 @@
-"""Device flags: a device this machine lacks is an error naming the flag, from every command that takes one."""
+"""Device flags: a device this machine lacks is an error naming the flag, from every command that takes one; a 16-bit
+model on a CPU that would emulate its matmuls is warned about."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
 from mtptune.cli.main import main
-from mtptune.devices import resolve_device
+from mtptune.devices import resolve_device, warn_if_slow_cpu_dtype
 from mtptune.errors import ConfigError
 
 
@@ -41,3 +43,16 @@ def test_every_command_refuses_a_missing_device_with_exit_2(command, tiny_verifi
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "cuda:99" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_16_bit_verifier_on_a_cpu_without_native_matmuls_is_warned_about(monkeypatch, caplog, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="mtptune.devices"):
+        warn_if_slow_cpu_dtype(torch.device("cpu"), torch.bfloat16, "the verifier")
+        warn_if_slow_cpu_dtype(torch.device("cpu"), torch.float32, "the verifier")  # never: fp32 is fast anywhere
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == (0 if native else 1)
+    if warned:
+        assert "bfloat16" in warned[0] and "--dtype float32" in warned[0]

@@ -4,9 +4,13 @@ deep inside torch."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from mtptune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str | None, flag: str = "--device", local_rank: int | None = None) -> torch.device:
@@ -30,3 +34,20 @@ def resolve_device(name: str | None, flag: str = "--device", local_rank: int | N
                 f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0."
             )
     return device
+
+
+def warn_if_slow_cpu_dtype(device: torch.device, dtype: torch.dtype, what: str) -> None:
+    """Say so when a model is about to run in bf16/fp16 on a CPU without native 16-bit matmuls (no AVX512-BF16 or
+    AMX): there torch emulates them, ~50x slower than float32 on a 2-core AVX2 EPYC (docs/benchmarks.md)."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return
+    log.warning(
+        "%s runs in %s on a CPU without native 16-bit matmuls (%s): expect it to be tens of times slower than "
+        "float32; pass --dtype float32 (train --colocated: --verifier-dtype float32) unless the 16-bit numerics are "
+        "the point.",
+        what,
+        str(dtype).removeprefix("torch."),
+        torch.backends.cpu.get_cpu_capability(),
+    )

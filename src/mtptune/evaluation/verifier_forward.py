@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mtptune.checkpoint.verifier import Verifier
-from mtptune.devices import resolve_device
+from mtptune.devices import resolve_device, warn_if_slow_cpu_dtype
 
 # Verifiers with recurrent / linear-attention layers: a masked cache would keep the rejected drafts in their state.
 RECURRENT_MODEL_TYPES = frozenset(
@@ -50,6 +50,7 @@ class VerifierForward:
         # transformers lacks (MiMo) supply their config.
         model = load_causal_lm(verifier.root, dtype=dtype)
         device = resolve_device(str(device))
+        warn_if_slow_cpu_dtype(device, dtype, "the verifier")
         return cls(model.to(device).eval(), verifier, device)
 
     @property

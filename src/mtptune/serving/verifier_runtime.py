@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, StoppingCriteriaList
 from mtptune.checkpoint.safetensors_io import resolve_model_dir
 from mtptune.checkpoint.verifier import build_random_causal_lm, load_causal_lm
 from mtptune.data.tokenizers import load_tokenizer
-from mtptune.devices import resolve_device
+from mtptune.devices import resolve_device, warn_if_slow_cpu_dtype
 from mtptune.errors import CheckpointError, ConfigError
 from mtptune.serving.contract import CaptureSpec
 from mtptune.serving.server_config import LOAD_FORMATS
@@ -146,6 +146,7 @@ class VerifierRuntime:
                 "its hidden states and tokens are meaningless: use it for benchmarks, never for training data.",
                 root / "config.json",
             )
+        warn_if_slow_cpu_dtype(torch_device, next(hf_model.parameters()).dtype, "the verifier")
         return cls(hf_model, hf_tokenizer, layer_ids, torch_device)
 
     def _forward(self, sequences: Sequence[Sequence[int]], layer_ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
