@@ -198,12 +198,18 @@ class OpenAIHttpClient:
 
     def __init__(self, connections: int, timeout: float, api_key: str | None = None) -> None:
         self.pools = ConnectionPools(connections, timeout, bearer_headers(api_key))
+        self.timeout = timeout
 
     async def send(self, method: str, url: str, payload: dict[str, Any] | None = None) -> Any:
         """One attempt: the response's JSON; raises Unavailable, InsufficientStorage, HttpStatusError, or ServerError
         (not JSON)."""
         try:
             response = await self.pools.next().request(method, url, json=payload)
+        except httpx.ReadTimeout as exc:  # connected, asked, no answer: a queue too deep for a slow server, usually
+            raise Unavailable(
+                f"{method} {url}: no answer within {self.timeout:g} s (ReadTimeout): the server is busy or stalled; "
+                "fewer requests in flight (--concurrency) or a longer --request-timeout let a slow server keep up"
+            ) from exc
         except httpx.HTTPError as exc:
             raise Unavailable(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
         if response.status_code >= 400:

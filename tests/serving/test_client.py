@@ -275,3 +275,27 @@ def test_send_classifies_the_real_servers_answers(server) -> None:
     assert models["data"][0]["id"] == "tiny/verifier"
     assert bad.status == 400 and "out of vocabulary" in str(bad)
     assert dead.status is None and "ConnectError" in str(dead)
+
+
+def test_an_answer_later_than_the_timeout_says_what_to_change() -> None:
+    """A server that is up but answers after the request timeout (a queue too deep for a slow verifier) is retried
+    like a dead one, and the error names the two knobs that fix it instead of a bare `ReadTimeout`."""
+
+    class Slow(QuietHandler):
+        def do_GET(self) -> None:
+            time.sleep(1.0)
+            self.send_body('{"data": []}')
+
+    async def run(base: str) -> Unavailable:
+        http = OpenAIHttpClient(connections=1, timeout=0.2)
+        try:
+            with pytest.raises(Unavailable) as late:
+                await http.send("GET", base + "/models")
+            return late.value
+        finally:
+            await http.aclose()
+
+    with serving(Slow) as base:
+        late = asyncio.run(run(base))
+    assert late.status is None and "no answer within 0.2 s (ReadTimeout)" in str(late)
+    assert "--concurrency" in str(late) and "--request-timeout" in str(late)
