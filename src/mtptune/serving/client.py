@@ -525,7 +525,15 @@ class HiddenStatesClient:
                 if pending and max_tokens is not None and pending_tokens + len(token_ids) > max_tokens:
                     break
                 waiting = None
-                future = asyncio.run_coroutine_threadsafe(self.fetch(row_id, token_ids), loop)
+                fetch = self.fetch(row_id, token_ids)
+                try:
+                    future = asyncio.run_coroutine_threadsafe(fetch, loop)
+                except RuntimeError:  # the loop closed since the check above: close() won the race
+                    fetch.close()  # never scheduled: close it, or Python warns it was never awaited
+                    if self._closing.is_set():
+                        exhausted = True
+                        break
+                    raise
                 with self._stats_lock:
                     self._inflight.add(future)
                 future.add_done_callback(self._done)
