@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -55,7 +55,7 @@ class GenerationRun(DecodingTotals):
     @staticmethod
     def merge(runs: Sequence[GenerationRun]) -> GenerationRun:
         """Runs over disjoint prompt sets (worker processes) as one."""
-        totals = {name: sum(r.totals()[name] for r in runs) for name in DecodingTotals().totals()}
+        totals = {f.name: sum(getattr(r, f.name) for r in runs) for f in fields(DecodingTotals)}
         totals["batch_size"] = max((r.batch_size for r in runs), default=1)
         turns = max((len(r.turn_accept_lengths) for r in runs), default=0)
         return GenerationRun(
